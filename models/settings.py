@@ -1,0 +1,245 @@
+"""Typed settings, read in order from: defaults, the user's config file, a
+`shoptalk.toml` in the repository, environment variables, CLI flags.
+
+Every source is validated on its own so that an error names the file (or
+variable) and key it came from, and all problems are reported at once.
+
+Environment variables: `SHOPTALK_<SECTION>__<KEY>` (e.g.
+`SHOPTALK_TRAIN__LORA_RANK=8`) and `SHOPTALK_DATA_DIR`.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import platformdirs
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shoptalk.models.errors import ShopTalkError
+
+REPO_CONFIG_NAME = "shoptalk.toml"
+ENV_PREFIX = "SHOPTALK_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MineSettings(_Section):
+    branch: str | None = None  # None: the checked-out branch
+    since: str | None = None  # ISO date or git date expression
+    until: str | None = None
+    cutoff: str | None = None  # ISO date; None: chosen so that test_share of commits are after it
+    test_share: float = Field(0.1, gt=0, lt=1)
+    validation_share: float = Field(0.05, ge=0, lt=1)
+    test_per_author: int = Field(20, ge=0)
+    bot_patterns: list[str] = ["[bot]", "dependabot", "pre-commit-ci", "renovate", "github-actions"]
+    mass_change_iqr_factor: float = Field(1.5, ge=0)
+    max_file_bytes: int = Field(1_000_000, gt=0)
+    max_line_chars: int = Field(1000, gt=0)
+    ignore_globs: list[str] = []
+    secrets: Literal["scrub", "drop"] = "scrub"
+    module_share_cap: float = Field(0.3, gt=0, le=1)
+    kinds: list[
+        Literal["completion", "module_lookup", "commit_message", "test_pair", "doc_modules"]
+    ] = [
+        "completion",
+        "module_lookup",
+        "commit_message",
+        "test_pair",
+        "doc_modules",
+    ]
+    max_instances_per_commit: int = Field(50, gt=0)
+    prefix_chars: int = Field(1600, gt=0)
+    suffix_chars: int = Field(400, ge=0)
+    seed: int = 0
+    alias_file: Path | None = None
+
+
+class TrainSettings(_Section):
+    base: str = "gemma3-270m"
+    lora_rank: int = Field(16, gt=0)
+    lora_alpha: int = Field(32, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | None = None  # None: per-architecture default
+    layers_from: float = Field(0.0, ge=0, lt=1)  # train LoRA only on the upper (1 - x) of layers
+    learning_rate: float = Field(2e-4, gt=0)
+    batch_size: int = Field(1, gt=0)
+    grad_accum: int = Field(4, gt=0)
+    max_seq_tokens: int = Field(512, gt=16)
+    max_minutes: float | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    replay_share: float = Field(0.1, ge=0, lt=1)
+    replay_dirs: list[Path] = []
+    pretrain_minutes: float = Field(0.0, ge=0)  # phase 1 (continued pre-training); 0 = off
+    kind_weights: dict[str, float] = {}
+    val_every: int = Field(50, gt=0)
+    patience: int = Field(4, ge=0)
+    threads: int | None = Field(None, gt=0)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    seed: int = 0
+
+
+class ExportSettings(_Section):
+    quant: Literal["f32", "f16", "q8_0", "q4_k_m", "q5_k_m"] = "q4_k_m"
+
+
+class ServeSettings(_Section):
+    backend: Literal["llama", "openai"] = "llama"
+    openai_url: str | None = None
+    openai_model: str | None = None
+    max_latency_ms: int = Field(1500, gt=0)
+    max_tokens: int = Field(48, gt=0)
+    multiline: Literal["auto", "always", "never"] = "auto"
+    context_tokens: int = Field(1024, ge=256)
+    prefix_chars: int = Field(1600, gt=0)
+    suffix_chars: int = Field(400, ge=0)
+    threads: int | None = Field(None, gt=0)
+    gpu_layers: int = -1  # -1: all, when llama.cpp was built with GPU offload
+    idle_prefill_ms: int = Field(300, ge=0)
+    watch: bool = False
+    log_file: Path | None = None
+
+
+class EvalSettings(_Section):
+    limit: int | None = Field(None, gt=0)
+    bootstrap: int = Field(1000, ge=100)
+    max_tokens: int = Field(64, gt=0)
+
+
+class WatchSettings(_Section):
+    min_new_instances: int = Field(20, gt=0)
+    quiet_seconds: float = Field(60.0, ge=0)
+    tolerance: float = Field(0.01, ge=0)
+    train_minutes: float = Field(5.0, gt=0)
+
+
+class PersonalSettings(_Section):
+    enabled: bool = False
+    identity: list[str] = []  # emails and/or names of the developer
+
+
+class Settings(_Section):
+    data_dir: Path | None = None
+    mine: MineSettings = MineSettings()
+    train: TrainSettings = TrainSettings()
+    export: ExportSettings = ExportSettings()
+    serve: ServeSettings = ServeSettings()
+    eval: EvalSettings = EvalSettings()
+    watch: WatchSettings = WatchSettings()
+    personal: PersonalSettings = PersonalSettings()
+
+    def resolved_data_dir(self) -> Path:
+        if self.data_dir is not None:
+            return self.data_dir.expanduser()
+        return Path(platformdirs.user_data_dir("shoptalk", appauthor=False))
+
+
+class SettingsError(ShopTalkError):
+    """All problems found in the settings sources, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__(
+            "invalid settings:\n"
+            + "\n".join(f"  - {p}" for p in problems)
+            + "\nFix these keys (see `shoptalk --help` and README, section Settings)."
+        )
+
+
+def user_config_path() -> Path:
+    override = os.environ.get("SHOPTALK_CONFIG")
+    if override:
+        return Path(override)
+    return Path(platformdirs.user_config_dir("shoptalk", appauthor=False)) / "config.toml"
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = [str(p) for p in error["loc"]]
+    where = f"[{loc[0]}] {'.'.join(loc[1:])}" if len(loc) > 1 else loc[0] if loc else "(top)"
+    if error["type"] == "extra_forbidden":
+        return f"{where}: unknown key"
+    value = error.get("input")
+    return f"{where}: {error['msg']} (got {value!r})"
+
+
+def _check(source: str, data: dict[str, Any], problems: list[str]) -> None:
+    try:
+        Settings.model_validate(data)
+    except ValidationError as exc:
+        problems.extend(f"{source}: {_describe(e)}" for e in exc.errors())  # type: ignore[arg-type]
+
+
+def _read_toml(path: Path, problems: list[str]) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        problems.append(f"{path}: not valid TOML: {exc}")
+    except OSError as exc:
+        problems.append(f"{path}: cannot read: {exc.strerror}")
+    return {}
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == "SHOPTALK_CONFIG":
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if key == "data_dir":
+            data["data_dir"] = value
+        elif "__" in key:
+            section, field = key.split("__", 1)
+            data.setdefault(section, {})[field] = _parse_env_value(value)
+    return data
+
+
+def _parse_env_value(value: str) -> Any:
+    """Env values are TOML literals when they parse as one (`8`, `true`,
+    `["a", "b"]`), else plain strings."""
+    try:
+        return tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return value
+
+
+def _merge(into: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+    return into
+
+
+def load_settings(
+    repo: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+    user_config: Path | None = None,
+) -> Settings:
+    """Resolve settings from every source; raise SettingsError listing all problems."""
+    problems: list[str] = []
+    merged: dict[str, Any] = {}
+    sources: list[tuple[str, dict[str, Any]]] = []
+    user_file = user_config if user_config is not None else user_config_path()
+    if user_file.is_file():
+        sources.append((str(user_file), _read_toml(user_file, problems)))
+    if repo is not None and (repo / REPO_CONFIG_NAME).is_file():
+        repo_file = repo / REPO_CONFIG_NAME
+        sources.append((str(repo_file), _read_toml(repo_file, problems)))
+    sources.append(
+        ("environment", _env_overrides(dict(os.environ if environ is None else environ)))
+    )
+    if overrides:
+        sources.append(("command line", overrides))
+    for source, data in sources:
+        _check(source, data, problems)
+        _merge(merged, data)
+    if problems:
+        raise SettingsError(problems)
+    return Settings.model_validate(merged)

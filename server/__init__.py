@@ -1,0 +1,1 @@
+"""The language server: completions and module lookup from the local model, and the watcher."""

@@ -1,0 +1,1 @@
+"""The training half: mining, datasets, LoRA training, GGUF export and evaluation."""

@@ -33,7 +33,7 @@ COMMAND_MODULES: list[str] = [
     "shoptalk.trainer.demo",
 ]
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 out = Console()
 
 
@@ -124,6 +124,31 @@ def models_path(
 
     paths = base_paths(settings_for().resolved_data_dir(), resolve_base(name))
     print(paths.hf if hf else paths.gguf)
+
+
+@models_app.command("rollback")
+def models_rollback(
+    repo: Annotated[
+        Path, typer.Option(help="Repository whose promoted model to roll back.")
+    ] = Path("."),
+) -> None:
+    """Restore the previously promoted model of a repository (instant; a
+    running server picks it up like any promotion)."""
+    from shoptalk.models.store import RepoStore
+
+    store = RepoStore.for_repo(settings_for(repo).resolved_data_dir(), repo)
+    try:
+        record = store.rollback()
+    except LookupError:
+        raise _RollbackError(
+            f"{repo.resolve()} has no earlier promoted model to roll back to "
+            "(see `shoptalk status --repo ...`)"
+        ) from None
+    err.print(f"rolled back: now serving {record.get('run_id')} ({record.get('model')})")
+
+
+class _RollbackError(ShopTalkError):
+    pass
 
 
 @app.command()

@@ -30,7 +30,9 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[
 
 def test_packages_live_under_the_shoptalk_namespace(tmp_path: Path) -> None:
     code = "import shoptalk.server, shoptalk.trainer, shoptalk.models\nimport server"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path
+    )
     assert "No module named 'server'" in result.stderr
 
 
@@ -137,3 +139,17 @@ def test_models_pull_is_cached_and_heals(tmp_path: Path) -> None:
     ensure_gguf(tmp_path, base, messages.append)
     assert any("fails its sha256 check; rebuilding" in m for m in messages)
     assert gguf_status(tmp_path, base) == "verified"
+
+
+def test_models_rollback_cli(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    result = run_cli("models", "rollback", "--repo", str(repo))
+    assert result.returncode == 2
+    assert "no earlier promoted model" in result.stderr
+    store = RepoStore.for_repo(Path(os.environ["SHOPTALK_DATA_DIR"]), repo)
+    store.promote({"run_id": "one", "model": "one.gguf"})
+    store.promote({"run_id": "two", "model": "two.gguf"})
+    result = run_cli("models", "rollback", "--repo", str(repo))
+    assert result.returncode == 0, result.stderr
+    assert store.current()["run_id"] == "one"  # type: ignore[index]

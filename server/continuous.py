@@ -1,0 +1,200 @@
+"""Continuous learning on the serving side: watch a repository, queue a
+retraining job after new commits, and run it in a separate, low-priority
+process (`shoptalk retrain`), one at a time.
+
+Training runs out of process on purpose: the server never imports torch, a
+crash of the job never takes the server down, and the OS scheduler keeps the
+editor responsive (nice). The job records its steps in the shared job queue;
+the server reads them for `$/progress` and hot-swaps the model when the job
+promotes one (the repo's `current.json` changes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from shoptalk.models.jobs import Job, JobQueue
+from shoptalk.models.store import RepoStore
+from shoptalk.server.watcher import GitWatcher, HeadChange
+
+log = logging.getLogger(__name__)
+
+RETRAIN_NICENESS = 10
+
+
+def retrain_command(repo: Path, data_dir: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "shoptalk.models.cli",
+        "--data-dir",
+        str(data_dir),
+        "retrain",
+        "--repo",
+        str(repo),
+    ]
+
+
+def _lower_priority() -> None:
+    with contextlib.suppress(OSError):
+        os.nice(RETRAIN_NICENESS)
+
+
+class ContinuousLearner:
+    """Watches `repo`; each head change queues a job and starts the worker
+    process if none is running. `on_job(job)` is told about job updates."""
+
+    def __init__(
+        self,
+        repo: Path,
+        data_dir: Path,
+        branch: str | None = None,
+        quiet_seconds: float = 60.0,
+        on_job: Callable[[Job], None] | None = None,
+        command: Callable[[Path, Path], list[str]] = retrain_command,
+    ):
+        self.repo = repo.resolve()
+        self.data_dir = data_dir
+        self.queue = JobQueue(data_dir)
+        self.on_job = on_job or (lambda job: None)
+        self.command = command
+        self.worker: subprocess.Popen[bytes] | None = None
+        self.watcher = GitWatcher(
+            self.repo, self._changed, branch=branch, quiet_seconds=quiet_seconds
+        )
+        self._stop = threading.Event()
+        self._monitor = threading.Thread(target=self._follow_jobs, daemon=True)
+
+    def start(self) -> None:
+        self.watcher.start()
+        self._monitor.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.watcher.stop()
+
+    def _changed(self, change: HeadChange) -> None:
+        if change.new is None:
+            log.error("stopped retraining %s: the repository or branch is gone", change.repo)
+            return
+        job = self.queue.enqueue(self.repo, "retrain", change.new)
+        log.info("new commits on %s (%s): job %d queued", change.branch, change.new[:10], job.id)
+        self.on_job(job)
+        self.kick()
+
+    def kick(self) -> None:
+        """Start the worker unless it is already running (in this or another
+        server: the queue's claim decides, so a second worker just exits)."""
+        if self.worker is not None and self.worker.poll() is None:
+            return
+        log_path = RepoStore.for_repo(self.data_dir, self.repo).root / "retrain.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as log_file:
+            self.worker = subprocess.Popen(
+                self.command(self.repo, self.data_dir),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_lower_priority if os.name == "posix" else None,
+            )
+
+    def _follow_jobs(self) -> None:
+        seen: dict[int, tuple[str, str | None, float | None]] = {}
+        while not self._stop.wait(1.0):
+            for job in self.queue.jobs(self.repo, limit=5):
+                key = (job.state, job.step, job.progress)
+                if seen.get(job.id) != key:
+                    seen[job.id] = key
+                    self.on_job(job)
+            if self.worker is not None and self.worker.poll() is not None:
+                self.worker = None
+                if any(j.state == "queued" for j in self.queue.jobs(self.repo, limit=5)):
+                    self.kick()
+
+
+def status_table(data_dir: Path, repo: Path | None) -> Table:
+    queue = JobQueue(data_dir)
+    table = Table(title="jobs")
+    for column in ("id", "repo", "state", "step", "progress", "head", "message"):
+        table.add_column(column)
+    for job in queue.jobs(repo):
+        progress = f"{job.progress:.0%}" if job.progress is not None else ""
+        table.add_row(
+            str(job.id),
+            Path(job.repo).name,
+            job.state,
+            job.step or "",
+            progress,
+            (job.head or "")[:10],
+            job.message or "",
+        )
+    return table
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def watch(
+        repo: Annotated[Path, typer.Option(help="Repository to follow.")] = Path("."),
+        branch: Annotated[
+            str | None, typer.Option(help="Branch to follow (default: checked out).")
+        ] = None,
+    ) -> None:
+        """Watch a repository and retrain after new commits (until Ctrl-C)."""
+        from shoptalk.models.cli import settings_for
+
+        settings = settings_for(repo)
+        console = Console(stderr=True)
+        learner = ContinuousLearner(
+            repo,
+            settings.resolved_data_dir(),
+            branch=branch,
+            quiet_seconds=settings.watch.quiet_seconds,
+            on_job=lambda job: console.print(
+                f"job {job.id}: {job.state} {job.step or ''} {job.message or ''}".rstrip()
+            ),
+        )
+        learner.start()
+        console.print(f"watching {learner.repo} (branch {learner.watcher.branch}); Ctrl-C to stop")
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            learner.stop()
+
+    @app.command()
+    def status(
+        repo: Annotated[Path | None, typer.Option(help="Only this repository.")] = None,
+    ) -> None:
+        """Show the job queue, the promoted model and its lineage."""
+        from shoptalk.models.cli import settings_for
+
+        data_dir = settings_for(repo).resolved_data_dir()
+        console = Console()
+        console.print(status_table(data_dir, repo.resolve() if repo else None))
+        if repo is None:
+            return
+        current = RepoStore.for_repo(data_dir, repo).current()
+        if current is None:
+            console.print("promoted model: none yet (the default base is served)")
+            return
+        console.print(f"promoted model: {current.get('run_id')} → {current.get('model')}")
+        for entry in reversed(current.get("history", [])):
+            console.print(f"  earlier: {entry.get('run_id')} → {entry.get('model')}")
+        for decision in JobQueue(data_dir).decisions(repo.resolve(), limit=10):
+            verdict = "promoted" if decision.promoted else "kept current"
+            console.print(
+                f"  decision {decision.run_id}: {verdict} — {decision.reason} {decision.figures}"
+            )

@@ -31,6 +31,7 @@ app.add_typer(models_app, name="models")
 # Modules that add subcommands (each has `register(app: typer.Typer)`).
 COMMAND_MODULES: list[str] = [
     "shoptalk.trainer.demo",
+    "shoptalk.trainer.evaluate",
 ]
 
 err = Console(stderr=True, soft_wrap=True)

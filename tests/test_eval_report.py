@@ -1,0 +1,298 @@
+"""The report built from recorded predictions: figures match a recomputation
+from predictions.jsonl, files are complete and self-contained, and the
+comparison list / test split / model checks fail with clear messages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from shoptalk.models.catalog import CATALOG, DEFAULT_BASE
+from shoptalk.models.manifest import write_manifest
+from shoptalk.models.settings import Settings
+from shoptalk.models.store import RepoStore
+from shoptalk.trainer.evaluate import (
+    CompletionInstance,
+    EvalError,
+    EvalSet,
+    ModelRun,
+    ResolvedModel,
+    load_test_set,
+    parse_specs,
+    resolve_models,
+)
+from shoptalk.trainer.metrics import exact_match, mcnemar, score_completion
+from shoptalk.trainer.report import build_report_data, summary_tables, write_report
+
+TARGETS = [
+    ("alice", "return total + tax"),
+    ("alice", "log.info('done %s', name)"),
+    ("alice", "raise ConfigError(path)"),
+    ("bob", "items.append(item)"),
+    ("bob", "self.cache.clear()"),
+    ("bob", "for row in rows:"),
+    ("carol", "await session.close()"),
+    ("carol", "yield from walk(child)"),
+]
+# What two models "said" (recorded, as the engine would return them).
+BASE_SAID = ["return total", "log.info('done')", "raise ValueError(path)", "items.append(item)"]
+BASE_SAID += ["self.cache = {}", "for row in  rows:", "session.close()", "return None"]
+ORG_SAID = ["return total + tax", "log.info('done %s', name)", "raise ConfigError(path)"]
+ORG_SAID += ["items.append(item)", "self.cache.clear()", "for row in rows:", "await session", ""]
+
+
+def _eval_set() -> EvalSet:
+    instances = [
+        CompletionInstance(
+            id=f"i{k}",
+            commit=f"c{k // 2}",
+            author_id=author,
+            author_date=f"2025-06-0{k + 1}T10:00:00Z",
+            path="pkg/mod.py",
+            prefix="def f():\n    ",
+            suffix="\n",
+            target=target,
+            masked_tokens=len(target.split()),
+        )
+        for k, (author, target) in enumerate(TARGETS)
+    ]
+    return EvalSet(instances, [], {"cutoff": "2025-06-01T00:00:00Z"}, available=len(instances))
+
+
+def _models(tmp_path: Path) -> list[ResolvedModel]:
+    fim = CATALOG[DEFAULT_BASE].fim
+    return [
+        ResolvedModel("base", tmp_path / "base.gguf", None, False, fim),
+        ResolvedModel("org", tmp_path / "org.gguf", None, True, fim, "run-1"),
+    ]
+
+
+def _report(tmp_path: Path) -> tuple[dict, EvalSet, list[ModelRun]]:
+    test_set = _eval_set()
+    runs = [
+        ModelRun("base", BASE_SAID, [0.1 * (k + 1) for k in range(8)], 10, 5),
+        ModelRun("org", ORG_SAID, [0.05 * (k + 1) for k in range(8)], 10, 4),
+    ]
+    trivial = frozenset({("(",), (")",)})
+    scores = {
+        run.spec: [
+            score_completion(p, i.target, trivial)
+            for p, i in zip(run.predictions, test_set.completion, strict=True)
+        ]
+        for run in runs
+    }
+    data = build_report_data(
+        repo=tmp_path,
+        test_set=test_set,
+        models=_models(tmp_path),
+        runs=runs,
+        scores=scores,
+        settings=Settings(),
+        command="shoptalk eval --repo x",
+        seconds=1.0,
+    )
+    return data, test_set, runs
+
+
+def test_report_figures_match_a_recomputation_from_predictions(tmp_path: Path) -> None:
+    data, test_set, runs = _report(tmp_path)
+    out = tmp_path / "report"
+    write_report(out, data, test_set, runs)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "predictions.jsonl",
+        "report.html",
+        "report.json",
+    ]
+    saved = json.loads((out / "report.json").read_text())
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(records) == len(TARGETS)
+    by_spec = {m["spec"]: m for m in saved["models"]}
+    for spec in ("base", "org"):
+        hits = [exact_match(r["predictions"][spec], r["target"]) for r in records]
+        pooled = by_spec[spec]["completion"]["pooled"]
+        assert pooled["count"] == len(TARGETS)
+        assert pooled["exact_match"]["value"] == pytest.approx(100 * sum(hits) / len(hits))
+        for author in ("alice", "bob", "carol"):
+            mine = [h for h, r in zip(hits, records, strict=True) if r["author_id"] == author]
+            cell = by_spec[spec]["completion"]["per_author"][author]["exact_match"]
+            assert cell["value"] == pytest.approx(100 * sum(mine) / len(mine))
+            assert cell["low"] <= cell["value"] <= cell["high"]
+    # Hand count: base gets "items.append(item)" and "for row in  rows:" (normalised).
+    assert by_spec["base"]["completion"]["pooled"]["exact_match"]["value"] == pytest.approx(25.0)
+    assert by_spec["org"]["completion"]["pooled"]["exact_match"]["value"] == pytest.approx(75.0)
+    assert by_spec["base"]["completion"]["pooled"]["strict_exact_match"]["value"] == pytest.approx(
+        12.5
+    )
+    (comparison,) = saved["comparisons"]
+    expected = mcnemar(
+        [exact_match(r["predictions"]["org"], r["target"]) for r in records],
+        [exact_match(r["predictions"]["base"], r["target"]) for r in records],
+    )
+    assert (comparison["a"], comparison["b"]) == ("org", "base")
+    assert (comparison["only_a"], comparison["only_b"]) == (4, 0)
+    assert comparison["p_value"] == pytest.approx(expected.p_value)
+    assert comparison["difference_points"] == pytest.approx(50.0)
+    latency = by_spec["base"]["latency"]
+    assert latency["p50_ms"] == pytest.approx(450.0)
+    assert latency["p95_ms"] == pytest.approx(765.0)
+    general = by_spec["org"]["retention"]["general"]
+    assert general["exact_match"] == pytest.approx(40.0)
+    assert general["ratio_to_base"] == pytest.approx(0.8)
+    assert saved["dataset"]["instances"]["per_author"] == {"alice": 3, "bob": 3, "carol": 2}
+    assert saved["dataset"]["commit_range"]["cutoff"] == "2025-06-01T00:00:00Z"
+    assert saved["command"] == "shoptalk eval --repo x"
+    assert saved["complete"] is True
+
+
+def test_html_is_self_contained_and_tables_render(tmp_path: Path) -> None:
+    data, test_set, runs = _report(tmp_path)
+    out = tmp_path / "report"
+    write_report(out, data, test_set, runs)
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3
+    assert "http://" not in page and "https://" not in page
+    assert "shoptalk eval --repo x" in page and "2025-06-01T00:00:00Z" in page
+    console = Console(record=True, width=200)
+    for table in summary_tables(data):
+        console.print(table)
+    text = console.export_text()
+    assert "75.0 [" in text and "org vs base" in text and "80% of base" in text
+
+
+def test_report_refuses_a_folder_with_other_files(tmp_path: Path) -> None:
+    data, test_set, runs = _report(tmp_path)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(Exception, match="holds other files"):
+        write_report(out, data, test_set, runs)
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_parse_specs() -> None:
+    assert parse_specs("base, org,baseline+,dev:alice,org+dev:bob,run:r1") == [
+        "base",
+        "org",
+        "baseline+",
+        "dev:alice",
+        "org+dev:bob",
+        "run:r1",
+    ]
+    with pytest.raises(EvalError, match=r"'tuned'.*base, org"):
+        parse_specs("base,tuned")
+    with pytest.raises(EvalError, match="twice"):
+        parse_specs("base,base")
+    with pytest.raises(EvalError, match="dev:"):
+        parse_specs("dev:")
+
+
+def _store(tmp_path: Path) -> tuple[Path, Path, RepoStore]:
+    repo, data_dir = tmp_path / "repo", tmp_path / "data"
+    repo.mkdir()
+    return repo, data_dir, RepoStore.for_repo(data_dir, repo)
+
+
+def test_no_dataset_and_no_test_split(tmp_path: Path) -> None:
+    store = _store(tmp_path)[2]
+    with pytest.raises(EvalError, match="shoptalk mine"):
+        load_test_set(store, Settings(), None)
+    store.dataset_dir.mkdir(parents=True)
+    (store.dataset_dir / "manifest.json").write_text(json.dumps({"commits": 4}))
+    (store.dataset_dir / "completion.train.jsonl").write_text("")
+    with pytest.raises(EvalError, match=r"has 4 usable commits.*at least 20 commits"):
+        load_test_set(store, Settings(), None)
+
+
+def test_limit_keeps_several_authors_newest_first(tmp_path: Path) -> None:
+    store = _store(tmp_path)[2]
+    store.dataset_dir.mkdir(parents=True)
+    (store.dataset_dir / "manifest.json").write_text("{}")
+    records = [
+        {
+            "id": f"{author}{k}",
+            "kind": "completion",
+            "split": "test",
+            "commit": f"{author}{k}",
+            "author_id": author,
+            "author_date": f"2025-07-{10 + k:02d}T00:00:00Z",
+            "path": "a.py",
+            "prefix": "x = ",
+            "suffix": "",
+            "target": "call(a, b, c)",
+            "masked_tokens": 3,
+        }
+        for author, n in (("alice", 6), ("bob", 2))
+        for k in range(n)
+    ]
+    (store.dataset_dir / "completion.test.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in records)
+    )
+    chosen = load_test_set(store, Settings(), 4).completion
+    assert [i.id for i in chosen] == ["alice5", "bob1", "alice4", "bob0"]
+    assert load_test_set(store, Settings(), None).available == 8
+
+
+def _fake_model(path: Path, **fields: object) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"GGUF" + path.name.encode())
+    write_manifest(path, kind="model", **fields)
+    return path
+
+
+def _settings(data_dir: Path) -> Settings:
+    return Settings(data_dir=data_dir)
+
+
+def test_missing_models_are_all_named_at_once(tmp_path: Path) -> None:
+    repo, data_dir, _ = _store(tmp_path)
+    with pytest.raises(EvalError) as caught:
+        resolve_models(
+            ["org", "baseline+", "dev:alice", "run:nope"], repo, _settings(data_dir), data_dir
+        )
+    message = str(caught.value)
+    for name in ("org (no promoted model", "baseline+", "dev:alice", "run:nope"):
+        assert name in message
+
+
+def test_models_from_another_repository_or_base_are_refused(tmp_path: Path) -> None:
+    repo, data_dir, store = _store(tmp_path)
+    run = store.run_dir("run-1") / "export" / "model-q4_k_m.gguf"
+    _fake_model(run, base=DEFAULT_BASE, repo="/elsewhere/other-repo")
+    store.promote({"run_id": "run-1", "model": str(run), "adapter": None})
+    with pytest.raises(EvalError, match="tuned on repository /elsewhere/other-repo"):
+        resolve_models(["org"], repo, _settings(data_dir), data_dir)
+    _fake_model(run, base="qwen2.5-coder-0.5b", repo=str(repo.resolve()))
+    with pytest.raises(EvalError, match=r"tuned from base 'qwen2\.5-coder-0\.5b'"):
+        resolve_models(["org"], repo, _settings(data_dir), data_dir)
+    _fake_model(run, base=DEFAULT_BASE, repo=str(repo.resolve()))
+    (org,) = resolve_models(["org"], repo, _settings(data_dir), data_dir)
+    assert (org.model, org.use_fim, org.run_id) == (run, True, "run-1")
+    assert org.manifests["model"]["base"] == DEFAULT_BASE
+    run.write_bytes(b"replaced")
+    with pytest.raises(Exception, match="does not match its manifest"):
+        resolve_models(["org"], repo, _settings(data_dir), data_dir)
+
+
+def test_runs_are_found_by_purpose(tmp_path: Path) -> None:
+    repo, data_dir, store = _store(tmp_path)
+    for run_id, purpose, developer in (("r-general", "baseline+", None), ("r-dev", "dev", "alice")):
+        run_dir = store.run_dir(run_id)
+        _fake_model(
+            run_dir / "export" / "model-q4_k_m.gguf", base=DEFAULT_BASE, repo=str(repo.resolve())
+        )
+        record = {"status": "complete", "purpose": purpose, "developer": developer}
+        (run_dir / "record.json").write_text(json.dumps(record))
+    incomplete = store.run_dir("r-later")
+    _fake_model(incomplete / "export" / "model-q4_k_m.gguf", base=DEFAULT_BASE)
+    (incomplete / "record.json").write_text(
+        json.dumps({"status": "running", "purpose": "baseline+"})
+    )
+    plus, dev, named = resolve_models(
+        ["baseline+", "dev:alice", "run:r-general"], repo, _settings(data_dir), data_dir
+    )
+    assert (plus.run_id, dev.run_id, named.run_id) == ("r-general", "r-dev", "r-general")
+    with pytest.raises(EvalError, match="dev:bob"):
+        resolve_models(["dev:bob"], repo, _settings(data_dir), data_dir)

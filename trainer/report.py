@@ -1,0 +1,500 @@
+"""The evaluation report: report.json (every figure, machine-readable),
+report.html (self-contained: tables and inline PNG plots, no external
+files), predictions.jsonl (what each model said on each instance, so any
+figure can be recomputed), and the summary tables printed in the terminal.
+
+`build_report_data` turns predictions into figures; it is the only place
+where figures are computed, so the JSON, the HTML and the terminal agree.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.table import Table
+
+from shoptalk.models.errors import ShopTalkError
+from shoptalk.models.files import atomic_dir
+from shoptalk.models.settings import Settings
+from shoptalk.trainer.metrics import (
+    CompletionScore,
+    mcnemar,
+    percentile,
+    summarize_completions,
+)
+
+if TYPE_CHECKING:
+    from shoptalk.trainer.evaluate import EvalSet, ModelRun, ResolvedModel
+
+SCHEMA_VERSION = 1
+REPORT_FILES = ("report.json", "report.html", "predictions.jsonl")
+SIGNIFICANCE = 0.05
+
+# Masked-length buckets (whitespace tokens) for the "EM vs masked length" plot.
+LENGTH_BUCKETS = ((3, 5), (6, 10), (11, 20), (21, 50))
+
+
+class ReportError(ShopTalkError):
+    pass
+
+
+def _latency(latencies: Sequence[float]) -> dict[str, float]:
+    ms = [s * 1000.0 for s in latencies]
+    return {
+        "p50_ms": percentile(ms, 50),
+        "p95_ms": percentile(ms, 95),
+        "mean_ms": sum(ms) / len(ms) if ms else math.nan,
+    }
+
+
+def _by_length(scores: Sequence[CompletionScore], lengths: Sequence[int]) -> list[dict[str, Any]]:
+    rows = []
+    for low, high in LENGTH_BUCKETS:
+        picked = [s.exact for s, n in zip(scores, lengths, strict=True) if low <= n <= high]
+        rows.append(
+            {
+                "masked_tokens": f"{low}-{high}",
+                "count": len(picked),
+                "exact_match": 100.0 * sum(picked) / len(picked) if picked else None,
+            }
+        )
+    return rows
+
+
+def _ratio(value: float | None, reference: float | None) -> float | None:
+    if value is None or reference is None or not reference or math.isnan(reference):
+        return None
+    return value / reference
+
+
+def build_report_data(
+    *,
+    repo: Path,
+    test_set: EvalSet,
+    models: Sequence[ResolvedModel],
+    runs: Sequence[ModelRun],
+    scores: dict[str, list[CompletionScore]],
+    settings: Settings,
+    command: str,
+    seconds: float,
+) -> dict[str, Any]:
+    """Every figure of the report, as JSON-ready data."""
+    resamples = settings.eval.bootstrap
+    instances = test_set.completion
+    authors = sorted({i.author_id for i in instances})
+    lengths = [i.masked_tokens for i in instances]
+    model_rows: list[dict[str, Any]] = []
+    for model, run in zip(models, runs, strict=True):
+        model_scores = scores[model.spec]
+        per_author: dict[str, Any] = {}
+        for author in authors:
+            picked = [
+                s for s, i in zip(model_scores, instances, strict=True) if i.author_id == author
+            ]
+            per_author[author] = summarize_completions(picked, resamples=resamples).as_dict()
+        general = (
+            {
+                "instances": run.general_instances,
+                "exact": run.general_exact,
+                "exact_match": 100.0 * run.general_exact / run.general_instances,
+            }
+            if run.general_instances
+            else None
+        )
+        humaneval = (
+            {
+                "problems": run.humaneval_total,
+                "passed": run.humaneval_passed,
+                "pass_at_1": 100.0 * run.humaneval_passed / run.humaneval_total,
+            }
+            if run.humaneval_total
+            else None
+        )
+        model_rows.append(
+            {
+                "spec": model.spec,
+                "model": str(model.model),
+                "adapter": str(model.adapter) if model.adapter else None,
+                "prompt": "fim" if model.use_fim else "prefix-only",
+                "run_id": model.run_id,
+                "manifests": model.manifests,
+                "latency": _latency(run.latencies),
+                "completion": {
+                    "pooled": summarize_completions(model_scores, resamples=resamples).as_dict(),
+                    "per_author": per_author,
+                    "by_masked_length": _by_length(model_scores, lengths),
+                },
+                "retention": {"general": general, "humaneval": humaneval},
+            }
+        )
+    _add_retention_ratios(model_rows)
+    return {
+        "schema": SCHEMA_VERSION,
+        "complete": True,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": command,
+        "repo": str(repo),
+        "machine": {"platform": platform.platform(), "python": platform.python_version()},
+        "seconds": seconds,
+        "dataset": {
+            "manifest": test_set.manifest,
+            "commit_range": test_set.commit_range(),
+            "instances": {
+                "completion": len(instances),
+                "completion_in_split": test_set.available,
+                "module_lookup": len(test_set.module_lookup),
+                "per_author": {a: sum(1 for i in instances if i.author_id == a) for a in authors},
+            },
+        },
+        "settings": {
+            "eval": settings.eval.model_dump(mode="json"),
+            "serve": settings.serve.model_dump(mode="json"),
+            "base": settings.train.base,
+        },
+        "models": model_rows,
+        "comparisons": _comparisons(models, scores),
+        "module_lookup": {
+            "evaluated": False,
+            "reason": "the server's module ranking is not installed with this build",
+        },
+    }
+
+
+def _add_retention_ratios(model_rows: list[dict[str, Any]]) -> None:
+    """Each model's retention relative to the untuned base (when both ran)."""
+    base = next((m for m in model_rows if m["spec"] == "base"), None)
+    for row in model_rows:
+        for key, figure in (("general", "exact_match"), ("humaneval", "pass_at_1")):
+            entry = row["retention"][key]
+            if entry is None:
+                continue
+            reference = base["retention"][key] if base else None
+            entry["ratio_to_base"] = _ratio(entry[figure], reference[figure] if reference else None)
+
+
+def _comparisons(
+    models: Sequence[ResolvedModel], scores: dict[str, list[CompletionScore]]
+) -> list[dict[str, Any]]:
+    """McNemar on exact match: every model against the base, and the tuned
+    org model against the baseline+ size control."""
+    specs = [m.spec for m in models]
+    pairs: list[tuple[str, str]] = []
+    if "base" in specs:
+        pairs += [(s, "base") for s in specs if s != "base"]
+    if "org" in specs and "baseline+" in specs:
+        pairs.append(("org", "baseline+"))
+    for spec in specs:
+        if spec.startswith("org+dev:") and "org" in specs:
+            pairs.append((spec, "org"))
+    rows = []
+    for a, b in pairs:
+        exact_a = [s.exact for s in scores[a]]
+        exact_b = [s.exact for s in scores[b]]
+        test = mcnemar(exact_a, exact_b)
+        n = len(exact_a)
+        rows.append(
+            {
+                "a": a,
+                "b": b,
+                "metric": "exact_match",
+                "difference_points": 100.0 * (sum(exact_a) - sum(exact_b)) / n if n else None,
+                **test.as_dict(),
+                "significant": test.p_value < SIGNIFICANCE,
+            }
+        )
+    return rows
+
+
+# ------------------------------------------------------------------ files
+
+
+def write_report(
+    directory: Path, data: dict[str, Any], test_set: EvalSet, runs: Sequence[ModelRun]
+) -> None:
+    """Write the report folder atomically: all three files or none."""
+    if directory.exists() and any(p.name not in REPORT_FILES for p in directory.iterdir()):
+        raise ReportError(
+            f"{directory} exists and holds other files; choose an empty or new folder for --out"
+        )
+    with atomic_dir(directory) as tmp:
+        (tmp / "report.json").write_text(
+            json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8"
+        )
+        with (tmp / "predictions.jsonl").open("w", encoding="utf-8") as handle:
+            for index, inst in enumerate(test_set.completion):
+                record = {
+                    "id": inst.id,
+                    "author_id": inst.author_id,
+                    "commit": inst.commit,
+                    "path": inst.path,
+                    "masked_tokens": inst.masked_tokens,
+                    "target": inst.target,
+                    "predictions": {run.spec: run.predictions[index] for run in runs},
+                    "latency_ms": {run.spec: run.latencies[index] * 1000.0 for run in runs},
+                }
+                handle.write(json.dumps(record) + "\n")
+        (tmp / "report.html").write_text(render_html(data, runs), encoding="utf-8")
+
+
+# ------------------------------------------------------------------ plots
+
+
+def _png(figure: Any) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def plots(data: dict[str, Any], runs: Sequence[ModelRun]) -> dict[str, str]:
+    """Base64 PNGs: per-author EM bars, EM vs masked length, latency histogram."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = data["models"]
+    authors = list(data["dataset"]["instances"]["per_author"])
+    images: dict[str, str] = {}
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(authors) * len(models)), 3.6))
+    width = 0.8 / max(1, len(models))
+    for k, model in enumerate(models):
+        cells = [model["completion"]["per_author"][a]["exact_match"] for a in authors]
+        values = [c["value"] for c in cells]
+        errors = [
+            [max(0.0, c["value"] - c["low"]) for c in cells],
+            [max(0.0, c["high"] - c["value"]) for c in cells],
+        ]
+        xs = [i + k * width for i in range(len(authors))]
+        ax.bar(xs, values, width, yerr=errors, capsize=3, label=model["spec"])
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(authors))])
+    ax.set_xticklabels([a[:18] for a in authors], rotation=30, ha="right")
+    ax.set_ylabel("exact match (%)")
+    ax.set_title("Exact match per author (95% bootstrap CI)")
+    ax.legend()
+    images["per_author"] = _png(fig)
+
+    fig, ax = plt.subplots(figsize=(6.0, 3.4))
+    for model in models:
+        rows = model["completion"]["by_masked_length"]
+        xs = [r["masked_tokens"] for r in rows if r["exact_match"] is not None]
+        ys = [r["exact_match"] for r in rows if r["exact_match"] is not None]
+        ax.plot(xs, ys, marker="o", label=model["spec"])
+    ax.set_xlabel("masked whitespace tokens")
+    ax.set_ylabel("exact match (%)")
+    ax.set_title("Exact match vs masked length")
+    ax.legend()
+    images["by_length"] = _png(fig)
+
+    fig, ax = plt.subplots(figsize=(6.0, 3.4))
+    for run in runs:
+        ax.hist([s * 1000.0 for s in run.latencies], bins=30, alpha=0.5, label=run.spec)
+    ax.set_xlabel("latency per completion (ms)")
+    ax.set_ylabel("instances")
+    ax.set_title("Completion latency")
+    ax.legend()
+    images["latency"] = _png(fig)
+    return images
+
+
+# ------------------------------------------------------------------ views
+
+
+def _fmt(cell: dict[str, float] | None) -> str:
+    if cell is None or cell["value"] is None or math.isnan(cell["value"]):
+        return "–"
+    return f"{cell['value']:.1f} [{cell['low']:.1f}, {cell['high']:.1f}]"
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+def _retention_cell(entry: dict[str, Any] | None, figure: str) -> str:
+    if entry is None:
+        return "–"
+    text = f"{entry[figure]:.1f}"
+    ratio = entry.get("ratio_to_base")
+    if ratio is not None:
+        text += f" ({ratio:.0%} of base)"
+    return text
+
+
+def summary_rows(data: dict[str, Any]) -> list[list[str]]:
+    """One row per model: the terminal table and the HTML table share it."""
+    rows = []
+    for model in data["models"]:
+        pooled = model["completion"]["pooled"]
+        rows.append(
+            [
+                model["spec"],
+                model["prompt"],
+                str(pooled["count"]),
+                _fmt(pooled["exact_match"]),
+                _fmt(pooled["strict_exact_match"]),
+                _fmt(pooled["prefix_match"]),
+                _fmt(pooled["edit_similarity"]),
+                _fmt(pooled["crystal_bleu"]),
+                _retention_cell(model["retention"]["general"], "exact_match"),
+                _retention_cell(model["retention"]["humaneval"], "pass_at_1"),
+                f"{_num(model['latency']['p50_ms'], 0)} / {_num(model['latency']['p95_ms'], 0)}",
+            ]
+        )
+    return rows
+
+
+SUMMARY_COLUMNS = (
+    "model",
+    "prompt",
+    "n",
+    "EM % [95% CI]",
+    "strict EM %",
+    "prefix %",
+    "edit sim %",
+    "CrystalBLEU",
+    "general EM %",
+    "HumanEval p@1",
+    "latency p50/p95 ms",
+)
+
+
+def comparison_rows(data: dict[str, Any]) -> list[list[str]]:
+    return [
+        [
+            f"{c['a']} vs {c['b']}",
+            _num(c["difference_points"]),
+            f"{c['only_a']} / {c['only_b']}",
+            f"{c['p_value']:.3g}",
+            "yes" if c["significant"] else "no",
+        ]
+        for c in data["comparisons"]
+    ]
+
+
+COMPARISON_COLUMNS = ("EM comparison", "Δ points", "only A / only B", "McNemar p", "p < 0.05")
+
+
+def summary_tables(data: dict[str, Any]) -> list[Table]:
+    instances = data["dataset"]["instances"]
+    span = data["dataset"]["commit_range"]
+    title = (
+        f"{Path(data['repo']).name}: {instances['completion']} completion instances from "
+        f"{span['commits']} commits ({span['first_author_date'] or '?'} … "
+        f"{span['last_author_date'] or '?'})"
+    )
+    table = Table(title=title)
+    for column in SUMMARY_COLUMNS:
+        table.add_column(column)
+    for row in summary_rows(data):
+        table.add_row(*row)
+    tables = [table]
+    if data["comparisons"]:
+        comparisons = Table(title="Paired test on exact match")
+        for column in COMPARISON_COLUMNS:
+            comparisons.add_column(column)
+        for row in comparison_rows(data):
+            comparisons.add_row(*row)
+        tables.append(comparisons)
+    return tables
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:14px}
+th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}
+th{background:#f3f3f3} code,pre{background:#f6f6f6;padding:2px 4px}
+pre{padding:8px;overflow-x:auto} img{max-width:100%} .note{color:#555}
+"""
+
+
+def _table_html(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def render_html(data: dict[str, Any], runs: Sequence[ModelRun]) -> str:
+    images = plots(data, runs)
+    esc = html.escape
+    dataset = data["dataset"]
+    span = dataset["commit_range"]
+    per_author_rows: list[list[str]] = []
+    authors = list(dataset["instances"]["per_author"])
+    for author in authors:
+        row = [author, str(dataset["instances"]["per_author"][author])]
+        row += [_fmt(m["completion"]["per_author"][author]["exact_match"]) for m in data["models"]]
+        per_author_rows.append(row)
+    # The counts describe the references, so they are the same for every model.
+    first = data["models"][0]["completion"]["pooled"] if data["models"] else None
+    trivial_note = (
+        f"{first['all_trivial_references']} references are all trivial, "
+        f"{first['too_short_references']} are shorter than four tokens"
+        if first
+        else ""
+    )
+    manifests = json.dumps(
+        {
+            m["spec"]: {"model": m["model"], "adapter": m["adapter"], **m["manifests"]}
+            for m in data["models"]
+        },
+        indent=2,
+        default=str,
+    )
+    module_lookup = data["module_lookup"]
+    lookup_html = (
+        _table_html(
+            ("ranking", "top-1 %", "top-3 %", "n"),
+            [
+                [r["ranking"], _num(r["top1"]), _num(r["top3"]), str(r["count"])]
+                for r in module_lookup["rows"]
+            ],
+        )
+        if module_lookup.get("evaluated")
+        else f"<p class=note>Not evaluated: {esc(str(module_lookup.get('reason')))}</p>"
+    )
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>ShopTalk evaluation: {esc(Path(data["repo"]).name)}</title>
+<style>{_CSS}</style></head><body>
+<h1>ShopTalk evaluation: {esc(Path(data["repo"]).name)}</h1>
+<p>Command: <code>{esc(data["command"])}</code><br>
+Created {esc(data["created"])} on {esc(data["machine"]["platform"])}, {data["seconds"]:.0f} s.</p>
+<h2>Test set</h2>
+<p>Repository <code>{esc(data["repo"])}</code>; cutoff <code>{esc(str(span["cutoff"]))}</code>;
+mined range <code>{esc(str(span["mined_range"]))}</code>.<br>
+{dataset["instances"]["completion"]} completion instances (of {dataset["instances"]["completion_in_split"]}
+in the test split) from {span["commits"]} commits, authored {esc(str(span["first_author_date"]))} …
+{esc(str(span["last_author_date"]))}; {dataset["instances"]["module_lookup"]} module-lookup queries.</p>
+<h2>Completion</h2>
+{_table_html(SUMMARY_COLUMNS, summary_rows(data))}
+<p class=note>Percentages with 95% percentile-bootstrap intervals ({data["settings"]["eval"]["bootstrap"]} resamples).
+CrystalBLEU ignores the most frequent n-grams of the general corpus; references that are all trivial or
+shorter than four tokens score 0 on their own: here {esc(trivial_note)}.</p>
+{_table_html(COMPARISON_COLUMNS, comparison_rows(data)) if data["comparisons"] else ""}
+<h3>Per author (exact match %)</h3>
+{_table_html(["author", "n", *[m["spec"] for m in data["models"]]], per_author_rows)}
+<img alt="per-author exact match" src="data:image/png;base64,{images["per_author"]}">
+<img alt="exact match vs masked length" src="data:image/png;base64,{images["by_length"]}">
+<h2>Module lookup</h2>
+{lookup_html}
+<h2>Latency</h2>
+<img alt="latency histogram" src="data:image/png;base64,{images["latency"]}">
+<h2>Models</h2>
+<pre>{esc(manifests)}</pre>
+</body></html>
+"""

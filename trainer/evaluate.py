@@ -476,15 +476,22 @@ class LlamaEngine:
         self.model = model
         self.serve = serve
         self.max_tokens = max_tokens
-        self.llm = Llama(
-            model_path=str(model.model),
-            lora_path=str(model.adapter) if model.adapter else None,
-            n_ctx=serve.context_tokens,
-            n_threads=serve.threads or settings.train.threads,
-            n_gpu_layers=serve.gpu_layers,
-            seed=0,
-            verbose=False,
-        )
+        try:
+            self.llm = Llama(
+                model_path=str(model.model),
+                lora_path=str(model.adapter) if model.adapter else None,
+                n_ctx=serve.context_tokens,
+                n_threads=serve.threads or settings.train.threads,
+                n_gpu_layers=serve.gpu_layers,
+                seed=0,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as exc:
+            adapter = f" with adapter {model.adapter}" if model.adapter else ""
+            raise EvalError(
+                f"llama.cpp could not load {model.spec!r} ({model.model}{adapter}): {exc}. "
+                "Export it again (`shoptalk export`) or leave it out of --models."
+            ) from None
 
     def _text(self, prompt: str, max_tokens: int, stop: Sequence[str]) -> str:
         tokens = self.llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)

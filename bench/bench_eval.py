@@ -1,0 +1,93 @@
+"""Benchmark: does the team-tuned model beat its base (and the baseline+ size
+control) on a repository's newest code, and does it keep its general ability?
+
+Runs `shoptalk eval` on a repository that was already mined, trained and
+exported, and prints each model's figures next to the untuned base measured
+in the same run (points of exact match, ratio, McNemar p), plus retention and
+latency ratios. The issue's targets: org EM >= base EM + 10 points, org beats
+baseline+ significantly (p < 0.05), general-code EM >= 99% of base.
+
+    nice -n 10 .venv/bin/python bench/bench_eval.py --repo /tmp/click \
+        --models base,org,baseline+ --limit 200 --general 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from shoptalk.models.errors import ShopTalkError
+from shoptalk.models.settings import load_settings
+from shoptalk.trainer.evaluate import evaluate_models, parse_specs
+from shoptalk.trainer.report import summary_tables
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repo", type=Path, default=Path("."))
+    parser.add_argument("--models", default="base,org")
+    parser.add_argument("--limit", type=int, default=200)
+    parser.add_argument("--general", type=int, default=100)
+    parser.add_argument("--humaneval", type=int, default=0)
+    parser.add_argument("--data-dir", type=Path, default=None)
+    args = parser.parse_args(argv)
+    console = Console()
+    overrides = {"data_dir": str(args.data_dir)} if args.data_dir else {}
+    try:
+        settings = load_settings(repo=args.repo, overrides=overrides)
+        report = evaluate_models(
+            args.repo,
+            parse_specs(args.models),
+            settings,
+            settings.resolved_data_dir(),
+            args.limit,
+            general_instances=args.general,
+            humaneval_problems=args.humaneval,
+            command=shlex.join([sys.executable, *sys.argv]),
+        )
+    except ShopTalkError as exc:
+        console.print(f"[red]bench_eval:[/red] {exc}")
+        return 2
+    for table in summary_tables(report.data):
+        console.print(table)
+    models = {m["spec"]: m for m in report.data["models"]}
+    base = models.get("base")
+    if base is None:
+        console.print("no base in --models: nothing to compare against")
+        return 0
+    base_em = base["completion"]["pooled"]["exact_match"]["value"]
+    base_p50 = base["latency"]["p50_ms"]
+    tests = {(c["a"], c["b"]): c for c in report.data["comparisons"]}
+    for spec, model in models.items():
+        if spec == "base":
+            continue
+        em = model["completion"]["pooled"]["exact_match"]["value"]
+        test = tests.get((spec, "base"))
+        ratio = f"{em / base_em:.2f}x" if base_em else "n/a (base EM 0)"
+        line = (
+            f"{spec}: EM {em:.1f}% vs base {base_em:.1f}% in the same run: "
+            f"{em - base_em:+.1f} points, {ratio}"
+        )
+        if test:
+            line += f", McNemar p = {test['p_value']:.3g}"
+        general = model["retention"]["general"]
+        if general and general.get("ratio_to_base") is not None:
+            line += f"; general-code EM {general['ratio_to_base']:.0%} of base"
+        line += f"; latency p50 {model['latency']['p50_ms'] / base_p50:.2f}x base"
+        console.print(line)
+    plus = tests.get(("org", "baseline+"))
+    if plus:
+        console.print(
+            f"org vs baseline+: {plus['difference_points']:+.1f} points, "
+            f"McNemar p = {plus['p_value']:.3g} ({'significant' if plus['significant'] else 'not significant'})"
+        )
+    console.print(f"report: {report.html_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -506,9 +506,18 @@ class LlamaEngine:
         return str(result["choices"][0]["text"])  # type: ignore[index]
 
     def complete(self, prefix: str, suffix: str) -> str:
-        parts = clip_context(prefix, suffix, self.serve.prefix_chars, self.serve.suffix_chars)
+        # Spaces before the cursor would end the prompt on a lone space token,
+        # which tokenizers that glue spaces to words almost never produce:
+        # the model then answers with digits or nothing. Leave them out of the
+        # prompt and take them back off the answer.
+        stripped = prefix.rstrip(" \t")
+        gap = prefix[len(stripped) :]
+        parts = clip_context(stripped, suffix, self.serve.prefix_chars, self.serve.suffix_chars)
         prompt = completion_prompt(self.model.template, parts, self.model.use_fim)
-        return self._text(prompt, self.max_tokens, [LINE_STOP, self.model.template.end])
+        text = self._text(prompt, self.max_tokens, [LINE_STOP, self.model.template.end])
+        if gap and text.startswith(gap):
+            return text[len(gap) :]
+        return text.lstrip(" \t") if gap else text
 
     def generate(self, prompt: str, max_tokens: int, stop: Sequence[str]) -> str:
         return self._text(prompt, max_tokens, [*stop, self.model.template.end])

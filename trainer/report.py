@@ -173,6 +173,8 @@ def _add_retention_ratios(model_rows: list[dict[str, Any]]) -> None:
     """Each model's retention relative to the untuned base (when both ran)."""
     base = next((m for m in model_rows if m["spec"] == "base"), None)
     for row in model_rows:
+        if row is base:
+            continue
         for key, figure in (("general", "exact_match"), ("humaneval", "pass_at_1")):
             entry = row["retention"][key]
             if entry is None:
@@ -287,11 +289,14 @@ def plots(data: dict[str, Any], runs: Sequence[ModelRun]) -> dict[str, str]:
     images["per_author"] = _png(fig)
 
     fig, ax = plt.subplots(figsize=(6.0, 3.4))
+    labels = [f"{low}–{high}" for low, high in LENGTH_BUCKETS]
     for model in models:
         rows = model["completion"]["by_masked_length"]
-        xs = [r["masked_tokens"] for r in rows if r["exact_match"] is not None]
-        ys = [r["exact_match"] for r in rows if r["exact_match"] is not None]
+        xs = [k for k, r in enumerate(rows) if r["exact_match"] is not None]
+        ys = [rows[k]["exact_match"] for k in xs]
         ax.plot(xs, ys, marker="o", label=model["spec"])
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels)
     ax.set_xlabel("masked whitespace tokens")
     ax.set_ylabel("exact match (%)")
     ax.set_title("Exact match vs masked length")
@@ -372,6 +377,19 @@ SUMMARY_COLUMNS = (
 )
 
 
+# The terminal shows the headline columns; report.html has them all.
+TERMINAL_COLUMNS = (
+    "model",
+    "n",
+    "EM % [95% CI]",
+    "edit sim %",
+    "CrystalBLEU",
+    "general EM %",
+    "HumanEval p@1",
+    "latency p50/p95 ms",
+)
+
+
 def comparison_rows(data: dict[str, Any]) -> list[list[str]]:
     return [
         [
@@ -397,10 +415,11 @@ def summary_tables(data: dict[str, Any]) -> list[Table]:
         f"{span['last_author_date'] or '?'})"
     )
     table = Table(title=title)
-    for column in SUMMARY_COLUMNS:
-        table.add_column(column)
+    keep = [SUMMARY_COLUMNS.index(c) for c in TERMINAL_COLUMNS]
+    for index in keep:
+        table.add_column(SUMMARY_COLUMNS[index])
     for row in summary_rows(data):
-        table.add_row(*row)
+        table.add_row(*(row[index] for index in keep))
     tables = [table]
     if data["comparisons"]:
         comparisons = Table(title="Paired test on exact match")

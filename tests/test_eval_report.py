@@ -296,3 +296,27 @@ def test_runs_are_found_by_purpose(tmp_path: Path) -> None:
     assert (plus.run_id, dev.run_id, named.run_id) == ("r-general", "r-dev", "r-general")
     with pytest.raises(EvalError, match="dev:bob"):
         resolve_models(["dev:bob"], repo, _settings(data_dir), data_dir)
+
+
+def test_module_lookup_top_k_per_ranking() -> None:
+    from shoptalk.trainer.evaluate import LookupRankings, ModuleLookupInstance
+    from shoptalk.trainer.report import module_lookup_section
+
+    queries = [
+        ModuleLookupInstance(f"q{k}", "c", "alice", f"query {k}", modules)
+        for k, modules in enumerate([("pkg.a",), ("pkg.b", "pkg.c"), ("pkg.d",), ("pkg.e",)])
+    ]
+    test_set = EvalSet([], queries, {}, 0)
+    rankings = {
+        "retrieval": [["pkg.a"], ["pkg.x", "pkg.c"], ["pkg.x", "pkg.y", "pkg.z", "pkg.d"], []],
+        "org: hybrid": [["pkg.a"], ["pkg.b"], ["pkg.d"], ["pkg.x", "pkg.y", "pkg.e"]],
+    }
+    section = module_lookup_section(test_set, LookupRankings(rankings), resamples=200)
+    rows = {r["ranking"]: r for r in section["rows"]}
+    assert (rows["retrieval"]["top1"], rows["retrieval"]["top3"]) == (25.0, 50.0)
+    assert (rows["org: hybrid"]["top1"], rows["org: hybrid"]["top3"]) == (75.0, 100.0)
+    assert rows["retrieval"]["top1_ci"]["low"] <= 25.0 <= rows["retrieval"]["top1_ci"]["high"]
+    unavailable = module_lookup_section(test_set, LookupRankings(reason="no server"))
+    assert unavailable == {"evaluated": False, "reason": "no server"}
+    empty = module_lookup_section(EvalSet([], [], {}, 0), LookupRankings(rankings))
+    assert empty["evaluated"] is False and "no module-lookup" in empty["reason"]

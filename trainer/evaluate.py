@@ -530,6 +530,28 @@ def open_engine(model: ResolvedModel, settings: Settings) -> CompletionEngine:
     return LlamaEngine(model, settings, settings.eval.max_tokens)
 
 
+# ------------------------------------------------------------------ module lookup
+
+# A ranking answers a query with module ids, best first.
+ModuleRanking = Callable[[str, int], list[str]]
+LOOKUP_DEPTH = 3
+
+
+@dataclass
+class LookupRankings:
+    """Ranked module ids per module-lookup query, per ranking ("retrieval",
+    "<model>: hybrid", "<model>: model"); or why there are none."""
+
+    rankings: dict[str, list[list[str]]] = field(default_factory=dict)
+    reason: str | None = None
+
+
+def rank_queries(
+    ranking: ModuleRanking, queries: Sequence[ModuleLookupInstance]
+) -> list[list[str]]:
+    return [ranking(q.query, LOOKUP_DEPTH) for q in queries]
+
+
 # ------------------------------------------------------------------ running
 
 
@@ -635,6 +657,7 @@ def evaluate_models(
         + (f", {len(problems)} HumanEval problems" if problems else "")
     )
     runs: list[ModelRun] = []
+    lookup = LookupRankings(reason=_module_lookup_unavailable())
     started = time.time()
     with _progress() as progress:
         for model in models:
@@ -661,11 +684,21 @@ def evaluate_models(
         settings=settings,
         command=command or _command_line(),
         seconds=time.time() - started,
+        lookup=lookup,
     )
     eval_id = time.strftime("eval-%Y%m%d-%H%M%S", time.gmtime())
     target = out_dir or store.root / "eval" / eval_id
     report_module.write_report(target, data, test_set, runs)
     return EvalReport(target, data)
+
+
+def _module_lookup_unavailable() -> str | None:
+    """Why module lookup cannot be evaluated here, or None when it can."""
+    import importlib.util
+
+    if importlib.util.find_spec("shoptalk.server.module_lookup") is None:
+        return "the server's module lookup (shoptalk.server.module_lookup) is not installed"
+    return "module lookup evaluation is not wired to the server's ranking in this build"
 
 
 def _run_retention(

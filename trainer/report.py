@@ -27,13 +27,16 @@ from shoptalk.models.files import atomic_dir
 from shoptalk.models.settings import Settings
 from shoptalk.trainer.metrics import (
     CompletionScore,
+    Interval,
+    bootstrap_mean,
     mcnemar,
     percentile,
     summarize_completions,
+    top_k_hit,
 )
 
 if TYPE_CHECKING:
-    from shoptalk.trainer.evaluate import EvalSet, ModelRun, ResolvedModel
+    from shoptalk.trainer.evaluate import EvalSet, LookupRankings, ModelRun, ResolvedModel
 
 SCHEMA_VERSION = 1
 REPORT_FILES = ("report.json", "report.html", "predictions.jsonl")
@@ -86,8 +89,13 @@ def build_report_data(
     settings: Settings,
     command: str,
     seconds: float,
+    lookup: LookupRankings | None = None,
 ) -> dict[str, Any]:
     """Every figure of the report, as JSON-ready data."""
+    if lookup is None:
+        from shoptalk.trainer.evaluate import LookupRankings
+
+        lookup = LookupRankings(reason="no module ranking was given")
     resamples = settings.eval.bootstrap
     instances = test_set.completion
     authors = sorted({i.author_id for i in instances})
@@ -162,11 +170,38 @@ def build_report_data(
         },
         "models": model_rows,
         "comparisons": _comparisons(models, scores),
-        "module_lookup": {
-            "evaluated": False,
-            "reason": "the server's module ranking is not installed with this build",
-        },
+        "module_lookup": module_lookup_section(test_set, lookup, resamples),
     }
+
+
+def module_lookup_section(
+    test_set: EvalSet, lookup: LookupRankings, resamples: int = 1000
+) -> dict[str, Any]:
+    """Top-1 / top-3 accuracy of each ranking on the module-lookup queries."""
+    queries = test_set.module_lookup
+    if not queries:
+        return {"evaluated": False, "reason": "the test split has no module-lookup queries"}
+    if lookup.reason is not None:
+        return {"evaluated": False, "reason": lookup.reason}
+    rows = []
+    for name, ranked in lookup.rankings.items():
+        top1 = [top_k_hit(r, q.modules, 1) for r, q in zip(ranked, queries, strict=True)]
+        top3 = [top_k_hit(r, q.modules, 3) for r, q in zip(ranked, queries, strict=True)]
+        rows.append(
+            {
+                "ranking": name,
+                "count": len(queries),
+                "top1": 100.0 * sum(top1) / len(top1),
+                "top3": 100.0 * sum(top3) / len(top3),
+                "top1_ci": _percent_interval(bootstrap_mean([float(h) for h in top1], resamples)),
+                "top3_ci": _percent_interval(bootstrap_mean([float(h) for h in top3], resamples)),
+            }
+        )
+    return {"evaluated": True, "rows": rows}
+
+
+def _percent_interval(interval: Interval) -> dict[str, float]:
+    return {k: 100.0 * v for k, v in interval.as_dict().items()}
 
 
 def _add_retention_ratios(model_rows: list[dict[str, Any]]) -> None:
@@ -478,9 +513,9 @@ def render_html(data: dict[str, Any], runs: Sequence[ModelRun]) -> str:
     module_lookup = data["module_lookup"]
     lookup_html = (
         _table_html(
-            ("ranking", "top-1 %", "top-3 %", "n"),
+            ("ranking", "top-1 % [95% CI]", "top-3 % [95% CI]", "n"),
             [
-                [r["ranking"], _num(r["top1"]), _num(r["top3"]), str(r["count"])]
+                [r["ranking"], _fmt(r["top1_ci"]), _fmt(r["top3_ci"]), str(r["count"])]
                 for r in module_lookup["rows"]
             ],
         )

@@ -122,3 +122,24 @@ def test_humaneval_harness_passes_canonical_solutions_and_fails_stubs() -> None:
     assert seen[0] == retention.HUMANEVAL_STOPS
     bad = humaneval_pass_at_1(lambda *_: "    return None\n", problems, limits=FAST)
     assert bad.passed == 0
+
+
+def test_general_dataset_for_baseline_plus_uses_replay_files_only(tmp_path: Path) -> None:
+    import json
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    _write_corpus(corpus)
+    out = retention.write_general_dataset(
+        tmp_path / "general", 20, 5, 100_000, 100_000, root=corpus
+    )
+    train = [json.loads(line) for line in (out / "completion.train.jsonl").read_text().splitlines()]
+    validation = (out / "completion.validation.jsonl").read_text().splitlines()
+    assert (len(train), len(validation)) == (20, 5)
+    assert not any(is_heldout_general_file(r["path"]) for r in train)
+    assert {r["kind"] for r in train} == {"completion"} and train[0]["split"] == "train"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["completion"] == {"train": 20, "validation": 5}
+    with pytest.raises(retention.RetentionError, match="only"):
+        retention.write_general_dataset(tmp_path / "too-many", 10_000, 5, 100, 100, root=corpus)
+    assert not (tmp_path / "too-many").exists()

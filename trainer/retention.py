@@ -36,7 +36,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shoptalk.models.files import sha256_text, write_json_atomic
+from shoptalk.models.errors import ShopTalkError
+from shoptalk.models.files import atomic_dir, sha256_file, sha256_text, write_json_atomic
 from shoptalk.models.prompt import clip_context
 from shoptalk.trainer.metrics import DEFAULT_TRIVIAL_K, Ngram, exact_match, trivial_ngrams
 
@@ -55,6 +56,10 @@ MIN_MASKED, MAX_MASKED = 3, 50
 
 # Where HumanEval generations stop: the next top-level statement.
 HUMANEVAL_STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert "]
+
+
+class RetentionError(ShopTalkError):
+    pass
 
 
 def stdlib_dir() -> Path:
@@ -170,12 +175,14 @@ def general_instances(
     seed: int = 0,
     root: Path | None = None,
     per_file: int = 3,
+    heldout: bool = True,
 ) -> list[GeneralInstance]:
-    """Up to `count` instances from held-out general files, a few per file,
-    chosen reproducibly by `seed`; contexts clipped like the server's."""
+    """Up to `count` instances from held-out general files (or, with
+    `heldout=False`, from the replay files, to train baseline+), a few per
+    file, chosen reproducibly by `seed`; contexts clipped like the server's."""
     base = root if root is not None else stdlib_dir()
     rng = random.Random(seed)
-    files = heldout_files(base)
+    files = heldout_files(base) if heldout else replay_files(base)
     rng.shuffle(files)
     instances: list[GeneralInstance] = []
     for path in files:
@@ -408,3 +415,69 @@ def humaneval_pass_at_1(
         if progress is not None:
             progress()
     return HumanEvalResult(results, completions)
+
+
+GENERAL_REPO = "general:stdlib"
+
+
+def write_general_dataset(
+    out_dir: Path,
+    train: int,
+    validation: int,
+    prefix_chars: int,
+    suffix_chars: int,
+    seed: int = 0,
+    root: Path | None = None,
+) -> Path:
+    """A dataset of general code in the mining contract's format (completion
+    instances from the replay files only), to train the baseline+ size
+    control on as many instances as the team model saw. Written atomically."""
+    instances = general_instances(
+        train + validation, prefix_chars, suffix_chars, seed=seed, root=root, heldout=False
+    )
+    if len(instances) < train + validation:
+        raise RetentionError(
+            f"the general corpus gave only {len(instances)} instances, {train + validation} "
+            "were asked for: add a corpus directory (train.replay_dirs) or train baseline+ "
+            "on fewer instances"
+        )
+    splits = {"train": instances[:train], "validation": instances[train:]}
+    with atomic_dir(out_dir) as tmp:
+        counts: dict[str, int] = {}
+        for split, chosen in splits.items():
+            with (tmp / f"completion.{split}.jsonl").open("w", encoding="utf-8") as handle:
+                for k, inst in enumerate(chosen):
+                    handle.write(json.dumps(_general_record(inst, split, k)) + "\n")
+            counts[split] = len(chosen)
+        shards = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.jsonl"))}
+        manifest = {
+            "repo": GENERAL_REPO,
+            "source": str(root if root is not None else stdlib_dir()),
+            "purpose": "baseline+",
+            "counts": {"completion": counts},
+            "seed": seed,
+            "shards": shards,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return out_dir
+
+
+def _general_record(inst: GeneralInstance, split: str, k: int) -> dict[str, object]:
+    return {
+        "id": f"general-{split}-{k}",
+        "kind": "completion",
+        "split": split,
+        "repo": GENERAL_REPO,
+        "commit": "",
+        "author_id": "general",
+        "author_date": "",
+        "path": inst.path,
+        "language": "python",
+        "prefix": inst.prefix,
+        "target": inst.target,
+        "suffix": inst.suffix,
+        "symbol": None,
+        "modification": False,
+        "masked_tokens": len(inst.target.split()),
+        "line": inst.line,
+    }

@@ -506,11 +506,12 @@ class LlamaEngine:
         return str(result["choices"][0]["text"])  # type: ignore[index]
 
     def complete(self, prefix: str, suffix: str) -> str:
-        # Spaces before the cursor would end the prompt on a lone space token,
-        # which tokenizers that glue spaces to words almost never produce:
-        # the model then answers with digits or nothing. Leave them out of the
-        # prompt and take them back off the answer.
-        stripped = prefix.rstrip(" \t")
+        # Prefix-only, spaces before the cursor would end the prompt on a lone
+        # space token, which tokenizers that glue spaces to words almost never
+        # produce: the model then answers with digits or nothing. Leave them
+        # out of the prompt and take them back off the answer. (With FIM the
+        # answer follows the middle token, as in training: nothing to fix.)
+        stripped = prefix if self.model.use_fim else prefix.rstrip(" \t")
         gap = prefix[len(stripped) :]
         parts = clip_context(stripped, suffix, self.serve.prefix_chars, self.serve.suffix_chars)
         prompt = completion_prompt(self.model.template, parts, self.model.use_fim)

@@ -32,6 +32,7 @@ app.add_typer(models_app, name="models")
 COMMAND_MODULES: list[str] = [
     "shoptalk.trainer.demo",
     "shoptalk.trainer.evaluate",
+    "shoptalk.trainer.mine",
 ]
 
 err = Console(stderr=True, soft_wrap=True)

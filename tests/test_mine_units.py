@@ -1,0 +1,252 @@
+"""Unit tests of the mining parts that work on plain data: masks, message
+cleaning, secrets, dedup, balance, splits, ignore rules, alias merging and
+the patch parser."""
+
+from __future__ import annotations
+
+import io
+import random
+
+import pytest
+
+from shoptalk.trainer.authors import Alias, is_bot, merge_aliases
+from shoptalk.trainer.git_log import _parse_patch_stream
+from shoptalk.trainer.hygiene import (
+    SecretScrubber,
+    cap_module_share,
+    exact_key,
+    has_placeholder,
+    remove_test_overlap,
+    top_level_module,
+)
+from shoptalk.trainer.instances import MAX_MASK, MIN_MASK, clean_message, line_rng, mask_span
+from shoptalk.trainer.source_files import (
+    SkipRules,
+    decode_source,
+    is_test_file,
+    parse_ignore_file,
+    stem_under_test,
+)
+from shoptalk.trainer.splits import CommitPoint, parse_cutoff, plan_splits
+
+
+@pytest.mark.parametrize("tokens", [4, 5, 10, 51, 52, 120])
+def test_mask_takes_the_last_n_tokens_with_n_in_range(tokens: int) -> None:
+    words = [f"w{i}" for i in range(tokens)]
+    line = "    " + " ".join(words) + "  "
+    seen = set()
+    for seed in range(200):
+        span = mask_span(line, random.Random(seed))
+        assert span is not None
+        start, end, n = span
+        seen.add(n)
+        assert MIN_MASK <= n <= min(MAX_MASK, tokens - 1)
+        assert line[start:end].split() == words[-n:]
+        assert line[:start].split() == words[:-n]
+    assert min(seen) == MIN_MASK
+    assert max(seen) == min(MAX_MASK, tokens - 1)
+
+
+def test_mask_needs_four_tokens_and_is_seeded() -> None:
+    assert mask_span("return a + b", random.Random(1)) is not None
+    assert mask_span("return a +", random.Random(1)) is None
+    first = mask_span("x = compute(a, b, c, d, e, f, g)", line_rng(0, "c1", "a.py", 3))
+    again = mask_span("x = compute(a, b, c, d, e, f, g)", line_rng(0, "c1", "a.py", 3))
+    assert first == again
+
+
+def test_clean_message_drops_trailers_issue_refs_and_ci_tags() -> None:
+    message = (
+        "PROJ-42: Fix rounding of refunds (#123) [skip ci]\n\n"
+        "Refunds were rounded twice. Fixes #77, see org/repo#9.\n"
+        "https://github.com/org/repo/issues/77\n\n"
+        "Signed-off-by: Alice <alice@example.com>\n"
+        "Co-authored-by: Bob <bob@example.com>\n"
+    )
+    assert clean_message(message) == "Fix rounding of refunds\n\nRefunds were rounded twice."
+
+
+CANARY_LINES = {
+    'aws = "AKIAQ7CANARY4Z2L9MBX"': "Q7CANARY4Z2L9MBX",
+    'token = "ghp_Canary0Tok3nZx9Qm2Lk7Vb4Nc8Rt5Yw3Pj6"': "Canary0Tok3n",
+    'DB_PASSWORD = "canary-Pa55w0rd-hunter"': "canary-Pa55w0rd",
+    'SALT = "Zx9Qm2Lk7Vb4Nc8Rt5Yw3Pj6Hs1Df0GaEu"': "Zx9Qm2Lk7Vb4Nc8Rt5Yw3Pj6",
+    "conn = connect(password='s3cr3t-Pa55')": "s3cr3t-Pa55",
+}
+
+
+def test_scrubber_replaces_secrets_with_typed_placeholders() -> None:
+    with SecretScrubber() as scrubber:
+        for line, canary in CANARY_LINES.items():
+            clean, counts = scrubber.scrub(line, "settings.py")
+            assert canary not in clean, line
+            assert has_placeholder(clean) and sum(counts.values()) >= 1
+        key = "k = '''-----BEGIN RSA PRIVATE KEY-----\nMIIEcanaryBODY\nQQ==\n-----END RSA PRIVATE KEY-----'''\nx = 1\n"
+        clean, counts = scrubber.scrub(key, "keys.py")
+        assert "canaryBODY" not in clean and counts["Private Key"] == 1
+        assert clean.count("\n") == key.count("\n")  # line numbers stay valid
+        clean, _ = scrubber.scrub("password: canaryYamlSecret42\n", "deploy/config.yaml")
+        assert "canaryYamlSecret42" not in clean
+
+
+def test_scrubber_leaves_ordinary_code_alone() -> None:
+    code = (
+        "def total(lines: list[int]) -> int:\n"
+        '    """Sum the positive lines."""\n'
+        "    token = next_token(stream)\n"
+        "    password = settings.DB_PASSWORD\n"
+        '    row = {"masked_tokens": f"{low}-{high}", "key": key}\n'
+        "    return sum(line for line in lines if line > 0)  # test_alias_merging_2\n"
+    )
+    with SecretScrubber() as scrubber:
+        clean, counts = scrubber.scrub(code, "billing.py")
+    assert clean == code and not counts
+
+
+def _completion(split: str, target: str, prefix: str = "x = 1\n") -> dict[str, object]:
+    return {
+        "kind": "completion",
+        "split": split,
+        "prefix": prefix,
+        "target": target,
+        "suffix": "\n",
+        "path": "a.py",
+    }
+
+
+def test_dedup_removes_exact_and_near_copies_of_test_instances() -> None:
+    test = [
+        _completion("test", "return round_money(amount / parts, places=2)"),
+        _completion(
+            "test",
+            "result = ledger.post(entry, account=account, when=when, memo=memo, tags=tags)",
+            prefix="def post_entry(ledger, entry, account, when, memo, tags):\n    ",
+        ),
+    ]
+    exact_copy = _completion("train", "return  round_money(amount /parts,   places=2)")
+    near_copy = _completion(
+        "train",
+        "result = ledger.post(entry, account=account, when=when, memo=memo, tags=tags2)",
+        prefix="def post_entry(ledger, entry, account, when, memo, tags):\n    ",
+    )
+    unrelated = _completion("validation", "for invoice in invoices: send(invoice)")
+    result = remove_test_overlap([exact_copy, near_copy, unrelated], test)
+    assert result.kept == [unrelated]
+    assert (result.exact, result.near) == (1, 1)
+    assert exact_key("a b\n c") == exact_key("ab c")
+
+
+def test_balance_caps_the_biggest_module() -> None:
+    records = [{"path": f"billing/f{i}.py"} for i in range(80)]
+    records += [{"path": f"reports/f{i}.py"} for i in range(10)]
+    records += [{"path": f"ledger/f{i}.py"} for i in range(10)]
+    records += [{"path": f"audit/f{i}.py"} for i in range(10)]
+    kept, distribution = cap_module_share(records, cap=0.4, seed=0)
+    share = sum(1 for r in kept if r["path"].startswith("billing/")) / len(kept)
+    assert share <= 0.4 + 1e-9
+    assert distribution["billing"] == {"before": 80, "after": 20}
+    assert distribution["reports"] == {"before": 10, "after": 10}
+    single, _ = cap_module_share([{"path": "src/app/x.py"}] * 5, cap=0.3, seed=0)
+    assert len(single) == 5  # one module cannot be capped against itself
+    assert top_level_module("src/app/x.py") == "src/app"
+    assert top_level_module("setup.py") == "(root)"
+
+
+def test_splits_keep_everything_at_or_after_the_cutoff_out_of_train() -> None:
+    points = [CommitPoint(f"c{i}", "alice" if i % 2 else "bob", 1000 + i, 5) for i in range(40)]
+    points.append(CommitPoint("late-carol", "carol", 1100, 1))
+    points += [CommitPoint(f"carol{i}", "carol", 900 + i, 4) for i in range(10)]
+    plan = plan_splits(points, test_share=0.1, validation_share=0.1, test_per_author=6)
+    by_sha = {p.sha: p for p in points}
+    for sha, split in plan.split_of.items():
+        if by_sha[sha].time >= plan.cutoff:
+            assert split == "test"
+        if split == "validation":
+            assert plan.validation_from <= by_sha[sha].time < plan.cutoff
+    assert sum(1 for s in plan.split_of.values() if s == "validation") == 5
+    carol_test = [p for p in points if p.author_id == "carol" and plan.split_of[p.sha] == "test"]
+    # Carol had 1 instance after the cutoff; her newest earlier commits top her up to 6+.
+    assert sum(p.completions for p in carol_test) >= 6
+    assert plan.moved_to_test["carol"] == 2
+    fixed = plan_splits(points, 0.1, 0.0, 0, cutoff=parse_cutoff("1970-01-01T00:16:50Z"))
+    assert fixed.cutoff == 1010
+    assert all(s != "validation" for s in fixed.split_of.values())
+
+
+def test_ignore_rules_and_skip_reasons() -> None:
+    rules = SkipRules(
+        globs=("*.sql",),
+        ignore_rules=tuple(
+            parse_ignore_file("# comment\nfixtures/\n/build.py\n*.snap\n!keep.snap\n")
+        ),
+        max_file_bytes=100,
+        max_line_chars=20,
+    )
+    assert rules.path_reason("tests/fixtures/data.py") == "shoptalkignore"
+    assert rules.path_reason("build.py") == "shoptalkignore"
+    assert rules.path_reason("tools/build.py") is None
+    assert rules.path_reason("ui/a.snap") == "shoptalkignore"
+    assert rules.path_reason("ui/keep.snap") is None
+    assert rules.path_reason("db/schema.sql") == "ignore_glob"
+    assert rules.path_reason("third_party/x.py") == "vendored"
+    assert rules.path_reason("web/package-lock.json") == "lock_file"
+    assert rules.path_reason("api/service_pb2.py") == "generated"
+    assert rules.content_reason(b"a" * 101) == "huge"
+    assert rules.content_reason(b"ab\x00cd") == "binary"
+    assert rules.content_reason(b"x" * 30) == "minified_or_long_lines"
+    assert rules.content_reason(b"# Code generated by protoc. DO NOT EDIT.\n") == "generated"
+    assert decode_source("caf\xe9".encode("latin-1")) is None
+    assert is_test_file("tests/test_pay.py") and not is_test_file("src/pay.py")
+    assert stem_under_test("pkg/pay_test.go") == "pay"
+    assert stem_under_test("src/PayTest.java") == "Pay"
+    assert stem_under_test("web/pay.spec.ts") == "pay"
+
+
+def test_alias_merging_keeps_people_apart_and_ids_stable() -> None:
+    first_seen = {
+        Alias("Alice Smith", "alice@example.com"): 1,
+        Alias("alice smith", "alice.smith@corp.example"): 5,
+        Alias("Bob Jones", "bob@example.com"): 2,
+        Alias("bjones", "BOB@example.com"): 9,
+        Alias("Carol King", "carol@example.com"): 3,
+    }
+    people = merge_aliases(first_seen)
+    ids = {alias.name: person.id for alias, person in people.items()}
+    assert ids["Alice Smith"] == ids["alice smith"]
+    assert ids["Bob Jones"] == ids["bjones"]
+    assert len(set(ids.values())) == 3
+    # More aliases later do not rename anyone.
+    later = merge_aliases({**first_seen, Alias("Dan Brown", "dan@example.com"): 10})
+    assert {a.name: p.id for a, p in later.items() if a.name != "Dan Brown"} == ids
+    assert is_bot(Alias("dependabot[bot]", "x@users.noreply.github.com"), ["[bot]"])
+    assert not is_bot(Alias("Bob", "bob@example.com"), ["[bot]", "renovate"])
+
+
+def test_patch_parser_reads_renames_quoted_paths_and_modifications() -> None:
+    stream = (
+        b"\x00\x00aaa\x00p1\x00Alice\x00a@x\x00100\x00Subject\n\nBody\x00\n\n"
+        b"diff --git a/old name.py b/new name.py\n"
+        b"similarity index 80%\nrename from old name.py\nrename to new name.py\n"
+        b"index 111..222 100644\n--- a/old name.py\n+++ b/new name.py\n"
+        b"@@ -3 +3,2 @@ def f():\n-    return 1\n+    return 2\n+    --x\n"
+        b'diff --git "a/caf\\303\\251.py" "b/caf\\303\\251.py"\nnew file mode 100644\n'
+        b'index 000..333\n--- /dev/null\n+++ "b/caf\\303\\251.py"\n@@ -0,0 +1 @@\n+x = 1\n'
+        b"diff --git a/logo.png b/logo.png\nindex 1..2 100644\nBinary files a/logo.png and b/logo.png differ\n"
+        b"\x00\x00bbb\x00\x00Bob\x00b@x\x00200\x00\x00\n"
+    )
+    commits = list(_parse_patch_stream(io.BytesIO(stream)))
+    assert [c.sha for c in commits] == ["aaa", "bbb"]
+    first = commits[0]
+    assert first.message == "Subject\n\nBody"
+    renamed, added, binary = first.files
+    assert (renamed.old_path, renamed.new_path, renamed.renamed) == (
+        "old name.py",
+        "new name.py",
+        True,
+    )
+    assert renamed.hunks[0].removed == ["    return 1"]
+    assert renamed.hunks[0].added == ["    return 2", "    --x"]
+    assert (renamed.hunks[0].new_start, renamed.hunks[0].old_count) == (3, 1)
+    assert (added.old_path, added.new_path, added.new_blob) == (None, "café.py", "333")
+    assert binary.binary and binary.path == "logo.png"
+    assert commits[1].files == [] and commits[1].parents == ()

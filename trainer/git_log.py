@@ -1,0 +1,450 @@
+"""Reading a repository's history fast: one streaming `git log -p` process
+parsed line by line, and one `git cat-file --batch` process for file contents.
+
+Mining reads every added line of thousands of commits; spawning git (or
+building GitPython diff objects) per commit or per file is what makes the
+obvious tools slow, so everything here goes through two long-lived pipes.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO
+
+from shoptalk.models.errors import ShopTalkError
+
+SYMLINK_MODE = "120000"
+SUBMODULE_MODE = "160000"
+
+# Field separator in our --format headers: NUL cannot occur in git's metadata
+# and marks a header line unambiguously in the patch stream.
+_NUL = b"\x00"
+_HEADER = b"\x00\x00"
+
+
+class GitError(ShopTalkError):
+    """git refused or is missing."""
+
+
+def run_git(repo: Path, *args: str, check: bool = True, input_text: str | None = None) -> str:
+    """Run git in `repo` and return its stdout (text); raise GitError with git's
+    own message when `check` and it fails."""
+    try:
+        proc = subprocess.run(
+            ["git", "-C", str(repo), *args],
+            capture_output=True,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            input=input_text,
+            check=False,
+        )
+    except FileNotFoundError:
+        raise GitError("git is not installed or not on PATH; install git and retry") from None
+    if check and proc.returncode != 0:
+        message = proc.stderr.strip() or f"exit status {proc.returncode}"
+        raise GitError(f"`git {' '.join(args[:3])}` failed in {repo}: {message}")
+    return proc.stdout
+
+
+@dataclass
+class Hunk:
+    """One -U0 hunk: `removed` lines were replaced by `added` lines, which
+    start at line `new_start` (1-based) of the new file."""
+
+    old_start: int
+    old_count: int
+    new_start: int
+    new_count: int
+    removed: list[str] = field(default_factory=list)
+    added: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FileChange:
+    old_path: str | None  # None: added
+    new_path: str | None  # None: deleted
+    old_mode: str | None = None
+    new_mode: str | None = None
+    new_blob: str | None = None
+    binary: bool = False
+    renamed: bool = False
+    hunks: list[Hunk] = field(default_factory=list)
+
+    @property
+    def path(self) -> str:
+        return self.new_path if self.new_path is not None else self.old_path or ""
+
+    @property
+    def is_symlink(self) -> bool:
+        return SYMLINK_MODE in (self.new_mode, self.old_mode)
+
+    @property
+    def is_submodule(self) -> bool:
+        return SUBMODULE_MODE in (self.new_mode, self.old_mode)
+
+    def added_count(self) -> int:
+        return sum(len(h.added) for h in self.hunks)
+
+
+@dataclass
+class Commit:
+    sha: str
+    parents: tuple[str, ...]
+    author_name: str  # after .mailmap (git's %aN)
+    author_email: str  # after .mailmap (git's %aE)
+    author_time: int  # unix seconds
+    message: str
+    files: list[FileChange] = field(default_factory=list)
+
+    @property
+    def author_date(self) -> str:
+        """ISO 8601, UTC."""
+        return iso_utc(self.author_time)
+
+
+def iso_utc(seconds: int) -> str:
+    return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class CommitSummary:
+    """What the cheap first pass learns about a commit (no diff text)."""
+
+    sha: str
+    author_name: str
+    author_email: str
+    author_time: int
+    files_touched: int
+
+
+def _git_base(repo: Path, mailmap_file: Path | None) -> list[str]:
+    args = ["git", "-C", str(repo), "-c", "core.quotepath=false", "-c", "log.showSignature=false"]
+    if mailmap_file is not None:
+        args += ["-c", f"mailmap.file={mailmap_file}"]
+    return args
+
+
+def list_commits(
+    repo: Path,
+    rev: str,
+    since: str | None = None,
+    until: str | None = None,
+    mailmap_file: Path | None = None,
+) -> list[CommitSummary]:
+    """Non-merge commits reachable from `rev` (newest first) with their
+    author and the number of files they touch."""
+    args = [
+        *_git_base(repo, mailmap_file),
+        "log",
+        "--no-merges",
+        "--no-renames",
+        "--name-only",
+        "--format=%x00%x00%H%x00%aN%x00%aE%x00%at",
+    ]
+    if since:
+        args.append(f"--since={since}")
+    if until:
+        args.append(f"--until={until}")
+    args += [rev, "--"]
+    proc = subprocess.run(args, capture_output=True, check=False)
+    if proc.returncode != 0:
+        raise GitError(
+            f"`git log` failed in {repo}: {proc.stderr.decode(errors='replace').strip()}"
+        )
+    commits: list[CommitSummary] = []
+    header: list[str] | None = None
+    count = 0
+    for raw in proc.stdout.split(b"\n"):
+        if raw.startswith(_HEADER):
+            if header is not None:
+                commits.append(_summary(header, count))
+            header = raw[2:].decode("utf-8", errors="replace").split("\x00")
+            count = 0
+        elif raw:
+            count += 1
+    if header is not None:
+        commits.append(_summary(header, count))
+    return commits
+
+
+def _summary(header: list[str], count: int) -> CommitSummary:
+    sha, name, email, seconds = header[:4]
+    return CommitSummary(sha, name, email, int(seconds), count)
+
+
+def iter_commits(
+    repo: Path, shas: Iterable[str], mailmap_file: Path | None = None
+) -> Iterator[Commit]:
+    """Stream the given commits (in the given order) with their -U0 patches.
+
+    Renames are detected (a pure rename has no hunks, so it yields no added
+    lines); binary files, symlinks and submodules are flagged, not read."""
+    args = [
+        *_git_base(repo, mailmap_file),
+        "log",
+        "--no-walk=unsorted",
+        "--stdin",
+        "-p",
+        "-U0",
+        "--full-index",
+        "--find-renames",
+        "--no-color",
+        "--no-ext-diff",
+        "--no-textconv",
+        "--diff-merges=off",
+        "--format=%x00%x00%H%x00%P%x00%aN%x00%aE%x00%at%x00%B%x00",
+    ]
+    sha_list = list(shas)
+    if not sha_list:
+        return
+    proc = subprocess.Popen(
+        args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    # git reads all revisions before printing anything, so writing them all
+    # first cannot dead-lock on a full stdout pipe.
+    proc.stdin.write(("\n".join(sha_list) + "\n").encode())
+    proc.stdin.close()
+    try:
+        yield from _parse_patch_stream(proc.stdout)
+    finally:
+        proc.stdout.close()
+        stderr = proc.stderr.read() if proc.stderr else b""
+        code = proc.wait()
+    if code != 0:
+        raise GitError(f"`git log -p` failed in {repo}: {stderr.decode(errors='replace').strip()}")
+
+
+def _unquote(path: bytes) -> str:
+    """A path as git prints it: C-quoted (with octal escapes for non-ASCII
+    bytes) when it holds unusual characters."""
+    if not path.startswith(b'"'):
+        return path.decode("utf-8", errors="surrogateescape")
+    body = path[1:-1]
+    out = bytearray()
+    i = 0
+    escapes = {ord("n"): 10, ord("t"): 9, ord('"'): 34, ord("\\"): 92, ord("a"): 7, ord("b"): 8}
+    escapes |= {ord("f"): 12, ord("r"): 13, ord("v"): 11}
+    while i < len(body):
+        c = body[i]
+        if c == 92 and i + 1 < len(body):
+            nxt = body[i + 1]
+            if 48 <= nxt <= 55:
+                out.append(int(body[i + 1 : i + 4], 8))
+                i += 4
+                continue
+            out.append(escapes.get(nxt, nxt))
+            i += 2
+            continue
+        out.append(c)
+        i += 1
+    return out.decode("utf-8", errors="surrogateescape")
+
+
+def _strip_prefix(path: bytes) -> str | None:
+    if path == b"/dev/null":
+        return None
+    name = _unquote(path)
+    return name[2:] if name[:2] in ("a/", "b/") else name
+
+
+def _paths_from_diff_line(rest: bytes) -> tuple[str, str]:
+    """Old and new path from `diff --git a/X b/Y` (only used when no ---/+++
+    or rename lines say it better: binary files, mode-only changes)."""
+    if rest.startswith(b'"'):
+        end = rest.index(b'"', 1)
+        while rest[end - 1 : end] == b"\\":
+            end = rest.index(b'"', end + 1)
+        first, second = rest[: end + 1], rest[end + 2 :]
+        return _strip_prefix(first) or "", _strip_prefix(second) or ""
+    # Unquoted and unrenamed: "a/P b/P" with the same P twice.
+    half = (len(rest) - 1) // 2
+    return _strip_prefix(rest[:half]) or "", _strip_prefix(rest[half + 1 :]) or ""
+
+
+def _parse_hunk_header(line: bytes) -> Hunk:
+    # @@ -a[,b] +c[,d] @@ ...
+    parts = line.split(b" ", 3)
+    old, new = parts[1][1:], parts[2][1:]
+    old_start, _, old_count = old.partition(b",")
+    new_start, _, new_count = new.partition(b",")
+    return Hunk(
+        int(old_start),
+        int(old_count) if old_count else 1,
+        int(new_start),
+        int(new_count) if new_count else 1,
+    )
+
+
+def _parse_patch_stream(stream: IO[bytes]) -> Iterator[Commit]:
+    commit: Commit | None = None
+    change: FileChange | None = None
+    hunk: Hunk | None = None
+    header_parts: list[bytes] = []
+    in_header = False
+    for raw in stream:
+        line = raw[:-1] if raw.endswith(b"\n") else raw
+        if in_header:
+            header_parts.append(raw)
+            if _NUL in raw:
+                commit = _commit_from_header(b"".join(header_parts))
+                in_header = False
+            continue
+        if line.startswith(_HEADER):
+            if commit is not None:
+                yield commit
+            change = hunk = None
+            header_parts = [raw]
+            # header: NUL NUL sha NUL parents NUL name NUL email NUL time NUL body NUL
+            if raw.count(_NUL) >= 8:
+                commit = _commit_from_header(raw)
+            else:
+                commit = None
+                in_header = True
+            continue
+        if commit is None:
+            continue
+        if line.startswith(b"diff --git "):
+            old, new = _paths_from_diff_line(line[len(b"diff --git ") :])
+            change = FileChange(old_path=old, new_path=new)
+            commit.files.append(change)
+            hunk = None
+            continue
+        if change is None:
+            continue
+        if hunk is not None:
+            first = line[:1]
+            if first == b"+":
+                hunk.added.append(line[1:].decode("utf-8", errors="replace"))
+                continue
+            if first == b"-":
+                hunk.removed.append(line[1:].decode("utf-8", errors="replace"))
+                continue
+            if first == b"\\":  # "\ No newline at end of file"
+                continue
+        if line.startswith(b"@@ "):
+            hunk = _parse_hunk_header(line)
+            change.hunks.append(hunk)
+        elif line.startswith(b"--- "):
+            change.old_path = _strip_prefix(line[4:])
+        elif line.startswith(b"+++ "):
+            change.new_path = _strip_prefix(line[4:])
+        elif line.startswith(b"index "):
+            blobs, _, mode = line[6:].partition(b" ")
+            _, _, new_blob = blobs.partition(b"..")
+            change.new_blob = new_blob.decode()
+            if mode:
+                change.old_mode = change.new_mode = mode.decode()
+        elif line.startswith(b"new file mode "):
+            change.new_mode = line[14:].decode()
+            change.old_path = None
+        elif line.startswith(b"deleted file mode "):
+            change.old_mode = line[18:].decode()
+            change.new_path = None
+        elif line.startswith(b"new mode "):
+            change.new_mode = line[9:].decode()
+        elif line.startswith(b"old mode "):
+            change.old_mode = line[9:].decode()
+        elif line.startswith(b"rename from "):
+            change.old_path = _unquote(line[12:])
+            change.renamed = True
+        elif line.startswith(b"rename to "):
+            change.new_path = _unquote(line[10:])
+            change.renamed = True
+        elif line.startswith(b"Binary files ") or line.startswith(b"GIT binary patch"):
+            change.binary = True
+    if commit is not None:
+        yield commit
+
+
+def _commit_from_header(raw: bytes) -> Commit:
+    fields = raw[2:].split(_NUL)
+    sha, parents, name, email, seconds, body = (f.decode("utf-8", "replace") for f in fields[:6])
+    return Commit(
+        sha=sha,
+        parents=tuple(parents.split()),
+        author_name=name,
+        author_email=email,
+        author_time=int(seconds),
+        message=body.strip("\n"),
+    )
+
+
+class BlobReader:
+    """File contents by blob id through one `git cat-file --batch` process.
+
+    `read` returns None for a blob larger than `max_bytes` (its bytes are
+    drained from the pipe unread), so a 10 MB file never becomes a string."""
+
+    def __init__(self, repo: Path) -> None:
+        self._proc = subprocess.Popen(
+            ["git", "-C", str(repo), "cat-file", "--batch"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def read(self, blob: str, max_bytes: int | None = None) -> bytes | None:
+        proc = self._proc
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(blob.encode() + b"\n")
+        proc.stdin.flush()
+        header = proc.stdout.readline().split()
+        if len(header) < 3 or header[1] == b"missing":
+            return None
+        size = int(header[2])
+        if max_bytes is not None and size > max_bytes:
+            remaining = size + 1
+            while remaining:
+                remaining -= len(proc.stdout.read(min(remaining, 1 << 20)))
+            return None
+        data = proc.stdout.read(size)
+        proc.stdout.read(1)  # the newline after each object
+        return data
+
+    def close(self) -> None:
+        if self._proc.stdin:
+            self._proc.stdin.close()
+        if self._proc.stdout:
+            self._proc.stdout.close()
+        self._proc.wait()
+
+    def __enter__(self) -> BlobReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def tree_paths(repo: Path, rev: str) -> list[str]:
+    """Regular files (no symlinks, no submodules) in the tree of `rev`."""
+    out = subprocess.run(
+        ["git", "-C", str(repo), "ls-tree", "-r", "-z", "--full-tree", rev],
+        capture_output=True,
+        check=False,
+    )
+    if out.returncode != 0:
+        return []
+    paths: list[str] = []
+    for entry in out.stdout.split(b"\x00"):
+        if not entry:
+            continue
+        meta, _, path = entry.partition(b"\t")
+        mode = meta.split(b" ", 1)[0]
+        if mode in (b"100644", b"100755"):
+            paths.append(path.decode("utf-8", errors="surrogateescape"))
+    return paths
+
+
+def blob_at(repo: Path, rev: str, path: str) -> bytes | None:
+    out = subprocess.run(
+        ["git", "-C", str(repo), "cat-file", "blob", f"{rev}:{path}"],
+        capture_output=True,
+        check=False,
+    )
+    return out.stdout if out.returncode == 0 else None

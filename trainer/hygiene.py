@@ -1,0 +1,326 @@
+"""Data hygiene for mined instances: secrets, duplicates, balance.
+
+- Secrets: `detect-secrets` (its detectors only run inside a settings
+  context, which `SecretScrubber` holds open) plus ShopTalk's own rules for
+  private-key blocks, high-entropy tokens and password assignments in config
+  files. A found secret is replaced by a typed placeholder (`<SECRET_…>`), and
+  the caller drops or keeps the instance per the `secrets` setting.
+- Dedup: test instances are removed from train and validation when an
+  instance is the same up to whitespace, or nearly the same (MinHash LSH).
+- Balance: no single top-level module may fill more than a share of the
+  training set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import random
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from types import TracebackType
+from typing import Any
+
+PLACEHOLDER_PREFIX = "<SECRET_"
+_PLACEHOLDER = re.compile(r"<SECRET_[A-Z0-9_]+>")
+
+_PRIVATE_KEY_BLOCK = re.compile(
+    r"-----BEGIN[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----.*?(?:-----END[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|\Z)",
+    re.DOTALL,
+)
+_TOKEN = re.compile(r"[A-Za-z0-9+/=_\-]{20,}")
+_TOKEN_CHAR = re.compile(r"[A-Za-z0-9+/=_\-]")
+_SECRET_NAME = (
+    r"[\w.-]*(?:password|passwd|passwort|pwd|secret|token|api[_-]?key|apikey|access[_-]?key"
+    r"|private[_-]?key|client[_-]?secret|credentials?)[\w.-]*"
+)
+_QUOTED_ASSIGNMENT = re.compile(
+    rf"(?i)\b{_SECRET_NAME}[\"']?\s*(?:=|:=|:|=>|==)\s*[rbuf]?([\"'])([^\"'\s]{{3,}})\1"
+)
+_CONFIG_ASSIGNMENT = re.compile(rf"(?i)^\s*(?:export\s+)?{_SECRET_NAME}\s*[=:]\s*([^\s#\"']{{3,}})")
+_CONFIG_SUFFIXES = {".env", ".ini", ".cfg", ".conf", ".properties", ".yaml", ".yml", ".toml"}
+# Values that are obviously not secrets: templates, references, placeholders.
+_NOT_A_SECRET = re.compile(
+    r"(?i)^(?:<.*>|\$\{?.*|.*\{.*\}.*|%\(.*|.*%s.*|none|null|nil|true|false|x+|\*+)$"
+)
+
+
+def shannon_entropy(text: str) -> float:
+    counts = Counter(text)
+    total = len(text)
+    return -sum(c / total * math.log2(c / total) for c in counts.values())
+
+
+def is_high_entropy_token(token: str) -> bool:
+    """A random-looking credential: long, mixed letters and digits, and
+    high Shannon entropy (hex strings have at most 4 bits per character, so
+    they get their own, lower bar)."""
+    digits = sum(c.isdigit() for c in token)
+    letters = sum(c.isalpha() for c in token)
+    if digits < 2 or letters < 4:
+        return False
+    if re.fullmatch(r"[0-9a-fA-F]+", token):
+        return len(token) >= 32 and shannon_entropy(token) >= 3.0
+    if re.fullmatch(r"[a-z_]+[0-9_]*", token):  # snake_case identifiers with a number
+        return False
+    return shannon_entropy(token) >= 4.0
+
+
+def placeholder_for(secret_type: str) -> str:
+    name = re.sub(r"[^A-Z0-9]+", "_", secret_type.upper()).strip("_")
+    return f"<SECRET_{name or 'VALUE'}>"
+
+
+@dataclass(frozen=True)
+class Finding:
+    type: str
+    value: str
+
+
+class SecretScrubber:
+    """Finds secrets in text and replaces them with typed placeholders.
+
+    Use as a context manager: detect-secrets configures its detectors in a
+    global settings context, which must be open while scanning."""
+
+    def __init__(self) -> None:
+        self._stack = contextlib.ExitStack()
+        self._cache: dict[tuple[str, str], tuple[Finding, ...]] = {}
+        self._detect: Callable[[list[tuple[int, str]], str], Iterable[Any]] | None = None
+
+    def __enter__(self) -> SecretScrubber:
+        from detect_secrets.core.scan import _process_line_based_plugins
+        from detect_secrets.settings import default_settings
+
+        self._stack.enter_context(default_settings())
+        self._detect = _process_line_based_plugins
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._detect = None
+        self._stack.close()
+
+    def _line_findings(self, line: str, filename: str) -> tuple[Finding, ...]:
+        suffix = PurePosixPath(filename).suffix.lower() or PurePosixPath(filename).name.lower()
+        key = (line, suffix)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        if self._detect is None:
+            raise RuntimeError("SecretScrubber must be used inside `with`")
+        found: list[Finding] = []
+        # Placeholders from an earlier pass are not secrets themselves.
+        line = _PLACEHOLDER.sub("<>", line) if PLACEHOLDER_PREFIX in line else line
+        if line.strip():
+            scan_name = f"snippet{suffix}" if suffix.startswith(".") else filename
+            for secret in self._detect([(1, line)], scan_name):
+                value = secret.secret_value
+                if value:
+                    found.append(Finding(secret.type, value))
+            for match in _TOKEN.finditer(line):
+                if is_high_entropy_token(match.group(0)):
+                    found.append(Finding("High Entropy String", match.group(0)))
+            for match in _QUOTED_ASSIGNMENT.finditer(line):
+                if not _NOT_A_SECRET.match(match.group(2)):
+                    found.append(Finding("Password", match.group(2)))
+            if suffix in _CONFIG_SUFFIXES or PurePosixPath(filename).name.startswith(".env"):
+                match = _CONFIG_ASSIGNMENT.match(line)
+                if match and not _NOT_A_SECRET.match(match.group(1)):
+                    found.append(Finding("Password", match.group(1)))
+        result = tuple(found)
+        if len(self._cache) > 200_000:
+            self._cache.clear()
+        self._cache[key] = result
+        return result
+
+    def scrub(self, text: str, filename: str = "") -> tuple[str, Counter[str]]:
+        """`text` with every secret replaced by its placeholder, and the
+        number of secrets found per type."""
+        counts: Counter[str] = Counter()
+        if "PRIVATE KEY" in text:
+
+            def _block(match: re.Match[str]) -> str:
+                counts["Private Key"] += 1
+                # Keep the line breaks: added lines are found by line number.
+                return placeholder_for("Private Key") + "\n" * match.group(0).count("\n")
+
+            text = _PRIVATE_KEY_BLOCK.sub(_block, text)
+        lines = text.split("\n")
+        changed = False
+        for index, line in enumerate(lines):
+            findings = self._line_findings(line, filename)
+            if not findings:
+                continue
+            new_line = line
+            for finding in findings:
+                new_line, replaced = _replace_secret(new_line, finding)
+                if replaced:
+                    counts[finding.type] += 1
+            if new_line != line:
+                lines[index] = new_line
+                changed = True
+        return ("\n".join(lines) if changed else text), counts
+
+
+def _replace_secret(line: str, finding: Finding) -> tuple[str, bool]:
+    """Replace each occurrence of the finding, widened to the whole token it
+    sits in (detect-secrets reports only the prefix of some tokens, e.g.
+    `ghp` for a GitHub token)."""
+    start = line.find(finding.value)
+    if start < 0:
+        return line, False
+    placeholder = placeholder_for(finding.type)
+    while start >= 0:
+        end = start + len(finding.value)
+        while start > 0 and _TOKEN_CHAR.match(line[start - 1]):
+            start -= 1
+        while end < len(line) and _TOKEN_CHAR.match(line[end]):
+            end += 1
+        line = line[:start] + placeholder + line[end:]
+        start = line.find(finding.value, start + len(placeholder))
+    return line, True
+
+
+def has_placeholder(text: str) -> bool:
+    return PLACEHOLDER_PREFIX in text and _PLACEHOLDER.search(text) is not None
+
+
+# ---- dedup -----------------------------------------------------------------
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def dedup_text(record: dict[str, Any]) -> str:
+    """The part of an instance that makes it what it is: for a completion,
+    the line being completed with a few lines around it."""
+    kind = record["kind"]
+    if kind == "completion":
+        before = "\n".join(str(record["prefix"]).split("\n")[-4:])
+        after = "\n".join(str(record["suffix"]).split("\n")[:3])
+        return f"{before}{record['target']}{after}"
+    if kind in ("module_lookup", "doc_modules"):
+        return f"{record['query']}\n{' '.join(record['modules'])}"
+    return f"{record['prompt']}\n{record['target']}"
+
+
+def exact_key(text: str) -> str:
+    return hashlib.sha1(re.sub(r"\s+", "", text).encode()).hexdigest()
+
+
+def _shingles(text: str, size: int = 3) -> set[bytes]:
+    words = _WORD.findall(text)
+    if len(words) < size:
+        return {" ".join(words).encode()}
+    return {" ".join(words[i : i + size]).encode() for i in range(len(words) - size + 1)}
+
+
+@dataclass
+class DedupResult:
+    kept: list[dict[str, Any]]
+    exact: int = 0
+    near: int = 0
+    by_kind: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+def remove_test_overlap(
+    candidates: Sequence[dict[str, Any]],
+    test: Sequence[dict[str, Any]],
+    threshold: float = 0.8,
+    num_perm: int = 64,
+) -> DedupResult:
+    """Drop from `candidates` (train/validation) every instance that equals a
+    test instance of the same kind up to whitespace, or whose MinHash Jaccard
+    similarity with one is at least `threshold`."""
+    from datasketch import MinHash, MinHashLSH
+
+    result = DedupResult(kept=[])
+    test_by_kind: dict[str, list[dict[str, Any]]] = {}
+    for record in test:
+        test_by_kind.setdefault(record["kind"], []).append(record)
+    exact_keys = {(r["kind"], exact_key(dedup_text(r))) for r in test}
+    indexes: dict[str, MinHashLSH] = {}
+    for kind, records in test_by_kind.items():
+        lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        hashes = MinHash.bulk([list(_shingles(dedup_text(r))) for r in records], num_perm=num_perm)
+        for index, minhash in enumerate(hashes):
+            lsh.insert(str(index), minhash)
+        indexes[kind] = lsh
+    texts = [dedup_text(r) for r in candidates]
+    minhashes = MinHash.bulk([list(_shingles(t)) for t in texts], num_perm=num_perm)
+    for record, text, minhash in zip(candidates, texts, minhashes, strict=True):
+        kind = record["kind"]
+        counts = result.by_kind.setdefault(kind, {"exact": 0, "near": 0})
+        if (kind, exact_key(text)) in exact_keys:
+            result.exact += 1
+            counts["exact"] += 1
+            continue
+        lsh = indexes.get(kind)
+        if lsh is not None and lsh.query(minhash):
+            result.near += 1
+            counts["near"] += 1
+            continue
+        result.kept.append(record)
+    return result
+
+
+# ---- balance ---------------------------------------------------------------
+
+_CONTAINER_DIRS = {"src", "lib", "libs", "packages", "services", "apps", "cmd", "internal", "pkg"}
+
+
+def top_level_module(path: str) -> str:
+    """The module/service an instance belongs to for balancing: the first
+    folder (the first two under container folders such as `src/`)."""
+    parts = PurePosixPath(path).parts
+    if len(parts) <= 1:
+        return "(root)"
+    if parts[0] in _CONTAINER_DIRS and len(parts) > 2:
+        return f"{parts[0]}/{parts[1]}"
+    return parts[0]
+
+
+def cap_module_share(
+    records: list[dict[str, Any]], cap: float, seed: int
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, int]]]:
+    """Downsample (seeded) any top-level module holding more than `cap` of
+    `records`. With fewer than 1/cap modules the cap cannot hold for all of
+    them, so it is raised to 1/number-of-modules. Returns the kept records
+    and, per module, its count before and after."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        groups.setdefault(top_level_module(str(record.get("path", ""))), []).append(record)
+    if not groups:
+        return [], {}
+    effective = max(cap, 1.0 / len(groups))
+    sizes = {name: len(items) for name, items in groups.items()}
+    # Shrink the largest groups until every group's share is within the cap.
+    for _ in range(len(groups)):
+        total = sum(sizes.values())
+        over = [n for n, s in sizes.items() if s > effective * total + 1e-9]
+        if not over:
+            break
+        rest = sum(s for n, s in sizes.items() if n not in over)
+        allowed = effective * rest / (1 - effective * len(over)) if effective * len(over) < 1 else 0
+        for name in over:
+            sizes[name] = max(1, min(sizes[name], math.floor(allowed)))
+    kept: list[dict[str, Any]] = []
+    distribution: dict[str, dict[str, int]] = {}
+    for name, items in sorted(groups.items()):
+        target = sizes[name]
+        if target < len(items):
+            rng = random.Random(f"{seed}:{name}")
+            chosen = sorted(rng.sample(range(len(items)), target))
+            kept.extend(items[i] for i in chosen)
+        else:
+            kept.extend(items)
+        distribution[name] = {"before": len(items), "after": target}
+    return kept, distribution

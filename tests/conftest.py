@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins: list[str] = ["git_repos"]
+pytest_plugins: list[str] = ["git_repos", "tiny_models"]
 
 
 @pytest.fixture(autouse=True)

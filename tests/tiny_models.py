@@ -1,0 +1,320 @@
+"""Tiny random HF checkpoints (and their GGUF) of each supported architecture
+for the tests (registered in `tests/conftest.py` through `pytest_plugins`).
+
+Each checkpoint has 2 layers and a small hidden size, random weights from a
+fixed seed, and a real tokenizer trained in a fraction of a second on Python
+standard-library source, so code tokenizes into sensible pieces:
+
+- gemma3 / llama: a SentencePiece BPE model with byte fallback (the
+  `tokenizer.model` is kept beside `tokenizer.json`, as in real checkpoints);
+- qwen2: a byte-level BPE with Qwen 2's pre-tokenizer regex.
+
+The vocabulary holds the architecture's FIM tokens from the catalog plus
+bos/eos/pad, so prompts built by `shoptalk.models.prompt` work unchanged.
+
+Fixtures (session scoped, built once): `tiny_hf(arch, hidden_size=64) -> Path`
+and `tiny_gguf(arch, dtype="f32", hidden_size=64) -> Path`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sysconfig
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+TINY_ARCHITECTURES = ("gemma3", "qwen2", "llama")
+
+# Fixed text every correctness test evaluates on (tokenizes to ~100 tokens).
+CODE_TEXT = '''def parse_header(line: str) -> dict[str, str]:
+    """Split a `Key: value` header line."""
+    key, _, value = line.partition(":")
+    if not key:
+        raise ValueError(f"bad header: {line!r}")
+    return {key.strip().lower(): value.strip()}
+
+
+class Cache:
+    def __init__(self, size: int = 128) -> None:
+        self.size = size
+        self.items: dict[str, bytes] = {}
+'''
+
+# Standard-library files the tokenizers learn from: plain, stable Python.
+_CORPUS_FILES = (
+    "textwrap.py",
+    "string.py",
+    "json/decoder.py",
+    "json/encoder.py",
+    "functools.py",
+    "dataclasses.py",
+    "shlex.py",
+    "fnmatch.py",
+)
+
+_SEED = 1234
+_VOCAB_SIZE = 1000
+
+
+def _corpus_lines() -> list[str]:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    lines: list[str] = []
+    for name in _CORPUS_FILES:
+        path = stdlib / name
+        if path.is_file():
+            lines.extend(line for line in path.read_text(encoding="utf-8").splitlines() if line)
+    if not lines:
+        raise RuntimeError(f"no standard-library source found under {stdlib}")
+    return lines
+
+
+def _special_tokens(arch: str) -> dict[str, Any]:
+    from shoptalk.models.catalog import GEMMA3_FIM, LLAMA3_FIM, QWEN_CODER_FIM
+
+    if arch == "gemma3":
+        return {
+            "pad": "<pad>",
+            "eos": "<eos>",
+            "bos": "<bos>",
+            "unk": "<unk>",
+            "extra": [GEMMA3_FIM.prefix, GEMMA3_FIM.suffix, GEMMA3_FIM.middle],
+        }
+    if arch == "llama":
+        return {
+            "unk": "<unk>",
+            "bos": "<|begin_of_text|>",
+            "eos": LLAMA3_FIM.end,
+            "pad": "<|finetune_right_pad_id|>",
+            "extra": [LLAMA3_FIM.prefix, LLAMA3_FIM.suffix, LLAMA3_FIM.middle],
+        }
+    if arch == "qwen2":
+        return {
+            "eos": QWEN_CODER_FIM.end,
+            "pad": QWEN_CODER_FIM.end,
+            "bos": None,
+            "unk": None,
+            "extra": [
+                "<|im_start|>",
+                "<|im_end|>",
+                QWEN_CODER_FIM.prefix,
+                QWEN_CODER_FIM.middle,
+                QWEN_CODER_FIM.suffix,
+                "<|fim_pad|>",
+                "<|repo_name|>",
+                "<|file_sep|>",
+            ],
+        }
+    raise ValueError(f"no tiny model for architecture {arch!r}; choose one of {TINY_ARCHITECTURES}")
+
+
+def _train_sentencepiece(arch: str) -> bytes:
+    """A SentencePiece BPE model (serialized proto) with byte fallback."""
+    import sentencepiece as spm
+
+    special = _special_tokens(arch)
+    if arch == "gemma3":
+        ids = {"pad_id": 0, "eos_id": 1, "bos_id": 2, "unk_id": 3}
+        user = list(special["extra"])
+    else:
+        ids = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": -1}
+        user = [special["pad"], *special["extra"]]
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_corpus_lines()),
+        model_writer=buffer,
+        vocab_size=_VOCAB_SIZE,
+        model_type="bpe",
+        byte_fallback=True,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False,
+        # Gemma does not prepend a space to the text; Llama-style SPM does.
+        add_dummy_prefix=arch != "gemma3",
+        normalization_rule_name="identity",
+        character_coverage=1.0,
+        max_sentence_length=100_000,
+        num_threads=1,
+        seed_sentencepiece_size=100_000,
+        user_defined_symbols=user,
+        pad_piece=special["pad"],
+        eos_piece=special["eos"],
+        bos_piece=special["bos"],
+        unk_piece=special["unk"],
+        minloglevel=2,
+        **ids,
+    )
+    return buffer.getvalue()
+
+
+def _sentencepiece_tokenizer(arch: str, out_dir: Path) -> int:
+    """Write tokenizer.model + HF tokenizer files; return the vocabulary size."""
+    import sentencepiece as spm
+    from transformers import GemmaTokenizer, LlamaTokenizer
+    from transformers.tokenization_utils_base import generate_merges
+
+    proto = _train_sentencepiece(arch)
+    (out_dir / "tokenizer.model").write_bytes(proto)
+    processor = spm.SentencePieceProcessor(model_proto=proto)
+    size = processor.get_piece_size()
+    vocab = {processor.id_to_piece(i): i for i in range(size)}
+    special = _special_tokens(arch)
+    scores = {processor.id_to_piece(i): processor.get_score(i) for i in range(size)}
+    skip = {
+        processor.id_to_piece(i)
+        for i in range(size)
+        if processor.is_control(i) or processor.is_unknown(i) or processor.is_byte(i)
+    }
+    # Merges ranked by SentencePiece's piece scores, as HF's own converter does.
+    merges = generate_merges(vocab, scores, skip_tokens=skip | set(special["extra"]))
+    tokenizer: Any
+    if arch == "gemma3":
+        tokenizer = GemmaTokenizer(
+            vocab=vocab,
+            merges=merges,
+            unk_token=special["unk"],
+            bos_token=special["bos"],
+            eos_token=special["eos"],
+            pad_token=special["pad"],
+            mask_token=None,
+            extra_special_tokens=special["extra"],
+            add_bos_token=True,
+        )
+    else:
+        tokenizer = LlamaTokenizer(
+            vocab=vocab,
+            merges=merges,
+            unk_token=special["unk"],
+            bos_token=special["bos"],
+            eos_token=special["eos"],
+            pad_token=special["pad"],
+            extra_special_tokens=special["extra"],
+            add_prefix_space=True,
+            add_bos_token=True,
+        )
+    tokenizer.save_pretrained(out_dir)
+    return size
+
+
+def _byte_level_tokenizer(out_dir: Path) -> int:
+    """Qwen 2 style: byte-level BPE behind Qwen's split regex, specials appended."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    special = _special_tokens("qwen2")
+    template = Qwen2Tokenizer(vocab={"a": 0}, merges=[])
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = template.backend_tokenizer.pre_tokenizer
+    trainer = trainers.BpeTrainer(
+        vocab_size=_VOCAB_SIZE,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_corpus_lines(), trainer)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    tokenizer = Qwen2Tokenizer(
+        vocab=dict(model["vocab"]),
+        merges=merges,
+        eos_token=special["eos"],
+        pad_token=special["pad"],
+        unk_token=None,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(special["extra"])})
+    tokenizer.save_pretrained(out_dir)
+    return len(tokenizer)
+
+
+def _config(arch: str, vocab_size: int, hidden_size: int, special_ids: dict[str, int]) -> Any:
+    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
+
+    common: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": hidden_size // 4,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        # Wider than the default 0.02 so the random logits have a clear top-1
+        # (otherwise quantization noise flips near-ties).
+        "initializer_range": 0.1,
+        **special_ids,
+    }
+    if arch == "gemma3":
+        return Gemma3TextConfig(
+            **common,
+            sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"],
+            query_pre_attn_scalar=hidden_size // 4,
+            tie_word_embeddings=True,
+        )
+    if arch == "qwen2":
+        return Qwen2Config(**common, tie_word_embeddings=False)
+    return LlamaConfig(**common, tie_word_embeddings=False)
+
+
+def build_tiny_hf(arch: str, out_dir: Path, hidden_size: int = 64) -> Path:
+    """Write a seeded random tiny HF checkpoint of `arch` into `out_dir`.
+
+    `hidden_size` must be a multiple of 32 (Q8_0 blocks); use 256 where K-quant
+    blocks (Q4_K/Q5_K) must apply to every matrix."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if arch not in TINY_ARCHITECTURES:
+        raise ValueError(
+            f"no tiny model for architecture {arch!r}; choose one of {TINY_ARCHITECTURES}"
+        )
+    if hidden_size % 32:
+        raise ValueError(f"hidden_size must be a multiple of 32, not {hidden_size}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if arch == "qwen2":
+        vocab_size = _byte_level_tokenizer(out_dir)
+    else:
+        vocab_size = _sentencepiece_tokenizer(arch, out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    special_ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    config = _config(arch, vocab_size, hidden_size, special_ids)
+    torch.manual_seed(_SEED)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        # Random norm weights too, so a writer that mishandles them fails.
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+                if arch == "gemma3":
+                    param.sub_(1.0)  # Gemma's RMSNorm multiplies by (1 + w)
+    model.generation_config.do_sample = False
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+TinyHf = Callable[..., Path]
+TinyGguf = Callable[..., Path]
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> TinyHf:
+    """Factory: `tiny_hf(arch, hidden_size=64)` → a cached tiny HF checkpoint.
+    Treat the folder as read-only (it is shared by the whole session)."""
+    built: dict[tuple[str, int], Path] = {}
+
+    def make(arch: str, hidden_size: int = 64) -> Path:
+        key = (arch, hidden_size)
+        if key not in built:
+            built[key] = build_tiny_hf(
+                arch, tmp_path_factory.mktemp(f"tiny-{arch}-{hidden_size}"), hidden_size
+            )
+        return built[key]
+
+    return make

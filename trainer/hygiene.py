@@ -133,9 +133,9 @@ class SecretScrubber:
                 if not _NOT_A_SECRET.match(match.group(2)):
                     found.append(Finding("Password", match.group(2)))
             if suffix in _CONFIG_SUFFIXES or PurePosixPath(filename).name.startswith(".env"):
-                match = _CONFIG_ASSIGNMENT.match(line)
-                if match and not _NOT_A_SECRET.match(match.group(1)):
-                    found.append(Finding("Password", match.group(1)))
+                config = _CONFIG_ASSIGNMENT.match(line)
+                if config and not _NOT_A_SECRET.match(config.group(1)):
+                    found.append(Finding("Password", config.group(1)))
         result = tuple(found)
         if len(self._cache) > 200_000:
             self._cache.clear()

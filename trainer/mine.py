@@ -25,6 +25,7 @@ import logging
 import os
 import statistics
 import time
+import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -280,7 +281,7 @@ class MineState:
                         yield json.loads(line)
 
     def write_batch(self, records: Iterable[dict[str, Any]]) -> str:
-        name = f"batch-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{len(self.batches)}.jsonl"
+        name = f"batch-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:12]}.jsonl"
         with atomic_open(self.directory / name) as handle:
             for record in records:
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -132,8 +132,9 @@ def _train_sentencepiece(arch: str) -> bytes:
         split_digits=True,
         allow_whitespace_only_pieces=True,
         remove_extra_whitespaces=False,
-        # Gemma does not prepend a space to the text; Llama-style SPM does.
-        add_dummy_prefix=arch != "gemma3",
+        # No dummy "▁" prefix (as Gemma): llama.cpp would also prepend one after
+        # every special token, which HF's tokenizer does not.
+        add_dummy_prefix=False,
         normalization_rule_name="identity",
         character_coverage=1.0,
         max_sentence_length=100_000,
@@ -192,7 +193,7 @@ def _sentencepiece_tokenizer(arch: str, out_dir: Path) -> int:
             eos_token=special["eos"],
             pad_token=special["pad"],
             extra_special_tokens=special["extra"],
-            add_prefix_space=True,
+            add_prefix_space=False,
             add_bos_token=True,
         )
     tokenizer.save_pretrained(out_dir)
@@ -243,14 +244,16 @@ def _config(arch: str, vocab_size: int, hidden_size: int, special_ids: dict[str,
         "rms_norm_eps": 1e-6,
         # Wider than the default 0.02 so the random logits have a clear top-1
         # (otherwise quantization noise flips near-ties).
-        "initializer_range": 0.1,
+        "initializer_range": 0.2,
         **special_ids,
     }
     if arch == "gemma3":
         return Gemma3TextConfig(
             **common,
+            # Shorter than the test text, so the sliding-window path is exercised;
+            # the layer pattern stays the default (every 6th layer global), the
+            # only one llama.cpp's gemma3 knows.
             sliding_window=16,
-            layer_types=["sliding_attention", "full_attention"],
             query_pre_attn_scalar=hidden_size // 4,
             tie_word_embeddings=True,
         )
@@ -318,3 +321,60 @@ def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> TinyHf:
         return built[key]
 
     return make
+
+
+def build_tiny_gguf(checkpoint: Path, out_path: Path, dtype: str = "f32") -> Path:
+    """Our GGUF writer on a tiny checkpoint (what `shoptalk export` writes)."""
+    from shoptalk.trainer.gguf_writer import write_gguf_from_checkpoint
+
+    return write_gguf_from_checkpoint(checkpoint, out_path, dtype=dtype)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_hf: TinyHf) -> TinyGguf:
+    """Factory: `tiny_gguf(arch, dtype="f32", hidden_size=64)` → a cached GGUF
+    of the tiny checkpoint that real llama.cpp (llama-cpp-python) loads."""
+    built: dict[tuple[str, str, int], Path] = {}
+
+    def make(arch: str, dtype: str = "f32", hidden_size: int = 64) -> Path:
+        key = (arch, dtype, hidden_size)
+        if key not in built:
+            folder = tmp_path_factory.mktemp(f"tiny-gguf-{arch}-{dtype}-{hidden_size}")
+            built[key] = build_tiny_gguf(
+                tiny_hf(arch, hidden_size), folder / f"tiny-{arch}-{dtype}.gguf", dtype
+            )
+        return built[key]
+
+    return make
+
+
+def hf_logits(model: Any, ids: list[int]) -> Any:
+    """Next-token logits (n × vocab, numpy float32) of an HF model."""
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def llama_cpp_logits(gguf_path: Path, ids: list[int]) -> Any:
+    """Next-token logits (n × vocab, numpy float32) of a GGUF in real llama.cpp."""
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(
+        str(gguf_path), n_ctx=512, logits_all=True, verbose=False, n_threads=1, seed=0
+    )
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+def decisive_positions(reference: Any, margin: float) -> Any:
+    """Positions whose top-1 beats the runner-up by more than `margin`: on a
+    random model some positions are near ties that rounding may flip."""
+    import numpy as np
+
+    top2 = np.sort(reference, axis=-1)[:, -2:]
+    return (top2[:, 1] - top2[:, 0]) > margin

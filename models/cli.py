@@ -33,6 +33,7 @@ COMMAND_MODULES: list[str] = [
     "shoptalk.trainer.demo",
     "shoptalk.trainer.evaluate",
     "shoptalk.trainer.mine",
+    "shoptalk.trainer.train",
 ]
 
 err = Console(stderr=True, soft_wrap=True)

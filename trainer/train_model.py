@@ -247,7 +247,9 @@ def describe_base(base: BaseModel, path: str, tokenizer: Any) -> BaseIdentity:
 
 def layer_count(model: Any) -> int:
     config = model.config
-    return int(getattr(config, "num_hidden_layers", 0) or config.get_text_config().num_hidden_layers)
+    return int(
+        getattr(config, "num_hidden_layers", 0) or config.get_text_config().num_hidden_layers
+    )
 
 
 def target_modules(settings: TrainSettings, architecture: str) -> list[str]:

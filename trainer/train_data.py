@@ -1,0 +1,230 @@
+"""What a training run learns from: the mined dataset read and checked, the
+instance mix (kind weights, replay share), and the order of micro-batches.
+
+The order is a pure function of (seed, step), so a resumed run sees exactly
+the batches the killed run would have seen next.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shoptalk.models.errors import ShopTalkError
+from shoptalk.models.files import sha256_file
+from shoptalk.trainer.formats import INSTANCE_KINDS, Example
+
+SPLITS = ("train", "validation", "test")
+
+# Fewer training instances than this cannot teach anything measurable.
+MIN_TRAIN_INSTANCES = 8
+
+# Default weight of each instance kind in the SFT mix (`train.kind_weights`
+# overrides): completion is the product; lookups and artifacts support it.
+DEFAULT_KIND_WEIGHTS: dict[str, float] = {
+    "completion": 1.0,
+    "module_lookup": 1.0,
+    "doc_modules": 0.5,
+    "commit_message": 0.5,
+    "test_pair": 0.5,
+}
+
+# Examples of similar length are batched together out of windows this many
+# batches wide (less padding, still shuffled).
+BUCKET_BATCHES = 32
+
+
+class DatasetError(ShopTalkError):
+    pass
+
+
+@dataclass
+class Dataset:
+    directory: Path
+    manifest: dict[str, Any]
+    manifest_sha256: str
+    records: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    def split(self, name: str) -> list[dict[str, Any]]:
+        return self.records.get(name, [])
+
+
+def load_dataset(directory: Path, repo: Path | None = None) -> Dataset:
+    """Read `manifest.json` and the `<kind>.<split>.jsonl` shards; check that
+    the dataset belongs to `repo` (when given)."""
+    manifest_file = directory / "manifest.json"
+    if not manifest_file.is_file():
+        where = f" of {repo}" if repo is not None else ""
+        raise DatasetError(
+            f"no mined dataset{where} at {directory}: run `shoptalk mine --repo "
+            f"{repo or 'PATH'}` first"
+        )
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except ValueError as exc:
+        raise DatasetError(
+            f"{manifest_file} is not valid JSON ({exc}); mine the repository again"
+        ) from None
+    if repo is not None:
+        check_dataset_repo(manifest, repo, directory)
+    records: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
+    for shard in sorted(directory.glob("*.jsonl")):
+        parts = shard.name.split(".")
+        if len(parts) != 3 or parts[1] not in SPLITS:
+            continue
+        kind, split = parts[0], parts[1]
+        with shard.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    raise DatasetError(
+                        f"{shard}:{number} is not valid JSON; the dataset is damaged — "
+                        "mine the repository again"
+                    ) from None
+                record.setdefault("kind", kind)
+                records[split].append(record)
+    return Dataset(directory, manifest, sha256_file(manifest_file), records)
+
+
+def check_dataset_repo(manifest: Mapping[str, Any], repo: Path, directory: Path) -> None:
+    named = str(manifest.get("repo", ""))
+    if not named or named.startswith("general:"):
+        return
+    if Path(named).expanduser().resolve() != repo.expanduser().resolve():
+        raise DatasetError(
+            f"the dataset at {directory} was mined from {named}, not {repo.resolve()}: "
+            f"mine this repository with `shoptalk mine --repo {repo}`"
+        )
+
+
+def check_dataset_base(
+    manifest: Mapping[str, Any], base_key: str, tokenizer_sha256: str, directory: Path
+) -> None:
+    """A dataset that records the base or tokenizer it was prepared for must
+    match the one we train (token-level artifacts would not transfer)."""
+    recorded_tok = manifest.get("tokenizer_sha256")
+    if recorded_tok and recorded_tok != tokenizer_sha256:
+        raise DatasetError(
+            f"the dataset at {directory} was prepared with another tokenizer "
+            f"({str(recorded_tok)[:12]}…, this base's is {tokenizer_sha256[:12]}…) "
+            f"for base {manifest.get('base', '?')!r}: mine again for base {base_key!r}, "
+            "or train with the base it was mined for (--base)"
+        )
+    recorded_base = manifest.get("base")
+    if recorded_base and recorded_tok is None and recorded_base != base_key:
+        raise DatasetError(
+            f"the dataset at {directory} was prepared for base {recorded_base!r}, not "
+            f"{base_key!r}: mine again, or train with --base {recorded_base}"
+        )
+
+
+def check_enough(count: int, directory: Path, what: str = "training") -> None:
+    if count < MIN_TRAIN_INSTANCES:
+        raise DatasetError(
+            f"the dataset at {directory} has {count} usable {what} instance(s); training "
+            f"needs at least {MIN_TRAIN_INSTANCES} (a few hundred to learn anything useful). "
+            "Mine a longer history (`shoptalk mine --since ...`), include more kinds "
+            "(mine.kinds), or lower mine.test_share"
+        )
+
+
+def kind_weights(overrides: Mapping[str, float]) -> dict[str, float]:
+    unknown = sorted(set(overrides) - set(INSTANCE_KINDS))
+    if unknown:
+        raise DatasetError(
+            f"train.kind_weights names unknown kind(s) {', '.join(unknown)}; known: "
+            + ", ".join(INSTANCE_KINDS)
+        )
+    bad = sorted(k for k, v in overrides.items() if v < 0)
+    if bad:
+        raise DatasetError(f"train.kind_weights must not be negative ({', '.join(bad)})")
+    return {**DEFAULT_KIND_WEIGHTS, **overrides}
+
+
+def weighted_records(
+    records: Sequence[Mapping[str, Any]], weights: Mapping[str, float], seed: int
+) -> list[Mapping[str, Any]]:
+    """Records repeated (weight > 1) or subsampled (weight < 1) per kind."""
+    rng = random.Random(seed)
+    by_kind: dict[str, list[Mapping[str, Any]]] = {}
+    for record in records:
+        by_kind.setdefault(str(record.get("kind")), []).append(record)
+    chosen: list[Mapping[str, Any]] = []
+    for kind, items in sorted(by_kind.items()):
+        weight = weights.get(kind, 1.0)
+        whole, frac = int(weight), weight - int(weight)
+        chosen += items * whole
+        if frac > 0:
+            chosen += rng.sample(items, round(len(items) * frac))
+    return chosen
+
+
+def replay_count(team_examples: int, share: float) -> int:
+    """Replay examples so that they are `share` of the whole mix."""
+    if share <= 0:
+        return 0
+    return max(1, round(team_examples * share / (1.0 - share)))
+
+
+def epoch_micro_batches(
+    examples: Sequence[Example], batch_size: int, seed: int, epoch: int
+) -> list[list[int]]:
+    """One epoch's micro-batches (lists of example indices): shuffled, then
+    bucketed by length inside windows so padding stays small."""
+    rng = random.Random(f"{seed}:{epoch}")
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    if batch_size == 1:
+        return [[i] for i in order]
+    batches: list[list[int]] = []
+    window = batch_size * BUCKET_BATCHES
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: len(examples[i]))
+        batches += [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+class BatchSchedule:
+    """Micro-batches for every optimizer step, epoch after epoch; step `s`
+    always gets the same ones for the same seed (resume-safe)."""
+
+    def __init__(
+        self, examples: Sequence[Example], batch_size: int, grad_accum: int, seed: int
+    ) -> None:
+        self.examples = examples
+        self.batch_size = batch_size
+        self.grad_accum = grad_accum
+        self.seed = seed
+        self._epochs: dict[int, list[list[int]]] = {}
+        self.per_epoch = len(epoch_micro_batches(examples, batch_size, seed, 0))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, -(-self.per_epoch // self.grad_accum))
+
+    def _micro(self, index: int) -> list[int]:
+        epoch, offset = divmod(index, self.per_epoch)
+        if epoch not in self._epochs:
+            self._epochs = {
+                epoch: epoch_micro_batches(self.examples, self.batch_size, self.seed, epoch)
+            }
+        return self._epochs[epoch][offset]
+
+    def step(self, step: int) -> list[list[Example]]:
+        """The micro-batches of optimizer step `step` (0-based)."""
+        first = step * self.grad_accum
+        return [[self.examples[i] for i in self._micro(first + k)] for k in range(self.grad_accum)]
+
+    def __iter__(self) -> Iterator[list[list[Example]]]:
+        step = 0
+        while True:
+            yield self.step(step)
+            step += 1

@@ -244,7 +244,7 @@ def build_history_repo(root: Path) -> HistoryRepo:
     # Regular work of several people, spread over time (for the splits).
     for step in range(6):
         for author, module in ((ALICE, "ledger"), (BOB, "refunds"), (CAROL, "reports")):
-            path = f"src/billing/{module}.py"
+            path = f"src/{module}/{module}.py"
             repo.write(path, python_module(module, step + 1, salt=f" v{step}"))
             shas[f"{module}{step}"] = repo.commit(
                 f"Extend {module} with step {step}\n\nCo-authored-by: Dave <dave@example.com>",

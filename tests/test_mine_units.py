@@ -5,7 +5,9 @@ the patch parser."""
 from __future__ import annotations
 
 import io
+import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -136,18 +138,20 @@ def test_dedup_removes_exact_and_near_copies_of_test_instances() -> None:
     assert exact_key("a b\n c") == exact_key("ab c")
 
 
-def test_balance_caps_the_biggest_module() -> None:
+def test_balance_caps_the_biggest_module_among_comparable_ones() -> None:
     records = [{"path": f"billing/f{i}.py"} for i in range(80)]
-    records += [{"path": f"reports/f{i}.py"} for i in range(10)]
-    records += [{"path": f"ledger/f{i}.py"} for i in range(10)]
-    records += [{"path": f"audit/f{i}.py"} for i in range(10)]
-    kept, distribution = cap_module_share(records, cap=0.4, seed=0)
-    share = sum(1 for r in kept if r["path"].startswith("billing/")) / len(kept)
+    for module in ("reports", "ledger", "audit"):
+        records += [{"path": f"{module}/f{i}.py"} for i in range(10)]
+    result = cap_module_share(records, cap=0.4, seed=0)
+    assert result.applied
+    share = sum(1 for r in result.kept if r["path"].startswith("billing/")) / len(result.kept)
     assert share <= 0.4 + 1e-9
-    assert distribution["billing"] == {"before": 80, "after": 20}
-    assert distribution["reports"] == {"before": 10, "after": 10}
-    single, _ = cap_module_share([{"path": "src/app/x.py"}] * 5, cap=0.3, seed=0)
-    assert len(single) == 5  # one module cannot be capped against itself
+    assert result.distribution["billing"] == {"before": 80, "after": 20}
+    assert result.distribution["reports"] == {"before": 10, "after": 10}
+    # One package plus its tests: capping would throw most of the code away.
+    package = [{"path": "src/app/x.py"}] * 80 + [{"path": "tests/test_x.py"}] * 20
+    kept = cap_module_share(package, cap=0.3, seed=0)
+    assert not kept.applied and len(kept.kept) == 100
     assert top_level_module("src/app/x.py") == "src/app"
     assert top_level_module("setup.py") == "(root)"
 
@@ -202,7 +206,7 @@ def test_ignore_rules_and_skip_reasons() -> None:
     assert stem_under_test("web/pay.spec.ts") == "pay"
 
 
-def test_alias_merging_keeps_people_apart_and_ids_stable() -> None:
+def test_alias_merging_keeps_people_apart_and_ids_stable(tmp_path: Path) -> None:
     first_seen = {
         Alias("Alice Smith", "alice@example.com"): 1,
         Alias("alice smith", "alice.smith@corp.example"): 5,
@@ -218,6 +222,18 @@ def test_alias_merging_keeps_people_apart_and_ids_stable() -> None:
     # More aliases later do not rename anyone.
     later = merge_aliases({**first_seen, Alias("Dan Brown", "dan@example.com"): 10})
     assert {a.name: p.id for a, p in later.items() if a.name != "Dan Brown"} == ids
+    # gambit's answer is kept per alias list, and a kept answer is used as is.
+    cache = tmp_path / "gambit.json"
+    assert {a: p.id for a, p in merge_aliases(first_seen, cache_file=cache).items()} == {
+        a: p.id for a, p in people.items()
+    }
+    saved = json.loads(cache.read_text())
+    saved["clusters"] = list(range(len(saved["clusters"])))  # nobody merged by name
+    cache.write_text(json.dumps(saved))
+    from_cache = merge_aliases(first_seen, cache_file=cache)
+    assert from_cache[Alias("Alice Smith", "alice@example.com")].id != (
+        from_cache[Alias("alice smith", "alice.smith@corp.example")].id
+    )
     assert is_bot(Alias("dependabot[bot]", "x@users.noreply.github.com"), ["[bot]"])
     assert not is_bot(Alias("Bob", "bob@example.com"), ["[bot]", "renovate"])
 

@@ -10,17 +10,17 @@ it stays the same while new commits arrive.
 from __future__ import annotations
 
 import hashlib
-import logging
+import json
 import os
 import re
 import unicodedata
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from shoptalk.models.errors import ShopTalkError
-
-log = logging.getLogger(__name__)
+from shoptalk.models.files import write_json_atomic
 
 
 class AliasFileError(ShopTalkError):
@@ -75,11 +75,33 @@ def _gambit_clusters(aliases: list[Alias]) -> list[int]:
     return [int(x) for x in result["author_id"].tolist()]
 
 
+def _cached_gambit_clusters(aliases: list[Alias], cache_file: Path | None) -> list[int]:
+    """gambit compares every pair of aliases (minutes for a thousand); the
+    answer only changes when the alias list does, so it is kept on disk."""
+    key = hashlib.sha256(
+        json.dumps([[a.name, a.email] for a in aliases], ensure_ascii=False).encode()
+    ).hexdigest()
+    if cache_file is not None:
+        try:
+            cached = json.loads(cache_file.read_text())
+            if cached.get("key") == key:
+                return [int(x) for x in cached["clusters"]]
+        except (OSError, ValueError, KeyError):
+            pass
+    clusters = _gambit_clusters(aliases)
+    if cache_file is not None:
+        write_json_atomic(cache_file, {"key": key, "clusters": clusters})
+    return clusters
+
+
 def merge_aliases(
-    first_seen: dict[Alias, int], commit_counts: dict[Alias, int] | None = None
+    first_seen: dict[Alias, int],
+    commit_counts: dict[Alias, int] | None = None,
+    cache_file: Path | None = None,
 ) -> dict[Alias, Author]:
     """Map each alias to its person. `first_seen` gives each alias's earliest
-    author time; the earliest alias of a person names them."""
+    author time; the earliest alias of a person names them. `cache_file`
+    keeps gambit's answer for the same alias list."""
     aliases = sorted(first_seen, key=lambda a: (first_seen[a], a.email.lower(), a.name))
     if not aliases:
         return {}
@@ -105,7 +127,7 @@ def merge_aliases(
         else:
             by_email[key] = index
     if len(aliases) > 1:
-        clusters = _gambit_clusters(aliases)
+        clusters = _cached_gambit_clusters(aliases, cache_file)
         first_of: dict[int, int] = {}
         for index, cluster in enumerate(clusters):
             if cluster in first_of:

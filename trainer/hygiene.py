@@ -65,9 +65,22 @@ def is_high_entropy_token(token: str) -> bool:
         return False
     if re.fullmatch(r"[0-9a-fA-F]+", token):
         return len(token) >= 32 and shannon_entropy(token) >= 3.0
-    if re.fullmatch(r"[a-z_]+[0-9_]*", token):  # snake_case identifiers with a number
+    if _looks_like_words(token):
         return False
+    if not (re.search(r"[a-z]", token) and re.search(r"[A-Z]", token)):
+        return False  # random base64 of 20+ characters mixes cases almost surely
     return shannon_entropy(token) >= 4.0
+
+
+def _looks_like_words(token: str) -> bool:
+    """Identifiers and paths (`test_HTTP_302_ALLOW_REDIRECT_GET`,
+    `github/ribbons/forkme_right_121621`): separated parts that are each a
+    word, a word with a number, or a number."""
+    parts = [p for p in re.split(r"[_\-/.]+", token) if p]
+    if len(parts) < 3:
+        return False
+    wordy = sum(1 for p in parts if re.fullmatch(r"[A-Za-z][a-z]*[0-9]*|[A-Z]+[0-9]*|[0-9]+", p))
+    return wordy == len(parts)
 
 
 def placeholder_for(secret_type: str) -> str:
@@ -288,28 +301,49 @@ def top_level_module(path: str) -> str:
     return parts[0]
 
 
-def cap_module_share(
-    records: list[dict[str, Any]], cap: float, seed: int
-) -> tuple[list[dict[str, Any]], dict[str, dict[str, int]]]:
+# A module with less than this share of the records does not count towards
+# the modules a dominant one is balanced against.
+SUBSTANTIAL_SHARE = 0.05
+
+
+@dataclass
+class BalanceResult:
+    kept: list[dict[str, Any]]
+    distribution: dict[str, dict[str, int]]  # module -> {"before", "after"}
+    applied: bool
+    reason: str
+
+
+def cap_module_share(records: list[dict[str, Any]], cap: float, seed: int) -> BalanceResult:
     """Downsample (seeded) any top-level module holding more than `cap` of
-    `records`. With fewer than 1/cap modules the cap cannot hold for all of
-    them, so it is raised to 1/number-of-modules. Returns the kept records
-    and, per module, its count before and after."""
+    `records`.
+
+    The cap only makes sense against comparable modules: it is applied when
+    there are at least 1/cap modules with SUBSTANTIAL_SHARE of the records
+    each (a monorepo with many services), and not in a repository that is
+    one package plus its tests and docs, where capping the package would
+    throw most of the team's code away. The result says which case held."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for record in records:
         groups.setdefault(top_level_module(str(record.get("path", ""))), []).append(record)
-    if not groups:
-        return [], {}
-    effective = max(cap, 1.0 / len(groups))
+    total = len(records)
     sizes = {name: len(items) for name, items in groups.items()}
+    substantial = sum(1 for size in sizes.values() if size >= SUBSTANTIAL_SHARE * total)
+    if not groups or substantial * cap < 1:
+        return BalanceResult(
+            kept=list(records),
+            distribution={n: {"before": s, "after": s} for n, s in sorted(sizes.items())},
+            applied=False,
+            reason=f"{substantial} substantial top-level module(s), fewer than 1/cap",
+        )
     # Shrink the largest groups until every group's share is within the cap.
     for _ in range(len(groups)):
-        total = sum(sizes.values())
-        over = [n for n, s in sizes.items() if s > effective * total + 1e-9]
+        current = sum(sizes.values())
+        over = [n for n, size in sizes.items() if size > cap * current + 1e-9]
         if not over:
             break
-        rest = sum(s for n, s in sizes.items() if n not in over)
-        allowed = effective * rest / (1 - effective * len(over)) if effective * len(over) < 1 else 0
+        rest = sum(size for n, size in sizes.items() if n not in over)
+        allowed = cap * rest / (1 - cap * len(over)) if cap * len(over) < 1 else 0
         for name in over:
             sizes[name] = max(1, min(sizes[name], math.floor(allowed)))
     kept: list[dict[str, Any]] = []
@@ -323,4 +357,4 @@ def cap_module_share(
         else:
             kept.extend(items)
         distribution[name] = {"before": len(items), "after": target}
-    return kept, distribution
+    return BalanceResult(kept, distribution, True, f"{substantial} substantial top-level modules")

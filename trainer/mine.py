@@ -449,7 +449,10 @@ def _module_index(known_paths: frozenset[str]) -> dict[str, str]:
 
 
 def _assign_authors(
-    records: list[dict[str, Any]], summaries: list[CommitSummary], bots: set[str]
+    records: list[dict[str, Any]],
+    summaries: list[CommitSummary],
+    bots: set[str],
+    cache_file: Path | None = None,
 ) -> tuple[dict[Alias, Any], dict[str, str]]:
     first_seen: dict[Alias, int] = {}
     counts: Counter[Alias] = Counter()
@@ -459,7 +462,7 @@ def _assign_authors(
         alias = Alias(summary.author_name, summary.author_email)
         first_seen[alias] = min(first_seen.get(alias, summary.author_time), summary.author_time)
         counts[alias] += 1
-    people = merge_aliases(first_seen, dict(counts))
+    people = merge_aliases(first_seen, dict(counts), cache_file)
     commit_author: dict[str, str] = {}
     for summary in summaries:
         person = people.get(Alias(summary.author_name, summary.author_email))
@@ -501,7 +504,9 @@ def build_dataset(
     in_range = {s.sha for s in summaries}
     commit_stats = {sha: info for sha, info in state.commits.items() if sha in in_range}
     bots = {sha for sha, info in commit_stats.items() if info["status"] == "bot"}
-    people, commit_author = _assign_authors(records, summaries, bots)
+    people, commit_author = _assign_authors(
+        records, summaries, bots, state.directory / "gambit-cache.json"
+    )
     mined = [s for s in summaries if commit_stats.get(s.sha, {}).get("status") == "mined"]
     points = [
         CommitPoint(
@@ -524,13 +529,17 @@ def build_dataset(
     train_all = [r for r in dedup.kept if r["split"] == "train"]
     validation = [r for r in dedup.kept if r["split"] == "validation"]
     train: list[dict[str, Any]] = []
-    balance: dict[str, dict[str, dict[str, int]]] = {}
+    balance: dict[str, dict[str, Any]] = {}
     for kind in KINDS:
         of_kind = [r for r in train_all if r["kind"] == kind]
         if of_kind:
-            kept, distribution = cap_module_share(of_kind, settings.module_share_cap, settings.seed)
-            train += kept
-            balance[kind] = distribution
+            capped = cap_module_share(of_kind, settings.module_share_cap, settings.seed)
+            train += capped.kept
+            balance[kind] = {
+                "applied": capped.applied,
+                "reason": capped.reason,
+                "modules": capped.distribution,
+            }
     final = train + validation + test
     final.sort(key=lambda r: (r["kind"], r["split"], r["author_time"], r["id"]))
     repo_name = repo.name

@@ -24,16 +24,21 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: docstring paragraphs are re-wrapped, not broken
 )
 models_app = typer.Typer(help="The base-model catalog and local copies.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
 # Modules that add subcommands (each has `register(app: typer.Typer)`).
 COMMAND_MODULES: list[str] = [
-    "shoptalk.trainer.demo",
-    "shoptalk.trainer.evaluate",
     "shoptalk.trainer.mine",
     "shoptalk.trainer.train",
+    "shoptalk.trainer.export",
+    "shoptalk.trainer.evaluate",
+    "shoptalk.server.serve",
+    "shoptalk.server.continuous",
+    "shoptalk.trainer.retrain",
+    "shoptalk.trainer.demo",
 ]
 
 err = Console(stderr=True, soft_wrap=True)

@@ -192,6 +192,11 @@ class JobQueue:
         with self._connect() as db:
             db.execute(f"UPDATE jobs SET {assignments} WHERE id=?", (*sets.values(), job_id))
 
+    def set_params(self, job_id: int, params: dict[str, Any]) -> None:
+        """Remember what a resumed job needs (e.g. its run id)."""
+        with self._connect() as db:
+            db.execute("UPDATE jobs SET params=? WHERE id=?", (json.dumps(params), job_id))
+
     def finish(self, job_id: int, state: str, message: str) -> None:
         if state not in ("done", "failed", "cancelled"):
             raise ValueError(f"not a final state: {state}")

@@ -1,0 +1,308 @@
+"""Incremental retraining: the job the watcher queues after new commits.
+
+One job = mine the new commits → continue training the promoted adapter on
+the new instances plus a replay sample of older team instances (and general
+code, through the trainer's replay share) → export → evaluate candidate vs
+current on the newest commits → promote only if the candidate is not worse
+than the current model beyond `watch.tolerance` → the server hot-swaps it.
+
+Each step is recorded in the job queue; a killed job is claimed again and
+continues (mining is incremental, training resumes from its checkpoint).
+Personal adapters (opt-in) are trained here too, after the team's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from shoptalk.models.errors import ShopTalkError
+from shoptalk.models.files import atomic_dir, write_json_atomic
+from shoptalk.models.jobs import Decision, Job, JobQueue
+from shoptalk.models.settings import Settings
+from shoptalk.models.store import RepoStore
+
+Report = Callable[[str], None]
+console = Console(stderr=True, soft_wrap=True)
+
+# Older team instances replayed per new instance, so the adapter keeps what
+# it knew while it learns the new code.
+OLD_PER_NEW = 1.0
+
+
+class RetrainError(ShopTalkError):
+    pass
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    state: str  # done | failed
+    message: str
+    decision: Decision | None = None
+
+
+def completion_em(report_data: dict[str, Any], spec: str) -> float:
+    """Pooled exact match (percent) of `spec` in an evaluation report."""
+    for model in report_data.get("models", []):
+        if model.get("spec") == spec:
+            return float(model["completion"]["pooled"]["exact_match"]["value"])
+    raise RetrainError(f"the evaluation report has no result for {spec!r}")
+
+
+def gate(candidate_em: float, current_em: float, tolerance_points: float) -> tuple[bool, str]:
+    """Promote when the candidate is not worse than the current model by more
+    than the tolerance (in EM points)."""
+    if candidate_em + tolerance_points >= current_em:
+        return (
+            True,
+            f"EM {candidate_em:.1f} vs current {current_em:.1f} (tolerance {tolerance_points:.1f})",
+        )
+    return False, (
+        f"worse than the current model: EM {candidate_em:.1f} vs {current_em:.1f} "
+        f"(tolerance {tolerance_points:.1f}); current model kept"
+    )
+
+
+def _read_shard(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    with path.open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def incremental_dataset(
+    dataset_dir: Path, target: Path, since: str | None, seed: int
+) -> tuple[int, int]:
+    """Write a dataset of the training instances newer than `since` (ISO
+    date) plus a seeded replay sample of older ones, with the validation
+    split unchanged; returns (new, replayed) counts. `since` None: all."""
+    manifest = json.loads((dataset_dir / "manifest.json").read_text())
+    rng = random.Random(seed)
+    new_total = replay_total = 0
+    with atomic_dir(target) as tmp:
+        for shard in sorted(dataset_dir.glob("*.jsonl")):
+            split = shard.name.split(".")[1]
+            records = _read_shard(shard)
+            if split == "train" and since is not None:
+                new = [r for r in records if str(r.get("author_date", "")) > since]
+                old = [r for r in records if str(r.get("author_date", "")) <= since]
+                keep = min(len(old), round(len(new) * OLD_PER_NEW))
+                replay = rng.sample(old, keep) if keep else []
+                new_total += len(new)
+                replay_total += len(replay)
+                records = new + replay
+            elif split == "train":
+                new_total += len(records)
+            if records:
+                with (tmp / shard.name).open("w", encoding="utf-8") as out:
+                    for record in records:
+                        out.write(json.dumps(record) + "\n")
+        write_json_atomic(tmp / "manifest.json", {**manifest, "incremental_since": since})
+    return new_total, replay_total
+
+
+def newest_train_date(dataset_dir: Path) -> str | None:
+    dates = [
+        str(r.get("author_date", ""))
+        for shard in dataset_dir.glob("*.train.jsonl")
+        for r in _read_shard(shard)
+    ]
+    return max(dates) if dates else None
+
+
+def count_new(dataset_dir: Path, since: str | None) -> int:
+    return sum(
+        1
+        for shard in dataset_dir.glob("*.train.jsonl")
+        for r in _read_shard(shard)
+        if since is None or str(r.get("author_date", "")) > since
+    )
+
+
+class _Steps:
+    """Records the job's step in the queue and stops if the job was cancelled."""
+
+    def __init__(self, queue: JobQueue, job: Job, report: Report):
+        self.queue, self.job, self.report = queue, job, report
+        self.timings: dict[str, float] = {}
+
+    def start(self, step: str, progress: float) -> None:
+        if self.queue.get(self.job.id).state == "cancelled":
+            raise RetrainError(f"job {self.job.id} was cancelled")
+        self.queue.update(self.job.id, step=step, progress=progress)
+        self.report(f"job {self.job.id}: {step}")
+        self.timings[step] = time.perf_counter()
+
+    def done(self, step: str) -> None:
+        self.timings[step] = time.perf_counter() - self.timings[step]
+
+
+def run_retrain_job(
+    repo: Path, settings: Settings, data_dir: Path, queue: JobQueue, job: Job, report: Report
+) -> JobOutcome:
+    from shoptalk.trainer.evaluate import evaluate_models
+    from shoptalk.trainer.export import export_run
+    from shoptalk.trainer.mine import mine_repository
+    from shoptalk.trainer.run_record import RunFolder
+    from shoptalk.trainer.train import train_adapter
+
+    store = RepoStore.for_repo(data_dir, repo)
+    steps = _Steps(queue, job, report)
+    current = store.current()
+    since = current.get("data_through") if current else None
+
+    steps.start("mine", 0.05)
+    mined = mine_repository(repo, settings.mine, data_dir)
+    steps.done("mine")
+    new = count_new(store.dataset_dir, since)
+    if current is not None and new < settings.watch.min_new_instances:
+        return JobOutcome(
+            "done",
+            f"{new} new training instances since the promoted model; waiting for "
+            f"{settings.watch.min_new_instances} (watch.min_new_instances)",
+        )
+
+    steps.start("train", 0.2)
+    run_id = job.params.get("run_id")
+    run = RunFolder(store.run_dir(str(run_id))) if run_id else None
+    init_adapter = Path(current["adapter_dir"]) if current and current.get("adapter_dir") else None
+    incremental = store.root / "incremental" / f"job-{job.id}"
+    train_seconds: float | None = None
+    best_val_loss: float | None = None
+    if (
+        run is not None
+        and run.record_file.is_file()
+        and run.read_record().get("status") == "complete"
+    ):
+        report(f"run {run.run_id} finished training before the job stopped; going on from it")
+    else:
+        resumable = run is not None and run.latest_file.is_file()
+        if not resumable:
+            new_count, replayed = incremental_dataset(
+                store.dataset_dir, incremental, since if init_adapter else None, settings.train.seed
+            )
+            report(f"training on {new_count} new and {replayed} replayed team instances")
+            run_id = store.new_run_id("org")
+            queue.set_params(job.id, {**job.params, "run_id": run_id})
+        budget = settings.model_copy(deep=True)
+        if budget.train.max_minutes is None and budget.train.max_steps is None:
+            budget.train.max_minutes = settings.watch.train_minutes
+        trained = train_adapter(
+            repo,
+            budget,
+            data_dir,
+            init_adapter=init_adapter,
+            resume=resumable,
+            run_id=str(run_id),
+            dataset_dir=incremental,
+            show_progress=False,
+            report=report,
+        )
+        if trained.adapter_dir is None:
+            return JobOutcome("failed", f"training did not complete: {trained.stop_reason}")
+        train_seconds, best_val_loss = trained.wall_seconds, trained.best_val_loss
+        run = RunFolder(trained.run_dir)
+    steps.done("train")
+    assert run is not None
+
+    steps.start("export", 0.6)
+    exported = export_run(run.root, settings.export.quant, report=report)
+    model_file = next(p for p in exported.files if p.suffix == ".gguf")
+    steps.done("export")
+
+    steps.start("evaluate", 0.75)
+    reference = "org" if current is not None else "base"
+    evaluation = evaluate_models(
+        repo,
+        [reference, f"run:{run.run_id}"],
+        settings,
+        data_dir,
+        settings.eval.limit or 100,
+        general_instances=0,
+    )
+    steps.done("evaluate")
+    candidate_em = completion_em(evaluation.data, f"run:{run.run_id}")
+    current_em = completion_em(evaluation.data, reference)
+    promoted, reason = gate(candidate_em, current_em, settings.watch.tolerance * 100)
+    figures = {
+        "candidate_em": candidate_em,
+        f"{reference}_em": current_em,
+        "new_commits": mined.new_commits,
+        "new_instances": new,
+        "train_seconds": train_seconds,
+        "best_val_loss": best_val_loss,
+        "report": str(evaluation.json_path),
+        "timings": {k: round(v, 1) for k, v in steps.timings.items()},
+    }
+    decision = Decision(job.id, str(repo), run.run_id, promoted, reason, figures, time.time())
+    queue.record_decision(decision)
+    if promoted:
+        steps.start("swap", 0.95)
+        store.promote(
+            {
+                "run_id": run.run_id,
+                "model": str(model_file),
+                "adapter": None,
+                "adapter_dir": str(run.adapter_dir),
+                "data_through": newest_train_date(store.dataset_dir),
+                "metrics": {"exact_match": candidate_em, "reference_exact_match": current_em},
+            }
+        )
+        steps.done("swap")
+    return JobOutcome("done", ("promoted: " if promoted else "not promoted: ") + reason, decision)
+
+
+def work_queue(data_dir: Path, settings_for: Callable[[Path], Settings], report: Report) -> int:
+    """Claim and run queued jobs until none is left; returns how many ran.
+    Exits at once when another process is already running a job.
+    `settings_for(repo)` gives each job its repository's settings."""
+    queue = JobQueue(data_dir)
+    ran = 0
+    while (job := queue.claim(pid=os.getpid())) is not None:
+        ran += 1
+        try:
+            repo = Path(job.repo)
+            outcome = run_retrain_job(repo, settings_for(repo), data_dir, queue, job, report)
+        except ShopTalkError as exc:
+            outcome = JobOutcome("failed", str(exc))
+        except Exception as exc:  # a crash is recorded on the job; the served model is untouched
+            outcome = JobOutcome("failed", f"{type(exc).__name__}: {exc}")
+        if queue.get(job.id).state != "cancelled":
+            queue.finish(job.id, outcome.state, outcome.message)
+        report(f"job {job.id}: {outcome.state}: {outcome.message}")
+    return ran
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def retrain(
+        repo: Annotated[Path, typer.Option(help="Repository to retrain on.")] = Path("."),
+    ) -> None:
+        """Queue a retraining job for the repository's new commits and run the
+        queue (mine → train → export → evaluate → promote if not worse). The
+        watcher runs this after new commits; exits at once if a job is already
+        running elsewhere (that worker picks the new job up)."""
+        from shoptalk.models.cli import settings_for
+
+        repo = repo.expanduser().resolve()
+        data_dir = settings_for(repo).resolved_data_dir()
+        head = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        if not head:
+            raise RetrainError(f"{repo} is not a git repository with commits")
+        job = JobQueue(data_dir).enqueue(repo, "retrain", head)
+        console.print(f"job {job.id} queued for {repo.name} at {head[:10]}")
+        ran = work_queue(data_dir, lambda r: settings_for(r), console.print)
+        if ran == 0:
+            console.print("another process is running a job; it will take this one next")

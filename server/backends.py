@@ -1,0 +1,528 @@
+"""Model backends of the completion engine.
+
+- `LlamaBackend`: llama.cpp in-process (llama-cpp-python). Keeps the KV cache
+  across requests (only the tokens after the longest common prefix with the
+  previous prompt are evaluated), heals the prompt boundary on tokens (the
+  last prompt token is backed off and the first generated tokens are
+  constrained to start with its text), stops as soon as the engine's stop
+  rule says the line or block is complete, and honours a deadline and a
+  cancel flag between tokens.
+- `OpenAIBackend`: any OpenAI-compatible `/v1/completions` server
+  (llama-cpp-python's server, vLLM), streamed so that the same stop rule,
+  deadline and cancel apply; the boundary is healed on characters with a
+  grammar (llama.cpp servers) and checked on the answer.
+
+Both implement `shoptalk.server.completion.Backend`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import ctypes
+import http.client
+import json
+import logging
+import os
+import re
+import threading
+import time
+import urllib.parse
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shoptalk.models.errors import ShopTalkError
+from shoptalk.server.completion import Generation, GenerationRequest, PromptPlan
+
+log = logging.getLogger(__name__)
+
+
+class BackendError(ShopTalkError):
+    """A model could not be loaded or a completion server could not be used."""
+
+
+# ---- token healing on a vocabulary -----------------------------------------------
+
+
+def _successor(prefix: bytes) -> bytes | None:
+    """The smallest byte string greater than every string starting with `prefix`."""
+    trimmed = prefix.rstrip(b"\xff")
+    if not trimmed:
+        return None
+    return trimmed[:-1] + bytes([trimmed[-1] + 1])
+
+
+class VocabPieces:
+    """The text (bytes) of every token, indexed for token healing: which tokens
+    may come next when the generated text must begin with some bytes."""
+
+    def __init__(self, pieces: Sequence[bytes]) -> None:
+        import numpy as np
+
+        self.pieces = list(pieces)
+        # Control tokens have no text: they can never stand for typed text.
+        order = sorted((t for t, p in enumerate(self.pieces) if p), key=self.pieces.__getitem__)
+        self._sorted = [self.pieces[i] for i in order]
+        self._sorted_ids = np.asarray(order, dtype=np.int64)
+        self._by_piece: dict[bytes, list[int]] = {}
+        for token, piece in enumerate(self.pieces):
+            if piece:
+                self._by_piece.setdefault(piece, []).append(token)
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+    def candidates(self, required: bytes) -> Any:
+        """Ids (numpy int64) of the tokens that can start text beginning with
+        `required`: tokens whose text starts with it, and non-empty tokens whose
+        text is a proper prefix of it (healing then goes on with the rest)."""
+        import numpy as np
+
+        lo = bisect.bisect_left(self._sorted, required)
+        upper = _successor(required)
+        hi = len(self._sorted) if upper is None else bisect.bisect_left(self._sorted, upper)
+        starting = self._sorted_ids[lo:hi]
+        partial = [
+            token
+            for size in range(1, len(required))
+            for token in self._by_piece.get(required[:size], ())
+        ]
+        if not partial:
+            return starting
+        return np.concatenate([starting, np.asarray(partial, dtype=np.int64)])
+
+
+def heal_split(tokens: list[int], pieces: VocabPieces, text: bytes) -> tuple[list[int], bytes]:
+    """Back off the last token of `tokens` (the tokenization of `text`): the
+    tokens to keep and the bytes the generation must begin with."""
+    if not tokens:
+        return tokens, b""
+    last = pieces.pieces[tokens[-1]] if tokens[-1] < len(pieces) else b""
+    if not last or not text.endswith(last):
+        return tokens, b""
+    return tokens[:-1], last
+
+
+def _valid_utf8_prefix(data: bytes) -> str:
+    """The longest decodable prefix: a token may end inside a UTF-8 character."""
+    for trim in range(0, 4):
+        try:
+            return data[: len(data) - trim].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+    return data.decode("utf-8", errors="replace")
+
+
+# ---- llama.cpp in-process -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LlamaOptions:
+    context_tokens: int = 1024
+    threads: int | None = None
+    gpu_layers: int = -1
+    batch: int = 256
+
+
+def llama_supports_gpu() -> bool:
+    try:
+        import llama_cpp
+
+        return bool(llama_cpp.llama_supports_gpu_offload())
+    except Exception:
+        return False
+
+
+class LlamaBackend:
+    """A GGUF model loaded with llama-cpp-python, shared by completion and module lookup."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        options: LlamaOptions | None = None,
+        adapter: Path | None = None,
+    ) -> None:
+        self.model_path = model_path
+        self.options = options or LlamaOptions()
+        self.adapter = adapter
+        self.lock = threading.RLock()  # one llama context: one user at a time
+        try:
+            from llama_cpp import Llama
+        except ImportError as exc:
+            raise BackendError(
+                "llama-cpp-python is not installed: pip install 'shoptalk[serve]'"
+            ) from exc
+        gpu = llama_supports_gpu()
+        # llama-cpp-python's default is half the cores; a completion wants them all.
+        threads = self.options.threads or os.cpu_count() or 1
+        try:
+            self.llm = Llama(
+                model_path=str(model_path),
+                n_ctx=self.options.context_tokens,
+                n_batch=self.options.batch,
+                n_threads=threads,
+                n_threads_batch=threads,
+                n_gpu_layers=self.options.gpu_layers if gpu else 0,
+                logits_all=False,
+                lora_path=str(adapter) if adapter is not None else None,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise BackendError(
+                f"llama.cpp cannot load {model_path}: {exc}. The file may be damaged or "
+                "not a GGUF model; export it again or roll back (`shoptalk models rollback`)"
+            ) from None
+        self.device = "gpu" if gpu and self.options.gpu_layers != 0 else "cpu"
+        self.n_vocab = int(self.llm.n_vocab())
+        self.pieces = VocabPieces(self._read_pieces())
+        self._stop_ids = {t for t, piece in enumerate(self.pieces.pieces) if not piece}
+        self._stop_ids.add(int(self.llm.token_eos()))
+
+    def _read_pieces(self) -> list[bytes]:
+        import llama_cpp
+
+        vocab = self.llm._model.vocab
+        size = 64
+        buffer = ctypes.create_string_buffer(size)
+        pieces: list[bytes] = []
+        for token in range(self.n_vocab):
+            n = llama_cpp.llama_token_to_piece(vocab, token, buffer, size, 0, False)
+            if n < 0:
+                big = ctypes.create_string_buffer(-n)
+                n = llama_cpp.llama_token_to_piece(vocab, token, big, -n, 0, False)
+                pieces.append(big.raw[:n])
+            else:
+                pieces.append(buffer.raw[:n])
+        return pieces
+
+    # -- prompts -------------------------------------------------------------
+
+    def tokenize_plan(self, plan: PromptPlan, heal: bool) -> tuple[list[int], bytes]:
+        lead = self.llm.tokenize(plan.lead.encode("utf-8"), add_bos=True, special=True)
+        prefix_bytes = plan.prefix.encode("utf-8", errors="replace")
+        body = self.llm.tokenize(prefix_bytes, add_bos=False, special=False)
+        healed = b""
+        if heal:
+            body, healed = heal_split(body, self.pieces, prefix_bytes)
+        trail = (
+            self.llm.tokenize(plan.trail.encode("utf-8", errors="replace"), False, True)
+            if plan.trail
+            else []
+        )
+        limit = self.options.context_tokens - 16
+        tokens = lead + body + trail
+        if len(tokens) > limit:
+            # Pathological lines (binary-looking text): keep the tokens nearest the cursor.
+            overflow = len(tokens) - limit
+            tokens = lead + body[overflow:] + trail
+        return tokens, healed
+
+    def _sync(self, tokens: list[int]) -> int:
+        """Make the context hold `tokens`, evaluating only what is not cached;
+        returns the number of tokens evaluated."""
+        llm = self.llm
+        cached = llm.input_ids[: llm.n_tokens].tolist()
+        common = 0
+        for a, b in zip(cached, tokens, strict=False):
+            if a != b:
+                break
+            common += 1
+        if common >= len(tokens):
+            common = len(tokens) - 1  # the last token's logits are needed again
+        llm.n_tokens = common
+        llm.eval(tokens[common:])
+        return len(tokens) - common
+
+    def _logits(self) -> Any:
+        import numpy as np
+
+        pointer = self.llm._ctx.get_logits_ith(-1)
+        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
+
+    def prefill(self, plan: PromptPlan) -> int:
+        tokens, _ = self.tokenize_plan(plan, heal=True)
+        with self.lock:
+            return self._sync(tokens)
+
+    def generate(
+        self, request: GenerationRequest, cancelled: threading.Event | None = None
+    ) -> Generation:
+        started = time.monotonic()
+        tokens, healed = self.tokenize_plan(request.plan, request.heal)
+        end_ids = set(self._stop_ids)
+        for marker in request.plan.end_markers:
+            marker_tokens = self.llm.tokenize(marker.encode(), add_bos=False, special=True)
+            if len(marker_tokens) == 1:
+                end_ids.add(marker_tokens[0])
+        with self.lock:
+            if cancelled is not None and cancelled.is_set():
+                return Generation(
+                    "", "cancelled", len(tokens), 0, 0, healed.decode(errors="replace")
+                )
+            evaluated = self._sync(tokens)
+            required = healed
+            out = b""
+            generated = 0
+            reason: str = "max_tokens"
+            text = ""
+            import numpy as np
+
+            while generated < request.max_tokens:
+                if cancelled is not None and cancelled.is_set():
+                    reason = "cancelled"
+                    break
+                if time.monotonic() > request.deadline:
+                    reason = "budget"
+                    break
+                logits = self._logits()
+                if required:
+                    allowed = self.pieces.candidates(required)
+                    if len(allowed) == 0:
+                        reason = "end"
+                        break
+                    token = int(allowed[int(np.argmax(logits[allowed]))])
+                else:
+                    token = int(np.argmax(logits))
+                if token in end_ids:
+                    reason = "end"
+                    break
+                piece = self.pieces.pieces[token]
+                out += piece
+                generated += 1
+                if required:
+                    required = required[len(piece) :] if required.startswith(piece) else b""
+                if not required:
+                    text = _valid_utf8_prefix(out[len(healed) :])
+                    if request.stop_at is not None:
+                        cut = request.stop_at(text)
+                        if cut is not None:
+                            text = text[:cut]
+                            reason = "stop"
+                            break
+                if len(tokens) + generated >= self.options.context_tokens:
+                    reason = "max_tokens"
+                    break
+                self.llm.eval([token])
+            if not text and not required:
+                text = _valid_utf8_prefix(out[len(healed) :])
+        return Generation(
+            text=text if reason != "cancelled" else "",
+            stop_reason=reason,  # type: ignore[arg-type]
+            prompt_tokens=len(tokens),
+            evaluated_tokens=evaluated,
+            generated_tokens=generated,
+            healed=healed.decode("utf-8", errors="replace"),
+            elapsed_s=time.monotonic() - started,
+        )
+
+    def generate_with_grammar(self, prompt: str, grammar: str, max_tokens: int) -> str:
+        """Greedy text for `prompt` constrained by a GBNF grammar (module lookup).
+        Shares the KV cache with completion under the same lock."""
+        from llama_cpp import LlamaGrammar
+
+        compiled = LlamaGrammar.from_string(grammar, verbose=False)
+        with self.lock:
+            result = self.llm.create_completion(
+                prompt, max_tokens=max_tokens, temperature=0.0, grammar=compiled
+            )
+        choices: Any = result["choices"]  # type: ignore[index]
+        return str(choices[0]["text"])
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "backend": "llama",
+            "model": str(self.model_path),
+            "adapter": str(self.adapter) if self.adapter else None,
+            "device": self.device,
+            "context_tokens": self.options.context_tokens,
+        }
+
+    def close(self) -> None:
+        with self.lock, contextlib.suppress(Exception):
+            self.llm.close()
+
+
+# ---- OpenAI-compatible server ---------------------------------------------------
+
+_WORD_TAIL = re.compile(r"(?:[A-Za-z0-9_]+|[ \t]+)\Z")
+
+
+def heal_text(prefix: str) -> tuple[str, str]:
+    """Back off a partial identifier or trailing spaces on characters (for
+    servers whose tokenizer we do not hold): the prompt to send and the text
+    the answer must begin with."""
+    match = _WORD_TAIL.search(prefix)
+    if not match:
+        return prefix, ""
+    return prefix[: match.start()], match.group(0)
+
+
+def _gbnf_literal(text: str) -> str:
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    escaped = escaped.replace("\t", "\\t")
+    return f'"{escaped}"'
+
+
+class OpenAIBackend:
+    """Completions from an OpenAI-compatible server (`/v1/completions`, streamed)."""
+
+    def __init__(self, url: str, model: str | None = None, timeout_s: float = 30.0) -> None:
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise BackendError(
+                f"serve.openai_url {url!r} is not an http(s) URL; set it to the server's "
+                "base URL, e.g. http://127.0.0.1:8000"
+            )
+        self.url = url.rstrip("/")
+        self._parsed = parsed
+        base_path = parsed.path.rstrip("/")
+        self._path = base_path + (
+            "/completions" if base_path.endswith("/v1") else "/v1/completions"
+        )
+        self.model = model
+        self.timeout_s = timeout_s
+        self.supports_grammar = True
+
+    def _connection(self, timeout: float) -> http.client.HTTPConnection:
+        cls = (
+            http.client.HTTPSConnection
+            if self._parsed.scheme == "https"
+            else http.client.HTTPConnection
+        )
+        return cls(self._parsed.hostname or "", self._parsed.port, timeout=timeout)
+
+    def _stream(self, body: dict[str, Any], timeout: float) -> Generator[str, None, None]:
+        connection = self._connection(timeout)
+        try:
+            connection.request(
+                "POST",
+                self._path,
+                body=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
+            )
+            response = connection.getresponse()
+            if response.status != 200:
+                detail = response.read(500).decode(errors="replace")
+                raise BackendError(
+                    f"completion server {self.url} answered {response.status}: {detail}"
+                )
+            for raw in response:
+                line = raw.decode("utf-8", errors="replace").strip()
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    return
+                try:
+                    event = json.loads(data)
+                except ValueError:
+                    continue
+                choices = event.get("choices") or []
+                if choices:
+                    yield str(choices[0].get("text") or "")
+        except (OSError, http.client.HTTPException) as exc:
+            raise BackendError(
+                f"cannot reach the completion server at {self.url} ({exc}); start it or fix "
+                "serve.openai_url"
+            ) from None
+        finally:
+            connection.close()
+
+    def _body(self, prompt: str, max_tokens: int, healed: str) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "stream": True,
+        }
+        if self.model:
+            body["model"] = self.model
+        if healed and self.supports_grammar:
+            body["grammar"] = f"root ::= {_gbnf_literal(healed)} [^\\x00]*"
+        return body
+
+    def generate(
+        self, request: GenerationRequest, cancelled: threading.Event | None = None
+    ) -> Generation:
+        started = time.monotonic()
+        plan = request.plan
+        prefix, healed = heal_text(plan.prefix) if request.heal else (plan.prefix, "")
+        prompt = plan.lead + prefix + plan.trail
+        remaining = max(0.1, request.deadline - started)
+        text = ""
+        reason: str = "max_tokens"
+        chunks = 0
+        stream = self._stream(self._body(prompt, request.max_tokens, healed), remaining + 5.0)
+        try:
+            for chunk in stream:
+                chunks += 1
+                text += chunk
+                if cancelled is not None and cancelled.is_set():
+                    reason = "cancelled"
+                    break
+                if any(marker in text for marker in plan.end_markers):
+                    text = text[: min(text.find(m) for m in plan.end_markers if m in text)]
+                    reason = "end"
+                    break
+                if len(text) >= len(healed) and request.stop_at is not None:
+                    cut = request.stop_at(text[len(healed) :])
+                    if cut is not None:
+                        text = text[: len(healed) + cut]
+                        reason = "stop"
+                        break
+                if time.monotonic() > request.deadline:
+                    reason = "budget"
+                    break
+            else:
+                reason = "end"
+        finally:
+            stream.close()
+        if healed:
+            if not text.startswith(healed):
+                log.debug("server ignored the healing constraint; dropping %r", text[:40])
+                text = ""
+            else:
+                text = text[len(healed) :]
+        return Generation(
+            text="" if reason == "cancelled" else text,
+            stop_reason=reason,  # type: ignore[arg-type]
+            prompt_tokens=0,
+            evaluated_tokens=0,
+            generated_tokens=chunks,
+            healed=healed,
+            elapsed_s=time.monotonic() - started,
+        )
+
+    def prefill(self, plan: PromptPlan) -> int:
+        # A remote server keeps its own prompt cache; one token primes it.
+        prefix, _ = heal_text(plan.prefix)
+        body = self._body(plan.lead + prefix + plan.trail, 1, "")
+        with contextlib.suppress(BackendError):
+            for _ in self._stream(body, self.timeout_s):
+                pass
+        return 0
+
+    def generate_with_grammar(self, prompt: str, grammar: str, max_tokens: int) -> str:
+        body: dict[str, Any] = {
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "stream": True,
+            "grammar": grammar,
+        }
+        if self.model:
+            body["model"] = self.model
+        return "".join(self._stream(body, self.timeout_s))
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "backend": "openai",
+            "model": self.model or self.url,
+            "adapter": None,
+            "device": f"remote ({self.url})",
+        }
+
+    def close(self) -> None:
+        return None

@@ -1,0 +1,682 @@
+"""The language server: thin pygls handlers over the completion engine,
+module lookup and the model registry.
+
+Inference runs on one worker thread, never on the JSON-RPC loop. A new
+completion request makes every older one stale (newest wins): a stale request
+still queued is answered empty without touching the model, a running one
+stops at its next token. `$/cancelRequest` sets the same flag. Suggestions the
+user is typing through are answered from the engine's cache on the loop
+itself. Problems the user must act on (a bad setting, a damaged model) are
+shown once with `window/showMessage`; everything else goes to the log
+(stderr or a file), never to stdout, which carries the protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from lsprotocol import types
+from pydantic import ValidationError
+from pygls.lsp.server import LanguageServer
+from pygls.uris import to_fs_path
+
+from shoptalk.models.errors import ShopTalkError
+from shoptalk.models.module_map import ModuleMap, language_for, module_map_from_tree
+from shoptalk.models.settings import PersonalSettings, ServeSettings, Settings
+from shoptalk.server.completion import offset_to_utf16, utf16_to_offset
+from shoptalk.server.models_registry import ModelChoice, ModelRegistry, build_backend
+from shoptalk.server.module_lookup import (
+    BASE_MODEL_WEIGHT,
+    TUNED_MODEL_WEIGHT,
+    ModuleIndex,
+    find_modules,
+)
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "shoptalk"
+SERVER_VERSION = "0.1.0"
+FIND_MODULE_METHOD = "shoptalk/findModule"
+FIND_MODULE_COMMAND = "shoptalk.findModule"
+STATUS_METHOD = "shoptalk/status"
+PREFILL_METHOD = "shoptalk/prefill"
+PROMOTION_POLL_S = 2.0
+
+T = TypeVar("T")
+
+
+@dataclass
+class ServerConfig:
+    """How `shoptalk serve` was started (the CLI fills it)."""
+
+    settings: Settings
+    repo: Path | None = None  # None: the workspace root sent by the client
+    model: Path | None = None  # served instead of the default base when nothing is promoted
+    poll_s: float = PROMOTION_POLL_S
+
+
+@dataclass
+class _Request:
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    received: float = field(default_factory=time.monotonic)
+
+
+def _field(params: Any, name: str, default: Any = None) -> Any:
+    """A field of custom-request params, which arrive as an object or a dict."""
+    if params is None:
+        return default
+    if isinstance(params, dict):
+        return params.get(name, default)
+    return getattr(params, name, default)
+
+
+def _plain(value: Any) -> Any:
+    """Custom-request params as plain JSON values."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        if hasattr(value, "_fields"):
+            return {k: _plain(getattr(value, k)) for k in value._fields}
+        return [_plain(v) for v in value]
+    if hasattr(value, "__dict__"):
+        return {k: _plain(v) for k, v in vars(value).items() if not k.startswith("_")}
+    return value
+
+
+def parse_client_options(options: Any, base: Settings) -> tuple[Settings, list[str]]:
+    """Settings with the client's options applied (the `[serve]` keys, flat or
+    under `serve`/`shoptalk`, plus `personal`), and one problem per bad key;
+    a bad key keeps its previous value."""
+    data = _plain(options) or {}
+    problems: list[str] = []
+    if not isinstance(data, dict):
+        return base, [f"options must be an object, got {type(data).__name__}"]
+    if isinstance(data.get("shoptalk"), dict):
+        data = data["shoptalk"]
+    serve_values = dict(data.get("serve") or {}) if isinstance(data.get("serve"), dict) else {}
+    for key, value in data.items():
+        if key in ServeSettings.model_fields:
+            serve_values[key] = value
+        elif key not in ("serve", "personal"):
+            problems.append(f"{key}: unknown option")
+    serve = base.serve.model_copy()
+    for key, value in serve_values.items():
+        if key not in ServeSettings.model_fields:
+            problems.append(f"serve.{key}: unknown option")
+            continue
+        try:
+            candidate = ServeSettings.model_validate({**serve.model_dump(), key: value})
+        except ValidationError as exc:
+            message = exc.errors()[0]["msg"]
+            problems.append(f"{key}: {message} (got {value!r}); keeping {getattr(serve, key)!r}")
+            continue
+        serve = candidate
+    personal = base.personal
+    if "personal" in data:
+        try:
+            personal = PersonalSettings.model_validate(
+                {**base.personal.model_dump(), **(data["personal"] or {})}
+            )
+        except (ValidationError, TypeError) as exc:
+            problems.append(f"personal: {exc.__class__.__name__}: {str(exc).splitlines()[0]}")
+    return base.model_copy(update={"serve": serve, "personal": personal}), problems
+
+
+class ShopTalkServer(LanguageServer):
+    """The pygls server and the state behind its handlers."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        super().__init__(SERVER_NAME, SERVER_VERSION)
+        self.config = config
+        self.settings = config.settings
+        self.registry: ModelRegistry | None = None
+        self.module_map: ModuleMap | None = None
+        self.module_index: ModuleIndex | None = None
+        self.workspace_root: Path | None = None
+        self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shoptalk-infer")
+        self._background = concurrent.futures.ThreadPoolExecutor(
+            2, thread_name_prefix="shoptalk-bg"
+        )
+        self._latest: _Request | None = None
+        self._requests: dict[int, _Request] = {}
+        self._shown: set[str] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._idle_handle: asyncio.TimerHandle | None = None
+        self._poll_task: asyncio.Task[None] | None = None
+        self._ready = threading.Event()
+        self.counters: dict[str, int] = {
+            "requests": 0,
+            "cache_hits": 0,
+            "stale": 0,
+            "cancelled": 0,
+            "answered": 0,
+        }
+
+    # -- messages ------------------------------------------------------------
+
+    def show_once(self, message: str, kind: types.MessageType = types.MessageType.Warning) -> None:
+        """Tell the user once (per distinct message) and log it."""
+        log.warning("%s", message)
+        if message in self._shown:
+            return
+        self._shown.add(message)
+        self._call_on_loop(
+            lambda: self.window_show_message(types.ShowMessageParams(type=kind, message=message))
+        )
+
+    def _call_on_loop(self, action: Callable[[], None]) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            action()
+        else:
+            loop.call_soon_threadsafe(action)
+
+    def report_server_error(self, error: Exception, source: Any) -> None:
+        # pygls shows every protocol error to the user by default; a malformed
+        # message or an unknown method is the client's problem: log it only.
+        log.error("protocol error (%s): %s", getattr(source, "__name__", source), error)
+
+    # -- model loading -------------------------------------------------------
+
+    def start_loading(self, root: Path | None) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.workspace_root = root
+        repo = self.config.repo or root
+        self.registry = ModelRegistry(
+            repo,
+            self.settings,
+            notify=self.show_once,
+            backend_factory=self._backend_factory,
+            fallback=self.config.model,
+        )
+        self._background.submit(self._load_model)
+        if root is not None:
+            self._background.submit(self._build_module_map, root)
+        if repo is not None and self.config.poll_s > 0:
+            self._poll_task = asyncio.ensure_future(self._poll_promotions())
+
+    def _backend_factory(self, choice: ModelChoice, serve: ServeSettings) -> Any:
+        return build_backend(choice, serve)
+
+    def _load_model(self) -> None:
+        registry = self.registry
+        if registry is None:
+            return
+        token = str(uuid.uuid4())
+        progress = self._begin_progress(token, "ShopTalk: loading the model")
+        try:
+            registry.load(progress=lambda message: self._report_progress(token, message, progress))
+        finally:
+            self._end_progress(token, progress, registry)
+            self._ready.set()
+
+    def _supports_progress(self) -> bool:
+        try:
+            window = self.client_capabilities.window
+        except Exception:
+            return False
+        return bool(window and window.work_done_progress)
+
+    def _begin_progress(self, token: str, title: str) -> bool:
+        if not self._supports_progress():
+            return False
+
+        def begin() -> None:
+            self.work_done_progress.create(token)
+            self.work_done_progress.begin(
+                token, types.WorkDoneProgressBegin(title=title, cancellable=False)
+            )
+
+        self._call_on_loop(begin)
+        return True
+
+    def _report_progress(self, token: str, message: str, enabled: bool) -> None:
+        log.info("model: %s", message)
+        if enabled:
+            self._call_on_loop(
+                lambda: self.work_done_progress.report(
+                    token, types.WorkDoneProgressReport(message=message)
+                )
+            )
+
+    def _end_progress(self, token: str, enabled: bool, registry: ModelRegistry) -> None:
+        if not enabled:
+            return
+        loaded = registry.loaded()
+        message = f"serving {loaded.choice.model.name}" if loaded else "no model loaded"
+        self._call_on_loop(
+            lambda: self.work_done_progress.end(token, types.WorkDoneProgressEnd(message=message))
+        )
+
+    async def _poll_promotions(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.poll_s)
+            registry = self.registry
+            if registry is not None and self._ready.is_set():
+                try:
+                    registry.check_for_promotion()
+                except Exception:
+                    log.exception("checking for a promoted model failed")
+
+    # -- module map ------------------------------------------------------------
+
+    def _build_module_map(self, root: Path) -> None:
+        started = time.monotonic()
+        try:
+            module_map = module_map_from_tree(root)
+        except Exception:
+            log.exception("could not build the module map of %s", root)
+            return
+        self.module_map = module_map
+        self.module_index = ModuleIndex(module_map)
+        log.info("module map: %d modules in %.1fs", len(module_map), time.monotonic() - started)
+
+    def update_module(self, uri: str, text: str | None) -> None:
+        root = self.workspace_root
+        module_map = self.module_map
+        path = to_fs_path(uri)
+        if root is None or module_map is None or path is None:
+            return
+        try:
+            relative = Path(path).resolve().relative_to(root.resolve()).as_posix()
+        except ValueError:
+            return
+        if language_for(relative) is None:
+            return
+        updated = module_map.with_file(relative, text)
+        self.module_map = updated
+        self.module_index = ModuleIndex(updated)
+
+    # -- completions -----------------------------------------------------------
+
+    def document_text(self, uri: str) -> str | None:
+        try:
+            document = self.workspace.get_text_document(uri)
+            return document.source
+        except Exception:
+            return None
+
+    async def run_inference(self, request: _Request, job: Callable[[], T]) -> T | None:
+        loop = asyncio.get_running_loop()
+
+        def guarded() -> T | None:
+            if request.cancelled.is_set():
+                self.counters["stale"] += 1
+                return None
+            return job()
+
+        future = loop.run_in_executor(self.worker, guarded)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            request.cancelled.set()
+            self.counters["cancelled"] += 1
+            raise
+
+    def new_request(self) -> _Request:
+        request = _Request()
+        previous = self._latest
+        if previous is not None:
+            previous.cancelled.set()  # newest wins
+        self._latest = request
+        return request
+
+    async def suggest(self, uri: str, position: types.Position) -> tuple[str, int, str] | None:
+        """(suggestion, cursor offset, document text), or None."""
+        self.counters["requests"] += 1
+        request = self.new_request()
+        text = self.document_text(uri)
+        registry = self.registry
+        if text is None or registry is None:
+            return None
+        engine = registry.engine()
+        if engine is None:
+            return None
+        offset = utf16_to_offset(text, position.line, position.character)
+        prefix, suffix = text[:offset], text[offset:]
+        cached = engine.cache.get(prefix, suffix)
+        if cached is not None:
+            self.counters["cache_hits"] += 1
+            self.counters["answered"] += 1
+            return cached, offset, text
+        budget = self.settings.serve.max_latency_ms
+
+        def job() -> str:
+            remaining = budget - int((time.monotonic() - request.received) * 1000)
+            if remaining <= 0:
+                return ""
+            try:
+                suggestion = engine.complete(
+                    text, offset, cancelled=request.cancelled, budget_ms=remaining
+                )
+            except ShopTalkError as exc:
+                self.show_once(f"ShopTalk: {exc}", types.MessageType.Error)
+                return ""
+            except Exception as exc:
+                log.exception("completion failed")
+                self.show_once(
+                    f"ShopTalk: completion failed ({exc.__class__.__name__}: {exc}); "
+                    "see the server log",
+                    types.MessageType.Error,
+                )
+                return ""
+            return suggestion.text
+
+        result = await self.run_inference(request, job)
+        if not result:
+            return None
+        self.counters["answered"] += 1
+        return result, offset, text
+
+    def schedule_prefill(self, uri: str, offset: int | None, delay_s: float) -> None:
+        """Evaluate the prompt at `offset` (None: end of document) after a quiet
+        pause, unless a request comes first."""
+        loop = self._loop
+        if loop is None:
+            return
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+        self._idle_handle = loop.call_later(delay_s, self._prefill_now, uri, offset)
+
+    def _prefill_now(self, uri: str, offset: int | None) -> None:
+        registry = self.registry
+        text = self.document_text(uri)
+        if registry is None or text is None:
+            return
+        marker = self._latest
+
+        def job() -> None:
+            engine = registry.engine()
+            if engine is None or self._latest is not marker:
+                return  # a request came in meanwhile: it evaluates the prompt itself
+            where = len(text) if offset is None else max(0, min(offset, len(text)))
+            try:
+                engine.prefill(text, where)
+            except Exception:
+                log.exception("prefill failed")
+
+        self.worker.submit(job)
+
+    def shutdown_workers(self) -> None:
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+        self.worker.shutdown(wait=False, cancel_futures=True)
+        self._background.shutdown(wait=False, cancel_futures=True)
+        registry = self.registry
+        loaded = registry.loaded() if registry else None
+        if loaded is not None:
+            loaded.engine.backend.close()
+
+
+def _root_of(params: types.InitializeParams) -> Path | None:
+    uri = None
+    if params.workspace_folders:
+        uri = params.workspace_folders[0].uri
+    elif params.root_uri:
+        uri = params.root_uri
+    if uri:
+        path = to_fs_path(uri)
+        return Path(path) if path else None
+    if params.root_path:
+        return Path(params.root_path)
+    return None
+
+
+def _word_start(text: str, offset: int) -> int:
+    start = offset
+    while start > 0 and (text[start - 1].isalnum() or text[start - 1] == "_"):
+        start -= 1
+    return start
+
+
+def create_server(config: ServerConfig) -> ShopTalkServer:
+    server = ShopTalkServer(config)
+
+    @server.feature(types.INITIALIZE)
+    def initialize(ls: ShopTalkServer, params: types.InitializeParams) -> None:
+        settings, problems = parse_client_options(params.initialization_options, ls.settings)
+        ls.settings = settings
+        if problems:
+            ls._loop = asyncio.get_running_loop()
+            ls.show_once(
+                "ShopTalk: some settings were ignored (defaults used): " + "; ".join(problems)
+            )
+        ls.start_loading(_root_of(params))
+
+    @server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
+    def did_change_configuration(
+        ls: ShopTalkServer, params: types.DidChangeConfigurationParams
+    ) -> None:
+        settings, problems = parse_client_options(params.settings, ls.settings)
+        if problems:
+            ls.show_once(
+                "ShopTalk: some settings were ignored (kept the previous values): "
+                + "; ".join(problems)
+            )
+        ls.settings = settings
+        registry = ls.registry
+        if registry is not None and registry.update_settings(settings):
+            ls._background.submit(registry.load)
+
+    @server.feature(types.TEXT_DOCUMENT_DID_OPEN)
+    def did_open(ls: ShopTalkServer, params: types.DidOpenTextDocumentParams) -> None:
+        ls.schedule_prefill(params.text_document.uri, None, 0.0)
+
+    @server.feature(types.TEXT_DOCUMENT_DID_CHANGE)
+    def did_change(ls: ShopTalkServer, params: types.DidChangeTextDocumentParams) -> None:
+        text = ls.document_text(params.text_document.uri)
+        if text is None or not params.content_changes:
+            return
+        change = params.content_changes[-1]
+        offset: int | None = None
+        if isinstance(change, types.TextDocumentContentChangePartial):
+            lines = change.text.split("\n")
+            end_line = change.range.start.line + len(lines) - 1
+            end_char = (
+                change.range.start.character + len(lines[0]) if len(lines) == 1 else len(lines[-1])
+            )
+            offset = utf16_to_offset(text, end_line, end_char)
+        delay = ls.settings.serve.idle_prefill_ms / 1000.0
+        ls.schedule_prefill(params.text_document.uri, offset, delay)
+
+    @server.feature(types.TEXT_DOCUMENT_DID_SAVE)
+    def did_save(ls: ShopTalkServer, params: types.DidSaveTextDocumentParams) -> None:
+        ls.update_module(params.text_document.uri, ls.document_text(params.text_document.uri))
+
+    @server.feature(types.TEXT_DOCUMENT_DID_CLOSE)
+    def did_close(ls: ShopTalkServer, params: types.DidCloseTextDocumentParams) -> None:
+        return None
+
+    @server.feature(PREFILL_METHOD)
+    def prefill(ls: ShopTalkServer, params: Any) -> None:
+        document = _field(params, "textDocument")
+        position = _field(params, "position")
+        uri = _field(document, "uri")
+        text = ls.document_text(str(uri)) if uri else None
+        if text is None:
+            return
+        offset = utf16_to_offset(
+            text, int(_field(position, "line", 0) or 0), int(_field(position, "character", 0) or 0)
+        )
+        ls.schedule_prefill(str(uri), offset, 0.0)
+
+    @server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
+    async def inline_completion(
+        ls: ShopTalkServer, params: types.InlineCompletionParams
+    ) -> types.InlineCompletionList | None:
+        answer = await ls.suggest(params.text_document.uri, params.position)
+        if answer is None:
+            return None
+        suggestion, offset, text = answer
+        line, character = offset_to_utf16(text, offset)
+        here = types.Position(line=line, character=character)
+        return types.InlineCompletionList(
+            items=[
+                types.InlineCompletionItem(
+                    insert_text=suggestion, range=types.Range(start=here, end=here)
+                )
+            ]
+        )
+
+    @server.feature(
+        types.TEXT_DOCUMENT_COMPLETION,
+        types.CompletionOptions(trigger_characters=[".", "(", " "], resolve_provider=False),
+    )
+    async def completion(
+        ls: ShopTalkServer, params: types.CompletionParams
+    ) -> types.CompletionList | None:
+        answer = await ls.suggest(params.text_document.uri, params.position)
+        if answer is None:
+            return types.CompletionList(is_incomplete=True, items=[])
+        suggestion, offset, text = answer
+        start = _word_start(text, offset)
+        word = text[start:offset]
+        start_line, start_char = offset_to_utf16(text, start)
+        end_line, end_char = offset_to_utf16(text, offset)
+        edit_range = types.Range(
+            start=types.Position(line=start_line, character=start_char),
+            end=types.Position(line=end_line, character=end_char),
+        )
+        first_line = suggestion.split("\n", 1)[0]
+        label = (word + first_line).strip() or suggestion.strip()
+        item = types.CompletionItem(
+            label=label[:80],
+            kind=types.CompletionItemKind.Snippet,
+            detail="ShopTalk",
+            documentation=suggestion,
+            filter_text=word + suggestion,
+            sort_text="0",
+            preselect=True,
+            text_edit=types.TextEdit(range=edit_range, new_text=word + suggestion),
+            insert_text_format=types.InsertTextFormat.PlainText,
+        )
+        return types.CompletionList(is_incomplete=True, items=[item])
+
+    async def _find(ls: ShopTalkServer, query: str, limit: int) -> dict[str, Any]:
+        index = ls.module_index
+        if index is None:
+            if ls.workspace_root is None:
+                return {"modules": [], "error": "no workspace folder is open"}
+            await asyncio.get_running_loop().run_in_executor(
+                ls._background, ls._build_module_map, ls.workspace_root
+            )
+            index = ls.module_index
+            if index is None:
+                return {"modules": [], "error": "the module map could not be built; see the log"}
+        registry = ls.registry
+        engine = registry.engine() if registry else None
+        loaded = registry.loaded() if registry else None
+        backend = engine.backend if engine else None
+        generate = getattr(backend, "generate_with_grammar", None)
+        weight = (
+            TUNED_MODEL_WEIGHT if loaded is not None and loaded.choice.run_id else BASE_MODEL_WEIGHT
+        )
+        request = _Request()  # lookups are not keystrokes: they do not make completions stale
+
+        def job() -> list[Any]:
+            return find_modules(query, index, generate, limit, model_weight=weight)
+
+        hits = await ls.run_inference(request, job) or []
+        root = ls.workspace_root
+        modules = []
+        for hit in hits:
+            uri = (root / hit.path).as_uri() if root is not None else hit.path
+            modules.append(
+                {
+                    "id": hit.id,
+                    "uri": uri,
+                    "range": {
+                        "start": {"line": hit.start_line, "character": 0},
+                        "end": {"line": hit.end_line, "character": 0},
+                    },
+                    "score": hit.score,
+                    "reason": hit.reason,
+                }
+            )
+        return {"modules": modules}
+
+    def _query_args(query: Any, limit: Any) -> tuple[str, int]:
+        text = query if isinstance(query, str) else ""
+        try:
+            count = int(limit) if limit is not None else 5
+        except (TypeError, ValueError):
+            count = 5
+        return text, max(1, min(count, 50))
+
+    @server.feature(FIND_MODULE_METHOD)
+    async def find_module(ls: ShopTalkServer, params: Any) -> dict[str, Any]:
+        query, limit = _query_args(_field(params, "query"), _field(params, "limit"))
+        if not query.strip():
+            return {"modules": [], "error": "the query is empty"}
+        return await _find(ls, query, limit)
+
+    @server.command(FIND_MODULE_COMMAND)
+    async def find_module_command(ls: ShopTalkServer, *args: Any) -> dict[str, Any]:
+        values = (
+            list(args[0]) if len(args) == 1 and isinstance(args[0], list | tuple) else list(args)
+        )
+        query, limit = _query_args(
+            values[0] if values else None, values[1] if len(values) > 1 else None
+        )
+        if not query.strip():
+            return {"modules": [], "error": "the query is empty"}
+        return await _find(ls, query, limit)
+
+    @server.feature(STATUS_METHOD)
+    def status(ls: ShopTalkServer, params: Any) -> dict[str, Any]:
+        registry = ls.registry
+        info: dict[str, Any] = registry.status() if registry else {"model": None}
+        info["loading"] = not ls._ready.is_set()
+        info["modules"] = len(ls.module_map) if ls.module_map is not None else None
+        info["counters"] = dict(ls.counters)
+        info.update(_training_status(ls))
+        return info
+
+    @server.feature(types.SHUTDOWN)
+    def shutdown(ls: ShopTalkServer, params: Any) -> None:
+        ls.shutdown_workers()
+
+    return server
+
+
+def _training_status(ls: ShopTalkServer) -> dict[str, Any]:
+    """The last training job and the queue length from the continuous-learning queue."""
+    repo = ls.config.repo or ls.workspace_root
+    try:
+        from shoptalk.models.jobs import ACTIVE_STATES, JobQueue
+
+        queue = JobQueue(ls.settings.resolved_data_dir())
+        jobs = queue.jobs(repo, limit=20)
+    except Exception as exc:
+        return {"training": None, "queue": None, "queue_error": str(exc)}
+    last = jobs[0] if jobs else None
+    training = (
+        {
+            "id": last.id,
+            "state": last.state,
+            "step": last.step,
+            "progress": last.progress,
+            "message": last.message,
+            "finished": last.finished,
+        }
+        if last
+        else None
+    )
+    return {"training": training, "queue": sum(1 for j in jobs if j.state in ACTIVE_STATES)}

@@ -1,0 +1,366 @@
+"""Which model the server runs, and swapping it while the server runs.
+
+The repository's promoted model (`RepoStore.current()`: a merged GGUF, or a
+LoRA adapter GGUF on its base) is verified against its manifest before it is
+loaded; without one (or when it fails the check) the default base GGUF from
+`shoptalk.models.provision` is served and the reason is reported once. The
+registry notices a new promotion (or a rollback) and loads the new model on a
+background thread while the old one keeps answering; requests in flight finish
+on the engine they started with.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shoptalk.models.catalog import CATALOG, DEFAULT_BASE, BaseModel, FimTemplate, resolve_base
+from shoptalk.models.errors import ShopTalkError
+from shoptalk.models.manifest import ManifestError, manifest_path, verify_model_file
+from shoptalk.models.provision import base_paths, ensure_gguf, gguf_status
+from shoptalk.models.settings import ServeSettings, Settings
+from shoptalk.models.store import RepoStore
+from shoptalk.server.backends import LlamaBackend, LlamaOptions, OpenAIBackend
+from shoptalk.server.completion import Backend, CompletionEngine, EngineOptions
+
+log = logging.getLogger(__name__)
+
+Notify = Callable[[str], None]
+
+
+class ModelUnavailable(ShopTalkError):
+    """No model can be served; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """A model to serve: a GGUF file, optionally with a LoRA adapter on it."""
+
+    model: Path
+    adapter: Path | None
+    base: BaseModel
+    use_fim: bool
+    run_id: str | None
+    source: str  # "promoted" | "default base" | "openai"
+
+    @property
+    def template(self) -> FimTemplate:
+        return self.base.fim
+
+    def key(self) -> tuple[str, str | None]:
+        return str(self.model), str(self.adapter) if self.adapter else None
+
+
+def _base_for(manifest_base: str | None, settings: Settings) -> BaseModel:
+    for name in (manifest_base, settings.train.base, DEFAULT_BASE):
+        if not name:
+            continue
+        try:
+            return resolve_base(name)
+        except ShopTalkError:
+            continue
+    return CATALOG[DEFAULT_BASE]
+
+
+def _verify_host(path: Path, data_dir: Path) -> None:
+    """The GGUF an adapter runs on: its manifest when it has one, the catalog's
+    sha256 when it is a provisioned base."""
+    if manifest_path(path).is_file():
+        verify_model_file(path)
+        return
+    for base in CATALOG.values():
+        if base.package and base_paths(data_dir, base).gguf == path:
+            status = gguf_status(data_dir, base)
+            if status != "verified":
+                raise ManifestError(
+                    f"the base model {path} is {status}; run `shoptalk models pull` again"
+                )
+            return
+    if not path.is_file():
+        raise ManifestError(f"the base model {path} of the promoted adapter does not exist")
+    raise ManifestError(
+        f"the base model {path} of the promoted adapter has no manifest to verify it against; "
+        "export the model again or roll back (`shoptalk models rollback`)"
+    )
+
+
+def promoted_choice(record: dict[str, Any], settings: Settings, data_dir: Path) -> ModelChoice:
+    """The verified model of a `current.json` record; ManifestError when a file
+    is missing, damaged or replaced."""
+    adapter_value = record.get("adapter")
+    model_value = record.get("model")
+    if adapter_value:
+        adapter = Path(str(adapter_value))
+        host = Path(str(record.get("base_model") or model_value or ""))
+        manifest = verify_model_file(adapter)
+        _verify_host(host, data_dir)
+        return ModelChoice(
+            host,
+            adapter,
+            _base_for(manifest.base, settings),
+            True,
+            record.get("run_id"),
+            "promoted",
+        )
+    if not model_value:
+        raise ManifestError("current.json names no model; promote a run again")
+    model = Path(str(model_value))
+    manifest = verify_model_file(model)
+    return ModelChoice(
+        model, None, _base_for(manifest.base, settings), True, record.get("run_id"), "promoted"
+    )
+
+
+def default_choice(settings: Settings, data_dir: Path) -> ModelChoice:
+    base = _base_for(settings.train.base, settings)
+    if not base.package:
+        base = CATALOG[DEFAULT_BASE]
+    try:
+        path = ensure_gguf(data_dir, base, log.info)
+    except ShopTalkError as exc:
+        raise ModelUnavailable(f"no model to serve: {exc}") from None
+    return ModelChoice(path, None, base, base.fim.trained, None, "default base")
+
+
+def explicit_choice(model: Path, settings: Settings) -> ModelChoice:
+    """A GGUF named on the command line: verified when it has a manifest."""
+    if manifest_path(model).is_file():
+        manifest = verify_model_file(model)
+        base = _base_for(manifest.base, settings)
+        tuned = manifest.run_id is not None
+        return ModelChoice(model, None, base, tuned or base.fim.trained, manifest.run_id, "--model")
+    if not model.is_file():
+        raise ManifestError(f"model file {model} does not exist")
+    log.warning("%s has no manifest; serving it unverified", model)
+    base = _base_for(None, settings)
+    return ModelChoice(model, None, base, base.fim.trained, None, "--model")
+
+
+def choose_model(
+    repo: Path | None,
+    settings: Settings,
+    notify: Notify | None = None,
+    fallback: Path | None = None,
+) -> ModelChoice:
+    """The promoted model of `repo`, or else `fallback` (a GGUF) or the default
+    base, after telling `notify` why the promoted one cannot be used."""
+    data_dir = settings.resolved_data_dir()
+    if repo is not None:
+        record = RepoStore.for_repo(data_dir, repo).current()
+        if record is not None:
+            try:
+                return promoted_choice(record, settings, data_dir)
+            except ManifestError as exc:
+                if notify is not None:
+                    fallback_name = fallback.name if fallback else "the base model"
+                    notify(
+                        f"ShopTalk: the promoted model cannot be used: {exc}. "
+                        f"Serving {fallback_name}."
+                    )
+    if fallback is not None:
+        try:
+            return explicit_choice(fallback, settings)
+        except ManifestError as exc:
+            raise ModelUnavailable(f"cannot serve {fallback}: {exc}") from None
+    return default_choice(settings, data_dir)
+
+
+def engine_options(serve: ServeSettings) -> EngineOptions:
+    return EngineOptions(
+        max_tokens=serve.max_tokens,
+        max_latency_ms=serve.max_latency_ms,
+        multiline=serve.multiline,
+        prefix_chars=serve.prefix_chars,
+        suffix_chars=serve.suffix_chars,
+    )
+
+
+def build_backend(choice: ModelChoice, serve: ServeSettings) -> Backend:
+    if serve.backend == "openai":
+        if not serve.openai_url:
+            raise ModelUnavailable(
+                "serve.backend is 'openai' but serve.openai_url is not set; set it to the "
+                "completion server's URL (e.g. http://127.0.0.1:8000)"
+            )
+        return OpenAIBackend(serve.openai_url, serve.openai_model)
+    options = LlamaOptions(
+        context_tokens=serve.context_tokens, threads=serve.threads, gpu_layers=serve.gpu_layers
+    )
+    return LlamaBackend(choice.model, options, adapter=choice.adapter)
+
+
+@dataclass
+class Loaded:
+    choice: ModelChoice
+    engine: CompletionEngine
+
+
+class ModelRegistry:
+    """The engine currently served, and hot-swapping it on promotion."""
+
+    def __init__(
+        self,
+        repo: Path | None,
+        settings: Settings,
+        notify: Notify | None = None,
+        backend_factory: Callable[[ModelChoice, ServeSettings], Backend] = build_backend,
+        fallback: Path | None = None,
+    ) -> None:
+        self.repo = repo
+        self.fallback = fallback
+        self.settings = settings
+        self.notify = notify or (lambda message: log.warning("%s", message))
+        self._factory = backend_factory
+        self._lock = threading.Lock()
+        self._loaded: Loaded | None = None
+        self._error: str | None = None
+        self._current_stamp: str | None = None
+        self._reload_thread: threading.Thread | None = None
+        self.swaps = 0
+
+    @property
+    def current_file(self) -> Path | None:
+        if self.repo is None:
+            return None
+        return RepoStore.for_repo(self.settings.resolved_data_dir(), self.repo).current_file
+
+    def _stamp(self) -> str | None:
+        path = self.current_file
+        if path is None:
+            return None
+        try:
+            return path.read_text()
+        except OSError:
+            return None
+
+    def engine(self) -> CompletionEngine | None:
+        with self._lock:
+            return self._loaded.engine if self._loaded else None
+
+    def loaded(self) -> Loaded | None:
+        with self._lock:
+            return self._loaded
+
+    @property
+    def error(self) -> str | None:
+        return self._error
+
+    def load(self, progress: Callable[[str], None] | None = None) -> Loaded | None:
+        """Choose, verify and load the model; on failure keep what is loaded and
+        remember the error (reported once through `notify`)."""
+        stamp = self._stamp()
+        report = progress or (lambda _message: None)
+        try:
+            report("choosing the model")
+            choice = choose_model(self.repo, self.settings, self.notify, self.fallback)
+            current = self.loaded()
+            if current is not None and current.choice.key() == choice.key():
+                self._current_stamp = stamp
+                return current
+            report(
+                f"loading {choice.model.name}"
+                + (f" + {choice.adapter.name}" if choice.adapter else "")
+            )
+            backend = self._factory(choice, self.settings.serve)
+            engine = CompletionEngine(
+                backend, choice.template, choice.use_fim, engine_options(self.settings.serve)
+            )
+        except ShopTalkError as exc:
+            message = str(exc)
+            if message != self._error:
+                self.notify(f"ShopTalk: {message}")
+            self._error = message
+            self._current_stamp = stamp
+            return self.loaded()
+        loaded = Loaded(choice, engine)
+        with self._lock:
+            previous = self._loaded
+            self._loaded = loaded
+            self._current_stamp = stamp
+            self._error = None
+        if previous is not None:
+            self.swaps += 1
+            log.info("switched to %s (%s)", choice.model, choice.source)
+            # The old backend's lock waits for a request still running on it.
+            threading.Thread(target=previous.engine.backend.close, daemon=True).start()
+        return loaded
+
+    def check_for_promotion(self) -> bool:
+        """Start a background reload when current.json changed; True if one started."""
+        if self.repo is None:
+            return False
+        stamp = self._stamp()
+        if stamp == self._current_stamp:
+            return False
+        if self._reload_thread is not None and self._reload_thread.is_alive():
+            return False
+        self._current_stamp = stamp
+        self._reload_thread = threading.Thread(
+            target=self.load, name="shoptalk-reload", daemon=True
+        )
+        self._reload_thread.start()
+        return True
+
+    def wait_for_reload(self, timeout: float | None = None) -> None:
+        thread = self._reload_thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def update_settings(self, settings: Settings) -> bool:
+        """New settings; True when the model must be loaded again (backend,
+        context size, threads or GPU layers changed)."""
+        old = self.settings.serve
+        self.settings = settings
+        new = settings.serve
+        loaded = self.loaded()
+        if loaded is not None:
+            loaded.engine.options = engine_options(new)
+            loaded.engine.cache.clear()
+        reload_keys = (
+            "backend",
+            "openai_url",
+            "openai_model",
+            "context_tokens",
+            "threads",
+            "gpu_layers",
+        )
+        return any(getattr(old, key) != getattr(new, key) for key in reload_keys)
+
+    def status(self) -> dict[str, Any]:
+        loaded = self.loaded()
+        info: dict[str, Any] = {"model": None, "adapter": None, "device": None}
+        if loaded is not None:
+            described = loaded.engine.backend.describe()
+            info.update(
+                model=described.get("model"),
+                adapter=described.get("adapter"),
+                device=described.get("device"),
+                backend=described.get("backend"),
+                source=loaded.choice.source,
+                run_id=loaded.choice.run_id,
+                base=loaded.choice.base.key,
+                fim=loaded.choice.use_fim,
+            )
+        info["error"] = self._error
+        info["swaps"] = self.swaps
+        info["promoted"] = _promoted_summary(self.current_file)
+        return info
+
+
+def _promoted_summary(path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return {
+        "run_id": record.get("run_id"),
+        "promoted_at": record.get("promoted_at"),
+        "metrics": record.get("metrics"),
+    }

@@ -1,0 +1,113 @@
+"""Incremental retraining jobs: gate logic, incremental datasets, and one
+real job end to end (mine → train → export → evaluate → promote) on a tiny
+model and a fixture repository."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from git_repos import BOB, HistoryRepo, RepoBuilder, python_module
+
+from shoptalk.models.catalog import resolve_base
+from shoptalk.models.jobs import JobQueue
+from shoptalk.models.provision import base_paths
+from shoptalk.models.settings import Settings
+from shoptalk.models.store import RepoStore
+from shoptalk.trainer.retrain import gate, incremental_dataset, run_retrain_job
+
+
+def test_gate_tolerates_small_losses_only() -> None:
+    assert gate(30.0, 30.0, 1.0)[0]
+    assert gate(29.5, 30.0, 1.0)[0]
+    promoted, reason = gate(25.0, 30.0, 1.0)
+    assert not promoted and "worse than the current model" in reason and "25.0" in reason
+
+
+def _write(path: Path, records: list[dict[str, object]]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_incremental_dataset_keeps_new_and_replays_old(tmp_path: Path) -> None:
+    source = tmp_path / "dataset"
+    source.mkdir()
+    (source / "manifest.json").write_text(json.dumps({"repo": "/r"}))
+    old = [{"id": f"o{i}", "author_date": f"2024-01-0{i + 1}T00:00:00Z"} for i in range(6)]
+    new = [{"id": f"n{i}", "author_date": "2024-03-01T00:00:00Z"} for i in range(2)]
+    _write(source / "completion.train.jsonl", old + new)
+    _write(source / "completion.validation.jsonl", [{"id": "v", "author_date": "2024-02-01"}])
+    fresh, replayed = incremental_dataset(source, tmp_path / "inc", "2024-02-15T00:00:00Z", seed=1)
+    assert (fresh, replayed) == (2, 2)
+    lines = (tmp_path / "inc/completion.train.jsonl").read_text().splitlines()
+    ids = [json.loads(line)["id"] for line in lines]
+    assert {"n0", "n1"} <= set(ids) and len(ids) == 4
+    assert (tmp_path / "inc/completion.validation.jsonl").is_file()
+    assert json.loads((tmp_path / "inc/manifest.json").read_text())["incremental_since"]
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_retrain_job_promotes_and_records_its_decision(
+    tmp_path: Path, history_repo: HistoryRepo, tiny_hf, tiny_gguf
+) -> None:
+    repo_path = tmp_path / "team"
+    shutil.copytree(history_repo.path, repo_path)
+    data_dir = tmp_path / "data"
+    checkpoint = tiny_hf("llama")
+    base = resolve_base(str(checkpoint))
+    # The untuned base's GGUF, where evaluation looks for it.
+    gguf = base_paths(data_dir, base).gguf
+    gguf.parent.mkdir(parents=True)
+    shutil.copy(tiny_gguf("llama"), gguf)
+    settings = Settings.model_validate(
+        {
+            "data_dir": str(data_dir),
+            "mine": {"alias_file": str(history_repo.alias_file)},
+            "train": {"base": str(checkpoint), "max_steps": 2, "val_every": 1},
+            "export": {"quant": "f32"},
+            "eval": {"limit": 6},
+            "watch": {"min_new_instances": 1, "tolerance": 1.0},
+        }
+    )
+    queue = JobQueue(data_dir)
+    store = RepoStore.for_repo(data_dir, repo_path)
+
+    queue.enqueue(repo_path, "retrain", "head-1")
+    job = queue.claim()
+    assert job is not None
+    outcome = run_retrain_job(repo_path, settings, data_dir, queue, job, lambda m: None)
+    assert outcome.state == "done", outcome.message
+    decision = outcome.decision
+    assert decision is not None and decision.promoted
+    assert {"candidate_em", "base_em", "timings"} <= set(decision.figures)
+    current = store.current()
+    assert current is not None and current["run_id"] == decision.run_id
+    assert Path(current["model"]).is_file() and Path(current["adapter_dir"]).is_dir()
+    assert queue.decisions(repo_path)[0].run_id == decision.run_id
+
+    # No new commits: the next job waits instead of training.
+    queue.finish(job.id, "done", outcome.message)
+    queue.enqueue(repo_path, "retrain", "head-1")
+    job = queue.claim()
+    assert job is not None
+    waiting = run_retrain_job(repo_path, settings, data_dir, queue, job, lambda m: None)
+    assert waiting.decision is None and "waiting for" in waiting.message
+    queue.finish(job.id, waiting.state, waiting.message)
+
+    # New commits: the promoted adapter is trained further and compared with it.
+    builder = RepoBuilder.__new__(RepoBuilder)
+    builder.path, builder.day = repo_path, 40
+    builder.write("src/billing/refunds.py", python_module("refunds", 3))
+    builder.commit("Add refunds", BOB)
+    queue.enqueue(repo_path, "retrain", builder.head())
+    job = queue.claim()
+    assert job is not None
+    second = run_retrain_job(repo_path, settings, data_dir, queue, job, lambda m: None)
+    assert second.decision is not None, second.message
+    assert "org_em" in second.decision.figures
+    if second.decision.promoted:
+        assert store.current()["run_id"] == second.decision.run_id  # type: ignore[index]
+    else:
+        assert store.current()["run_id"] == decision.run_id  # type: ignore[index]

@@ -440,6 +440,15 @@ def test_cli_mine_prints_a_summary_and_errors_without_traceback(
     assert ok.returncode == 0, ok.stderr
     assert "completion" in ok.stdout and "cutoff 2023-12-10" in ok.stdout
     assert "(full run)" in ok.stderr
+    wrong_kind = subprocess.run(
+        [*command, str(history_repo.path), "--kinds", "completion,poems"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert wrong_kind.returncode == 2
+    assert "kinds" in wrong_kind.stderr and "Traceback" not in wrong_kind.stderr
     bad = subprocess.run(
         [*command, str(tmp_path)], capture_output=True, text=True, env=env, check=False
     )

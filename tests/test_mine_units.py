@@ -266,3 +266,35 @@ def test_patch_parser_reads_renames_quoted_paths_and_modifications() -> None:
     assert (added.old_path, added.new_path, added.new_blob) == (None, "café.py", "333")
     assert binary.binary and binary.path == "logo.png"
     assert commits[1].files == [] and commits[1].parents == ()
+
+
+def test_prefilter_passes_every_line_detect_secrets_flags() -> None:
+    from detect_secrets.core.scan import _process_line_based_plugins
+    from detect_secrets.settings import default_settings
+
+    from shoptalk.trainer.hygiene import may_hold_secret
+
+    lines = list(CANARY_LINES)
+    lines += [
+        "url = 'https://bob:pa55word@example.com/x'",
+        "server = '52.95.110.1'",
+        "jwt = 'eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJlX3ZhbHVlXzEyMw'",
+        "slack = 'xoxb-123456789012-abcdefghijABCDEFGHIJ'",
+        "stripe = 'sk_live_4eC39HqLyjWDarjtT1zdp7dc'",
+        "nonce = 'a8f5f167f44f4964e6c998dee827110c'",
+        "-----BEGIN OPENSSH PRIVATE KEY-----",
+    ]
+    # Plus every line of this project's own sources: real code, no secrets.
+    root = Path(__file__).resolve().parents[1]
+    for folder in ("models",):
+        for path in sorted((root / folder).glob("*.py")):
+            lines += path.read_text().splitlines()
+    flagged = 0
+    with default_settings():
+        for line in dict.fromkeys(lines):
+            for filename in ("x.py", "x.yaml"):
+                if list(_process_line_based_plugins([(1, line)], filename)):
+                    flagged += 1
+                    assert may_hold_secret(line), line
+    assert flagged >= len(CANARY_LINES)
+    assert not may_hold_secret("    return sum(line for line in lines if line > 0)")

@@ -49,6 +49,25 @@ _NOT_A_SECRET = re.compile(
 )
 
 
+# detect-secrets runs ~25 detectors per line; a line can only give a finding
+# if it holds one of their keywords or a long token (every entropy detector
+# needs 8+ base64/hex characters with a digit, or 20+ of them), so only such
+# lines are scanned. `test_prefilter_passes_every_line_detect_secrets_flags`
+# checks this against detect-secrets itself.
+_DETECTOR_HINT = re.compile(
+    r"(?i)pass|pwd|secret|key|token|auth|cred|priv|contrase|cloudant|ibm|softlayer|"
+    r"account|://|sk-|xox|begin|eyj|sq0|akia|glpat|gldt|npm_|pypi-|sg\.|"
+    r"\d+\.\d+\.\d+\.\d+|[a-z0-9+/=_\-]{20}"
+)
+_DIGIT_TOKEN = re.compile(r"[A-Za-z0-9+/=_\-]{8,}")
+
+
+def may_hold_secret(line: str) -> bool:
+    if _DETECTOR_HINT.search(line):
+        return True
+    return any(any(c.isdigit() for c in match.group(0)) for match in _DIGIT_TOKEN.finditer(line))
+
+
 def shannon_entropy(text: str) -> float:
     counts = Counter(text)
     total = len(text)
@@ -122,8 +141,7 @@ class SecretScrubber:
         self._detect = None
         self._stack.close()
 
-    def _line_findings(self, line: str, filename: str) -> tuple[Finding, ...]:
-        suffix = PurePosixPath(filename).suffix.lower() or PurePosixPath(filename).name.lower()
+    def _line_findings(self, line: str, filename: str, suffix: str) -> tuple[Finding, ...]:
         key = (line, suffix)
         cached = self._cache.get(key)
         if cached is not None:
@@ -133,7 +151,7 @@ class SecretScrubber:
         found: list[Finding] = []
         # Placeholders from an earlier pass are not secrets themselves.
         line = _PLACEHOLDER.sub("<>", line) if PLACEHOLDER_PREFIX in line else line
-        if line.strip():
+        if line.strip() and may_hold_secret(line):
             scan_name = f"snippet{suffix}" if suffix.startswith(".") else filename
             for secret in self._detect([(1, line)], scan_name):
                 value = secret.secret_value
@@ -145,7 +163,7 @@ class SecretScrubber:
             for match in _QUOTED_ASSIGNMENT.finditer(line):
                 if not _NOT_A_SECRET.match(match.group(2)):
                     found.append(Finding("Password", match.group(2)))
-            if suffix in _CONFIG_SUFFIXES or PurePosixPath(filename).name.startswith(".env"):
+            if suffix in _CONFIG_SUFFIXES or suffix.startswith(".env"):
                 config = _CONFIG_ASSIGNMENT.match(line)
                 if config and not _NOT_A_SECRET.match(config.group(1)):
                     found.append(Finding("Password", config.group(1)))
@@ -167,10 +185,14 @@ class SecretScrubber:
                 return placeholder_for("Private Key") + "\n" * match.group(0).count("\n")
 
             text = _PRIVATE_KEY_BLOCK.sub(_block, text)
+        pure = PurePosixPath(filename)
+        suffix = pure.suffix.lower() or pure.name.lower()
+        if pure.name.lower().startswith(".env"):
+            suffix = ".env"
         lines = text.split("\n")
         changed = False
         for index, line in enumerate(lines):
-            findings = self._line_findings(line, filename)
+            findings = self._line_findings(line, filename, suffix)
             if not findings:
                 continue
             new_line = line

@@ -328,15 +328,20 @@ def _mine_commit(commit: Commit, ctx: _Context) -> tuple[list[dict[str, Any]], d
         if reason:
             skipped[reason] += 1
             continue
-        diff_changes.append(change)
         path = change.path
-        if change.new_path is None or not change.hunks:
+        if change.new_path is None or not change.hunks or not change.new_blob:
+            diff_changes.append(change)
             continue  # deleted, or renamed/mode change without new lines
         language = language_of(path)
         is_doc = is_doc_file(path)
         if language is None and not is_doc:
+            # Not read (configs, data): its lines still belong to the diff,
+            # unless they are minified/huge ones no prompt should carry.
+            longest = max(len(line) for h in change.hunks for line in (*h.added, *h.removed, ""))
+            if longest <= ctx.rules.max_line_chars:
+                diff_changes.append(change)
             continue
-        data = ctx.blobs.read(change.new_blob or "", ctx.rules.max_file_bytes)
+        data = ctx.blobs.read(change.new_blob, ctx.rules.max_file_bytes)
         if data is None:
             skipped["huge"] += 1
             continue
@@ -348,6 +353,7 @@ def _mine_commit(commit: Commit, ctx: _Context) -> tuple[list[dict[str, Any]], d
         if text is None:
             skipped["encoding"] += 1
             continue
+        diff_changes.append(change)
         text, found = ctx.scrubber.scrub(text, path)
         secrets.update(found)
         source = SourceFile(change, path, language, text, ctx.known_paths)
@@ -810,6 +816,13 @@ def mine_command(
     secrets: Annotated[
         str | None, typer.Option(help="What to do with instances holding secrets: scrub | drop.")
     ] = None,
+    kinds: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated kinds to mine (completion, module_lookup, commit_message, "
+            "test_pair, doc_modules); default: all."
+        ),
+    ] = None,
     full: Annotated[
         bool, typer.Option("--full", help="Forget earlier runs and mine everything again.")
     ] = False,
@@ -831,6 +844,8 @@ def mine_command(
     ):
         if value is not None:
             mine_overrides[key] = value
+    if kinds is not None:
+        mine_overrides["kinds"] = [k.strip() for k in kinds.split(",") if k.strip()]
     settings = settings_for(repo, {"mine": mine_overrides} if mine_overrides else None)
     data_dir = settings.resolved_data_dir()
     started = time.monotonic()

@@ -236,9 +236,13 @@ def test_second_run_reads_only_new_commits(history_repo: HistoryRepo, tmp_path: 
     data = tmp_path / "data"
     first = mine_repository(repo.path, settings, data)
     assert first.full and first.new_commits == 32
+    written = (first.dataset_dir / "manifest.json").stat().st_mtime_ns
     again = mine_repository(repo.path, settings, data)
     assert (again.new_commits, again.new_instances, again.full) == (0, 0, False)
     assert again.manifest["counts"] == first.manifest["counts"]
+    assert (again.dataset_dir / "manifest.json").stat().st_mtime_ns == written  # not rebuilt
+    resplit = mine_repository(repo.path, settings.model_copy(update={"test_share": 0.2}), data)
+    assert resplit.new_commits == 0 and resplit.manifest["cutoff"] < first.manifest["cutoff"]
     repo.write(
         "src/billing/fees.py",
         "def late_fee(days: int, rate: float = 0.05) -> float:\n"

@@ -439,12 +439,3 @@ def tree_paths(repo: Path, rev: str) -> list[str]:
         if mode in (b"100644", b"100755"):
             paths.append(path.decode("utf-8", errors="surrogateescape"))
     return paths
-
-
-def blob_at(repo: Path, rev: str, path: str) -> bytes | None:
-    out = subprocess.run(
-        ["git", "-C", str(repo), "cat-file", "blob", f"{rev}:{path}"],
-        capture_output=True,
-        check=False,
-    )
-    return out.stdout if out.returncode == 0 else None

@@ -632,6 +632,23 @@ def build_dataset(
     return manifest
 
 
+def _current_manifest(dataset_dir: Path, tip: str, settings: MineSettings) -> dict[str, Any] | None:
+    """The dataset's manifest when it was built from `tip` with these
+    settings and all its shards are there; else None."""
+    try:
+        manifest: dict[str, Any] = json.loads((dataset_dir / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if manifest.get("head") != tip or manifest.get("config") != json.loads(
+        settings.model_dump_json()
+    ):
+        return None
+    shards = manifest.get("shards", {})
+    if not all((dataset_dir / name).is_file() for name in shards):
+        return None
+    return manifest
+
+
 def _safe_out_dir(out_dir: Path) -> None:
     """`--out` replaces the folder; refuse one that holds anything but a dataset."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -757,6 +774,12 @@ def mine_repository(
     # then files it no longer names (replaced, or left by a killed run) go.
     state.save(repo, branch)
     state.remove_stray_batches()
+    dataset_dir = target or store.dataset_dir
+    up_to_date = _current_manifest(dataset_dir, tip, settings)
+    if up_to_date is not None and not todo and not removed and not fresh:
+        # Nothing new on the branch and the same settings: the dataset on disk
+        # is what a rebuild would write (the watcher calls this often).
+        return MineResult(dataset_dir, up_to_date, 0, 0, 0, False, warnings)
     records = [r for r in state.records() if r["commit"] in current]
     extra = {
         "incremental": {
@@ -768,7 +791,7 @@ def mine_repository(
         "warnings": warnings,
     }
     manifest = build_dataset(
-        target or store.dataset_dir,
+        dataset_dir,
         records,
         summaries,
         state,
@@ -779,7 +802,7 @@ def mine_repository(
         extra=extra,
     )
     return MineResult(
-        dataset_dir=target or store.dataset_dir,
+        dataset_dir=dataset_dir,
         manifest=manifest,
         new_commits=len(todo),
         new_instances=len(new_records),

@@ -86,14 +86,17 @@ def register(app: typer.Typer) -> None:
         ] = 2.0,
     ) -> None:
         """Run the language server: inline completions, module lookup and status."""
-        from shoptalk.models.cli import settings_for, state
+        from shoptalk.models.cli import settings_for
 
         if stdio and tcp:
             raise ServeError("choose one of --stdio and --tcp")
         if model is not None and not model.is_file():
             raise ServeError(f"--model {model} does not exist; give the path of a .gguf file")
         settings = settings_for(repo)
-        _configure_logging(log_file or settings.serve.log_file, state.verbose)
+        # The root command set the level from --verbose (read it here: under
+        # `python -m` the CLI module's globals are a second copy).
+        verbose = logging.getLogger().getEffectiveLevel() <= logging.DEBUG
+        _configure_logging(log_file or settings.serve.log_file, verbose)
         from shoptalk.server.lsp import ServerConfig, create_server
 
         config = ServerConfig(

@@ -88,6 +88,17 @@ function M.start(bufnr)
     end
     return nil
   end
+  if vim.fn.executable(cmd[1]) ~= 1 then
+    if not reported_missing then
+      reported_missing = true
+      vim.notify(
+        ("shoptalk: cannot start the server: %s is not executable; fix `python` (or `cmd`) "
+          .. "in setup(), see :checkhealth shoptalk"):format(cmd[1]),
+        vim.log.levels.ERROR
+      )
+    end
+    return nil
+  end
   return vim.lsp.start({
     name = M.name,
     cmd = cmd,

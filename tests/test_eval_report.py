@@ -63,10 +63,10 @@ def _eval_set() -> EvalSet:
 
 
 def _models(tmp_path: Path) -> list[ResolvedModel]:
-    fim = CATALOG[DEFAULT_BASE].fim
+    base = CATALOG[DEFAULT_BASE]
     return [
-        ResolvedModel("base", tmp_path / "base.gguf", None, False, fim),
-        ResolvedModel("org", tmp_path / "org.gguf", None, True, fim, "run-1"),
+        ResolvedModel("base", tmp_path / "base.gguf", None, False, base),
+        ResolvedModel("org", tmp_path / "org.gguf", None, True, base, "run-1"),
     ]
 
 
@@ -200,7 +200,9 @@ def test_no_dataset_and_no_test_split(tmp_path: Path) -> None:
     with pytest.raises(EvalError, match="shoptalk mine"):
         load_test_set(store, Settings(), None)
     store.dataset_dir.mkdir(parents=True)
-    (store.dataset_dir / "manifest.json").write_text(json.dumps({"commits": 4}))
+    (store.dataset_dir / "manifest.json").write_text(
+        json.dumps({"commit_range": {"mined_commits": 4}})
+    )
     (store.dataset_dir / "completion.train.jsonl").write_text("")
     with pytest.raises(EvalError, match=r"has 4 usable commits.*at least 20 commits"):
         load_test_set(store, Settings(), None)
@@ -233,6 +235,15 @@ def test_limit_keeps_several_authors_newest_first(tmp_path: Path) -> None:
     chosen = load_test_set(store, Settings(), 4).completion
     assert [i.id for i in chosen] == ["alice5", "bob1", "alice4", "bob0"]
     assert load_test_set(store, Settings(), None).available == 8
+    # With a cutoff, "newest" keeps what was authored at or after it (any
+    # time zone); "split" keeps the older test commits too.
+    (store.dataset_dir / "manifest.json").write_text(json.dumps({"cutoff": "2025-07-13T00:00:00Z"}))
+    newest = load_test_set(store, Settings(), None)
+    assert sorted(i.id for i in newest.completion) == ["alice3", "alice4", "alice5"]
+    assert load_test_set(store, Settings(), None, scope="split").available == 8
+    (store.dataset_dir / "manifest.json").write_text(json.dumps({"cutoff": "2026-01-01"}))
+    with pytest.raises(EvalError, match="--scope split"):
+        load_test_set(store, Settings(), None)
 
 
 def _fake_model(path: Path, **fields: object) -> Path:

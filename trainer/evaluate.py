@@ -8,7 +8,7 @@ stopping rules. The comparison list names models by role:
     org           the repository's promoted model (`RepoStore.current()`)
     baseline+     the base tuned on as much general code (size control)
     dev:ID        a developer's adapter tuned from the base
-    org+dev:ID    a developer's adapter tuned on top of the org model
+    org+dev:ID    a developer's adapter continued from the org adapter (served on the base)
     run:RUN_ID    any exported run of this repository
 
 Every model is resolved and checked (manifest sha256, repository, base)
@@ -31,7 +31,8 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
@@ -41,8 +42,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from shoptalk.models.catalog import BaseModel, FimTemplate, resolve_base
 from shoptalk.models.errors import ShopTalkError
-from shoptalk.models.manifest import ModelManifest, verify_model_file
-from shoptalk.models.prompt import clip_context, completion_prompt
+from shoptalk.models.manifest import ModelManifest, read_manifest, verify_model_file
 from shoptalk.models.settings import Settings
 from shoptalk.models.store import RepoStore, repo_key
 
@@ -59,6 +59,10 @@ PARAMETRIC_SPECS = ("dev:", "org+dev:", "run:")
 # A team instance is the masked tail of one line, so a prediction is cut at
 # its first line end, as the server's single-line stopping rule does.
 LINE_STOP = "\n"
+
+# Which test instances: the commits after the cutoff, or the whole test split.
+SCOPE_NEWEST, SCOPE_SPLIT = "newest", "split"
+SCOPES = (SCOPE_NEWEST, SCOPE_SPLIT)
 
 
 class EvalError(ShopTalkError):
@@ -103,6 +107,7 @@ class ModuleLookupInstance:
     author_id: str
     query: str
     modules: tuple[str, ...]
+    author_date: str = ""
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> ModuleLookupInstance:
@@ -112,6 +117,7 @@ class ModuleLookupInstance:
             author_id=str(record.get("author_id", "unknown")),
             query=str(record["query"]),
             modules=tuple(str(m) for m in record.get("modules", [])),
+            author_date=str(record.get("author_date", "")),
         )
 
 
@@ -122,7 +128,8 @@ class EvalSet:
     completion: list[CompletionInstance]
     module_lookup: list[ModuleLookupInstance]
     manifest: dict[str, Any]
-    available: int  # completion test instances in the split before --limit
+    available: int  # completion test instances in scope before --limit
+    scope: str = SCOPE_NEWEST
 
     def commit_range(self) -> dict[str, Any]:
         dates = sorted(i.author_date for i in self.completion if i.author_date)
@@ -172,8 +179,35 @@ def _interleave_by_author(
     return chosen[:limit] if limit else chosen
 
 
-def load_test_set(store: RepoStore, settings: Settings, limit: int | None) -> EvalSet:
-    """The mined test split of a repository; clear errors when there is none."""
+def _moment(text: str) -> datetime | None:
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _at_or_after(cutoff: str | None) -> Callable[[str], bool]:
+    """Whether an author date is at or after the cutoff (everything, without one)."""
+    limit = _moment(cutoff) if cutoff else None
+    if limit is None:
+        return lambda _date: True
+
+    def check(date: str) -> bool:
+        moment = _moment(date)
+        return moment is not None and moment >= limit
+
+    return check
+
+
+def load_test_set(
+    store: RepoStore, settings: Settings, limit: int | None, scope: str = SCOPE_NEWEST
+) -> EvalSet:
+    """The mined test split of a repository; clear errors when there is none.
+
+    Scope "newest" keeps the commits at or after the cutoff (the paper's
+    test set); "split" adds the older commits the miner moved to the test
+    split so that every author has a few instances (per-developer figures)."""
     manifest_file = store.dataset_dir / "manifest.json"
     if not manifest_file.is_file():
         raise EvalError(
@@ -189,10 +223,20 @@ def load_test_set(store: RepoStore, settings: Settings, limit: int | None) -> Ev
         CompletionInstance.from_record(r)
         for r in _read_jsonl(store.dataset_dir / "completion.test.jsonl")
     ]
+    if completion and scope == SCOPE_NEWEST:
+        recent = _at_or_after(manifest.get("cutoff"))
+        completion = [i for i in completion if recent(i.author_date)]
+        if not completion:
+            raise EvalError(
+                f"no test instances at or after the cutoff ({manifest.get('cutoff')}); the "
+                "test split only holds older commits of some authors: use --scope split, "
+                "or mine again with a later mine.cutoff"
+            )
     if not completion:
         share = settings.mine.test_share
         needed = math.ceil(2 / share)
-        counted = manifest.get("commits") or manifest.get("commit_count")
+        span = manifest.get("commit_range")
+        counted = span.get("mined_commits") if isinstance(span, dict) else None
         have = f" (the mined history has {counted} usable commits)" if counted else ""
         raise EvalError(
             f"the mined dataset has no completion test instances{have}: the test split is "
@@ -206,13 +250,17 @@ def load_test_set(store: RepoStore, settings: Settings, limit: int | None) -> Ev
         for r in _read_jsonl(store.dataset_dir / "module_lookup.test.jsonl")
         if r.get("source", "commit_message") == "commit_message" and r.get("modules")
     ]
-    lookup.sort(key=lambda i: i.id)
+    if scope == SCOPE_NEWEST:
+        recent = _at_or_after(manifest.get("cutoff"))
+        lookup = [i for i in lookup if recent(i.author_date)]
+    lookup.sort(key=lambda i: (i.author_date, i.id), reverse=True)
     chosen = _interleave_by_author(completion, limit)
     return EvalSet(
         completion=chosen,
         module_lookup=lookup[:limit] if limit else lookup,
         manifest=manifest,
         available=len(completion),
+        scope=scope,
     )
 
 
@@ -228,9 +276,13 @@ class ResolvedModel:
     model: Path
     adapter: Path | None
     use_fim: bool
-    template: FimTemplate
+    base: BaseModel
     run_id: str | None = None
     manifests: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def template(self) -> FimTemplate:
+        return self.base.fim
 
 
 def parse_specs(text: str) -> list[str]:
@@ -372,17 +424,17 @@ def resolve_models(
         manifests: dict[str, Any] = {}
         if model is not None and on_top_of is None:
             manifests["model"] = _verify(spec, model, repo, base)
-            return ResolvedModel(spec, model, None, True, base.fim, run_dir.name, manifests)
+            return ResolvedModel(spec, model, None, True, base, run_dir.name, manifests)
         if adapter is None:
             raise EvalError(f"run {run_dir.name} has no exported model; run `shoptalk export`")
         manifests["adapter"] = _verify(spec, adapter, repo, base)
         host = on_top_of or the_base_file()
-        return ResolvedModel(spec, host, adapter, True, base.fim, run_dir.name, manifests)
+        return ResolvedModel(spec, host, adapter, True, base, run_dir.name, manifests)
 
     for spec in specs:
         if spec == "base":
             resolved.append(
-                ResolvedModel(spec, the_base_file(), None, base.fim.trained, base.fim, None, {})
+                ResolvedModel(spec, the_base_file(), None, base.fim.trained, base, None, {})
             )
         elif spec == "org":
             current = store.current()
@@ -391,7 +443,7 @@ def resolve_models(
                     "org (no promoted model: run `shoptalk train` and `shoptalk export`)"
                 )
                 continue
-            resolved.append(_from_current(spec, current, repo, base))
+            resolved.append(_from_current(spec, current, repo, base, settings, data_dir))
         elif spec == "baseline+":
             run_dir = _find_run(store, "baseline+", None)
             if run_dir is None:
@@ -417,14 +469,9 @@ def resolve_models(
                     "that developer enabled personalization, see `personal.enabled`)"
                 )
                 continue
-            host = None
-            if on_org:
-                current = store.current()
-                if current is None:
-                    missing.append(f"{spec} (needs the org model, and none is promoted)")
-                    continue
-                host = _from_current("org", current, repo, base).model
-            resolved.append(from_run(spec, run_dir, on_top_of=host))
+            # An org+dev adapter continues the team's LoRA (it contains the team's
+            # update), so it is served on the base, like a dev adapter.
+            resolved.append(from_run(spec, run_dir))
     if missing:
         raise EvalError(
             "cannot compare the requested models; missing:\n"
@@ -434,29 +481,45 @@ def resolve_models(
     return resolved
 
 
-def _from_current(spec: str, current: dict[str, Any], repo: Path, base: BaseModel) -> ResolvedModel:
-    model = Path(str(current.get("model") or ""))
-    adapter_value = current.get("adapter")
-    run_id = current.get("run_id")
+def _from_current(
+    spec: str,
+    current: dict[str, Any],
+    repo: Path,
+    base: BaseModel,
+    settings: Settings,
+    data_dir: Path,
+) -> ResolvedModel:
+    """The promoted model, checked exactly as the server checks it before
+    serving (sha256 of model, adapter and the adapter's host), then for this
+    repository and base."""
+    from shoptalk.server.models_registry import promoted_choice
+
+    choice = promoted_choice(current, settings, data_dir)
     manifests: dict[str, Any] = {}
-    if adapter_value:
-        adapter = Path(str(adapter_value))
-        host = Path(str(current.get("base_model") or ""))
-        if not host.is_file():
-            raise EvalError(
-                f"the promoted model's base {host} is missing: pull it again "
-                "(`shoptalk models pull`) or roll back (`shoptalk models rollback`)"
-            )
-        manifests["adapter"] = _verify(spec, adapter, repo, base)
-        return ResolvedModel(spec, host, adapter, True, base.fim, run_id, manifests)
-    manifests["model"] = _verify(spec, model, repo, base)
-    return ResolvedModel(spec, model, None, True, base.fim, run_id, manifests)
+    for role, path in (
+        ("adapter", choice.adapter),
+        ("model", None if choice.adapter else choice.model),
+    ):
+        if path is not None:
+            manifest = read_manifest(path)
+            _check_manifest(spec, manifest, repo, base)
+            manifests[role] = asdict(manifest)
+    return ResolvedModel(spec, choice.model, choice.adapter, True, base, choice.run_id, manifests)
 
 
 # ------------------------------------------------------------------ engine
 
 
-class CompletionEngine(Protocol):
+# Eval lets every answer finish: a latency budget would make the figures
+# depend on how busy the machine is. Latency is measured and reported instead.
+EVAL_BUDGET_MS = 120_000
+# HumanEval bodies run long; they are generated without the line stop.
+HUMANEVAL_BUDGET_S = 300.0
+
+
+class EvalEngine(Protocol):
+    """What evaluation asks of a model (`ServedModel` is the real one)."""
+
     def complete(self, prefix: str, suffix: str) -> str: ...
 
     def generate(self, prompt: str, max_tokens: int, stop: Sequence[str]) -> str: ...
@@ -464,71 +527,68 @@ class CompletionEngine(Protocol):
     def close(self) -> None: ...
 
 
-class LlamaEngine:
-    """A model served the way the language server serves it: llama.cpp on
-    the GGUF (plus LoRA adapter), the shared prompt builder and the serve
-    settings' context budgets, greedy decoding, single-line stop."""
+class ServedModel:
+    """A model behind the language server's own engine: `LlamaBackend` on the
+    GGUF (plus LoRA adapter), `CompletionEngine` with the shared prompt
+    builder, token healing, stop rules and post-filters, greedy decoding.
 
-    def __init__(self, model: ResolvedModel, settings: Settings, max_tokens: int):
-        from llama_cpp import Llama
+    The instance is the masked tail of one line, so the single-line stop
+    applies (under greedy decoding the first line of a multi-line answer is
+    the same), the suggestion cache is off, and the latency budget is lifted
+    (see EVAL_BUDGET_MS)."""
 
-        serve = settings.serve
+    def __init__(self, model: ResolvedModel, settings: Settings):
+        from shoptalk.server.backends import BackendError
+        from shoptalk.server.completion import CompletionEngine
+        from shoptalk.server.models_registry import ModelChoice, build_backend, engine_options
+
         self.model = model
-        self.serve = serve
-        self.max_tokens = max_tokens
-        try:
-            self.llm = Llama(
-                model_path=str(model.model),
-                lora_path=str(model.adapter) if model.adapter else None,
-                n_ctx=serve.context_tokens,
-                n_threads=serve.threads or settings.train.threads,
-                n_gpu_layers=serve.gpu_layers,
-                seed=0,
-                verbose=False,
-            )
-        except (ValueError, RuntimeError) as exc:
-            adapter = f" with adapter {model.adapter}" if model.adapter else ""
-            raise EvalError(
-                f"llama.cpp could not load {model.spec!r} ({model.model}{adapter}): {exc}. "
-                "Export it again (`shoptalk export`) or leave it out of --models."
-            ) from None
-
-    def _text(self, prompt: str, max_tokens: int, stop: Sequence[str]) -> str:
-        tokens = self.llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
-        # Keep the newest context when the prompt would not fit: the server
-        # clips the same way (prefix tail kept).
-        room = self.llm.n_ctx() - max_tokens - 1
-        if len(tokens) > room:
-            tokens = tokens[:1] + tokens[len(tokens) - room + 1 :]
-        result = self.llm.create_completion(
-            tokens, max_tokens=max_tokens, temperature=0.0, stop=list(stop), seed=0
+        serve = settings.serve.model_copy(update={"backend": "llama"})
+        choice = ModelChoice(
+            model.model, model.adapter, model.base, model.use_fim, model.run_id, "eval"
         )
-        return str(result["choices"][0]["text"])  # type: ignore[index]
+        try:
+            self.backend = build_backend(choice, serve)
+        except BackendError as exc:
+            raise EvalError(f"cannot evaluate {model.spec!r}: {exc}") from None
+        options = replace(
+            engine_options(serve),
+            max_tokens=settings.eval.max_tokens,
+            max_latency_ms=EVAL_BUDGET_MS,
+            multiline="never",
+        )
+        self.engine = CompletionEngine(self.backend, choice.template, choice.use_fim, options)
 
     def complete(self, prefix: str, suffix: str) -> str:
-        # Prefix-only, spaces before the cursor would end the prompt on a lone
-        # space token, which tokenizers that glue spaces to words almost never
-        # produce: the model then answers with digits or nothing. Leave them
-        # out of the prompt and take them back off the answer. (With FIM the
-        # answer follows the middle token, as in training: nothing to fix.)
-        stripped = prefix if self.model.use_fim else prefix.rstrip(" \t")
-        gap = prefix[len(stripped) :]
-        parts = clip_context(stripped, suffix, self.serve.prefix_chars, self.serve.suffix_chars)
-        prompt = completion_prompt(self.model.template, parts, self.model.use_fim)
-        text = self._text(prompt, self.max_tokens, [LINE_STOP, self.model.template.end])
-        if gap and text.startswith(gap):
-            return text[len(gap) :]
-        return text.lstrip(" \t") if gap else text
+        suggestion = self.engine.complete(prefix + suffix, len(prefix), use_cache=False)
+        return suggestion.text.split(LINE_STOP, 1)[0]
 
     def generate(self, prompt: str, max_tokens: int, stop: Sequence[str]) -> str:
-        return self._text(prompt, max_tokens, [*stop, self.model.template.end])
+        """Plain continuation of `prompt` (HumanEval), healed at its end,
+        cut before the first of `stop`."""
+        from shoptalk.server.completion import GenerationRequest, PromptPlan
+
+        def stop_at(text: str) -> int | None:
+            cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
+            return min(cuts) if cuts else None
+
+        plan = PromptPlan("", prompt, "", (self.model.template.end,))
+        request = GenerationRequest(
+            plan, max_tokens, time.monotonic() + HUMANEVAL_BUDGET_S, heal=True, stop_at=stop_at
+        )
+        text = self.backend.generate(request).text
+        cut = stop_at(text)
+        return text if cut is None else text[:cut]
+
+    def generate_with_grammar(self, prompt: str, grammar: str, max_tokens: int) -> str:
+        return str(self.backend.generate_with_grammar(prompt, grammar, max_tokens))  # type: ignore[attr-defined]
 
     def close(self) -> None:
-        self.llm.close()
+        self.backend.close()
 
 
-def open_engine(model: ResolvedModel, settings: Settings) -> CompletionEngine:
-    return LlamaEngine(model, settings, settings.eval.max_tokens)
+def open_engine(model: ResolvedModel, settings: Settings) -> ServedModel:
+    return ServedModel(model, settings)
 
 
 # ------------------------------------------------------------------ module lookup
@@ -583,7 +643,7 @@ def _progress() -> Iterator[Progress]:
 
 
 def run_model(
-    engine: CompletionEngine,
+    engine: EvalEngine,
     spec: str,
     instances: Sequence[CompletionInstance],
     progress: Progress | None = None,
@@ -630,6 +690,7 @@ def evaluate_models(
     humaneval_problems: int = 0,
     out_dir: Path | None = None,
     command: str | None = None,
+    scope: str = SCOPE_NEWEST,
 ) -> EvalReport:
     """Evaluate `specs` (see the module docstring) on the repository's mined
     test split and write report.json, report.html and predictions.jsonl to
@@ -640,7 +701,9 @@ def evaluate_models(
 
     repo = repo.resolve()
     store = RepoStore.for_repo(data_dir, repo)
-    test_set = load_test_set(store, settings, limit or settings.eval.limit)
+    if scope not in SCOPES:
+        raise EvalError(f"unknown --scope {scope!r}: use {' or '.join(SCOPES)}")
+    test_set = load_test_set(store, settings, limit or settings.eval.limit, scope)
     models = resolve_models(specs, repo, settings, data_dir, report=console.print)
     trivial = retention.trivial_ngram_set(data_dir)
     general = (
@@ -658,7 +721,15 @@ def evaluate_models(
         + (f", {len(problems)} HumanEval problems" if problems else "")
     )
     runs: list[ModelRun] = []
-    lookup = LookupRankings(reason=_module_lookup_unavailable())
+    lookup = LookupRankings()
+    modules: ModuleLookupEval | None = None
+    if test_set.module_lookup:
+        modules = ModuleLookupEval(repo, test_set.module_lookup)
+        if not modules.ids:
+            lookup.reason = f"no modules were found in {repo} (no supported source files)"
+            modules = None
+        else:
+            lookup.rankings["retrieval (BM25)"] = modules.retrieval()
     started = time.time()
     with _progress() as progress:
         for model in models:
@@ -666,6 +737,8 @@ def evaluate_models(
             try:
                 run = run_model(engine, model.spec, test_set.completion, progress)
                 _run_retention(engine, run, general, problems, progress)
+                if modules is not None:
+                    lookup.rankings.update(modules.with_model(model, engine, progress))
             finally:
                 engine.close()
             runs.append(run)
@@ -693,17 +766,55 @@ def evaluate_models(
     return EvalReport(target, data)
 
 
-def _module_lookup_unavailable() -> str | None:
-    """Why module lookup cannot be evaluated here, or None when it can."""
-    import importlib.util
+class ModuleLookupEval:
+    """Module lookup on the repository's module map (its working tree, read
+    only), ranked as the server ranks: BM25 alone, the model alone (picks
+    under a grammar of all module ids), and the server's fusion of both."""
 
-    if importlib.util.find_spec("shoptalk.server.module_lookup") is None:
-        return "the server's module lookup (shoptalk.server.module_lookup) is not installed"
-    return "module lookup evaluation is not wired to the server's ranking in this build"
+    def __init__(self, repo: Path, queries: Sequence[ModuleLookupInstance]):
+        from shoptalk.models.module_map import module_map_from_tree
+        from shoptalk.server.module_lookup import ModuleIndex
+
+        self.queries = list(queries)
+        self.index = ModuleIndex(module_map_from_tree(repo))
+        self.ids = sorted(self.index.module_map.modules)
+
+    def retrieval(self) -> list[list[str]]:
+        from shoptalk.server.module_lookup import find_modules
+
+        return [
+            [hit.id for hit in find_modules(q.query, self.index, None, LOOKUP_DEPTH)]
+            for q in self.queries
+        ]
+
+    def with_model(
+        self, model: ResolvedModel, engine: ServedModel, progress: Progress
+    ) -> dict[str, list[list[str]]]:
+        from shoptalk.server.module_lookup import (
+            BASE_MODEL_WEIGHT,
+            MAX_GRAMMAR_IDS,
+            TUNED_MODEL_WEIGHT,
+            find_modules,
+            model_picks,
+        )
+
+        # The server trusts a tuned model's pick more than the base's.
+        weight = TUNED_MODEL_WEIGHT if model.run_id else BASE_MODEL_WEIGHT
+        generate = engine.generate_with_grammar
+        hybrid: list[list[str]] = []
+        alone: list[list[str]] = []
+        task = progress.add_task(f"{model.spec}: module lookup", total=len(self.queries))
+        for q in self.queries:
+            hits = find_modules(q.query, self.index, generate, LOOKUP_DEPTH, model_weight=weight)
+            hybrid.append([hit.id for hit in hits])
+            alone.append(model_picks(q.query, self.ids[:MAX_GRAMMAR_IDS], generate, LOOKUP_DEPTH))
+            progress.advance(task)
+        progress.remove_task(task)
+        return {f"{model.spec}: hybrid": hybrid, f"{model.spec}: model": alone}
 
 
 def _run_retention(
-    engine: CompletionEngine,
+    engine: EvalEngine,
     run: ModelRun,
     general: Sequence[GeneralInstance],
     problems: Sequence[HumanEvalProblem],
@@ -770,6 +881,13 @@ def register(app: typer.Typer) -> None:
             Path | None,
             typer.Option(help="Write the report here (default: the repository's data folder)."),
         ] = None,
+        scope: Annotated[
+            str,
+            typer.Option(
+                help="newest: commits after the cutoff; split: the whole test split "
+                "(adds each author's older test commits)."
+            ),
+        ] = SCOPE_NEWEST,
     ) -> None:
         """Compare models on the repository's newest commits: exact match, edit
         similarity, CrystalBLEU per author with confidence intervals, module
@@ -791,6 +909,7 @@ def register(app: typer.Typer) -> None:
             general_instances=general,
             humaneval_problems=humaneval,
             out_dir=out,
+            scope=scope,
         )
         for table in summary_tables(result.data):
             stdout_console.print(table)

@@ -155,6 +155,7 @@ def build_report_data(
         "seconds": seconds,
         "dataset": {
             "manifest": test_set.manifest,
+            "scope": test_set.scope,
             "commit_range": test_set.commit_range(),
             "instances": {
                 "completion": len(instances),
@@ -532,7 +533,7 @@ Created {esc(data["created"])} on {esc(data["machine"]["platform"])}, {data["sec
 <p>Repository <code>{esc(data["repo"])}</code>; cutoff <code>{esc(str(span["cutoff"]))}</code>;
 mined range <code>{esc(str(span["mined_range"]))}</code>.<br>
 {dataset["instances"]["completion"]} completion instances (of {dataset["instances"]["completion_in_split"]}
-in the test split) from {span["commits"]} commits, authored {esc(str(span["first_author_date"]))} …
+in scope “{esc(dataset["scope"])}”) from {span["commits"]} commits, authored {esc(str(span["first_author_date"]))} …
 {esc(str(span["last_author_date"]))}; {dataset["instances"]["module_lookup"]} module-lookup queries.</p>
 <h2>Completion</h2>
 {_table_html(SUMMARY_COLUMNS, summary_rows(data))}

@@ -146,7 +146,7 @@ class LlamaBackend:
     ) -> None:
         self.model_path = model_path
         self.options = options or LlamaOptions()
-        self.adapter = adapter
+        self.adapter: Path | None = None
         self.lock = threading.RLock()  # one llama context: one user at a time
         try:
             from llama_cpp import Llama
@@ -166,7 +166,6 @@ class LlamaBackend:
                 n_threads_batch=threads,
                 n_gpu_layers=self.options.gpu_layers if gpu else 0,
                 logits_all=False,
-                lora_path=str(adapter) if adapter is not None else None,
                 verbose=False,
             )
         except (ValueError, RuntimeError, OSError) as exc:
@@ -179,6 +178,25 @@ class LlamaBackend:
         self.pieces = VocabPieces(self._read_pieces())
         self._stop_ids = {t for t, piece in enumerate(self.pieces.pieces) if not piece}
         self._stop_ids.add(int(self.llm.token_eos()))
+        self._adapters: Any = None
+        self.adapter = None
+        if adapter is not None:
+            self.set_adapter(adapter)
+
+    def set_adapter(self, adapter: Path | None) -> None:
+        """Apply a GGUF LoRA adapter (replacing the current one), or with None
+        serve the plain model, without reloading the weights. The KV cache is
+        dropped: it was computed with the previous weights."""
+        from shoptalk.server.lora import LoraAdapters
+
+        with self.lock:
+            if self._adapters is None:
+                self._adapters = LoraAdapters(self.llm)
+            if adapter is None:
+                self._adapters.remove()
+            else:
+                self._adapters.apply(adapter)
+            self.adapter = adapter
 
     def _read_pieces(self) -> list[bytes]:
         import llama_cpp

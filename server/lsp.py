@@ -248,7 +248,6 @@ class ShopTalkServer(LanguageServer):
         return True
 
     def _report_progress(self, token: str, message: str, enabled: bool) -> None:
-        log.info("model: %s", message)
         if enabled:
             self._call_on_loop(
                 lambda: self.work_done_progress.report(

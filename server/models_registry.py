@@ -170,6 +170,14 @@ def choose_model(
     return default_choice(settings, data_dir)
 
 
+def remote_choice(settings: Settings) -> ModelChoice:
+    """The model behind an OpenAI-compatible server: its prompts follow the
+    configured base's template (prefix-only unless the base was trained on FIM)."""
+    base = _base_for(settings.train.base, settings)
+    url = settings.serve.openai_url or ""
+    return ModelChoice(Path(url), None, base, base.fim.trained, None, "openai")
+
+
 def engine_options(serve: ServeSettings) -> EngineOptions:
     return EngineOptions(
         max_tokens=serve.max_tokens,
@@ -192,6 +200,18 @@ def build_backend(choice: ModelChoice, serve: ServeSettings) -> Backend:
         context_tokens=serve.context_tokens, threads=serve.threads, gpu_layers=serve.gpu_layers
     )
     return LlamaBackend(choice.model, options, adapter=choice.adapter)
+
+
+def _adapter_swap_target(
+    current: Loaded | None, choice: ModelChoice, serve: ServeSettings
+) -> LlamaBackend | None:
+    """The loaded llama.cpp backend when `choice` differs from it only in the adapter."""
+    if current is None or serve.backend != "llama":
+        return None
+    backend = current.engine.backend
+    if isinstance(backend, LlamaBackend) and backend.model_path == choice.model:
+        return backend
+    return None
 
 
 @dataclass
@@ -254,19 +274,34 @@ class ModelRegistry:
         """Choose, verify and load the model; on failure keep what is loaded and
         remember the error (reported once through `notify`)."""
         stamp = self._stamp()
-        report = progress or (lambda _message: None)
+
+        def report(message: str) -> None:
+            log.info("model: %s", message)
+            if progress is not None:
+                progress(message)
+
         try:
             report("choosing the model")
-            choice = choose_model(self.repo, self.settings, self.notify, self.fallback)
+            if self.settings.serve.backend == "openai":
+                choice = remote_choice(self.settings)
+            else:
+                choice = choose_model(self.repo, self.settings, self.notify, self.fallback)
             current = self.loaded()
             if current is not None and current.choice.key() == choice.key():
                 self._current_stamp = stamp
                 return current
-            report(
-                f"loading {choice.model.name}"
-                + (f" + {choice.adapter.name}" if choice.adapter else "")
-            )
-            backend = self._factory(choice, self.settings.serve)
+            reuse = _adapter_swap_target(current, choice, self.settings.serve)
+            if reuse is not None:
+                # Same weights, another adapter: swap it in place, no reload.
+                report(f"applying adapter {choice.adapter.name if choice.adapter else '(none)'}")
+                reuse.set_adapter(choice.adapter)
+                backend: Backend = reuse
+            else:
+                report(
+                    f"loading {choice.model.name}"
+                    + (f" + {choice.adapter.name}" if choice.adapter else "")
+                )
+                backend = self._factory(choice, self.settings.serve)
             engine = CompletionEngine(
                 backend, choice.template, choice.use_fim, engine_options(self.settings.serve)
             )
@@ -286,8 +321,9 @@ class ModelRegistry:
         if previous is not None:
             self.swaps += 1
             log.info("switched to %s (%s)", choice.model, choice.source)
-            # The old backend's lock waits for a request still running on it.
-            threading.Thread(target=previous.engine.backend.close, daemon=True).start()
+            if previous.engine.backend is not engine.backend:
+                # The old backend's lock waits for a request still running on it.
+                threading.Thread(target=previous.engine.backend.close, daemon=True).start()
         return loaded
 
     def check_for_promotion(self) -> bool:

@@ -623,3 +623,36 @@ async def test_tcp_binds_loopback_unless_told_and_warns(model_file: Path, data_d
     exposed = await _tcp_server_log(model_file, data_dir, "--host", "0.0.0.0")
     assert "Serving on ('0.0.0.0'" in exposed
     assert "anyone who can reach this address can read your code" in exposed
+
+
+async def test_hot_swap_of_a_promoted_adapter_keeps_the_weights(
+    session: Session, tiny_run: Callable[..., Path], tmp_path: Path
+) -> None:
+    from shoptalk.trainer.export import export_run
+
+    run = tmp_path / "run-lora"
+    shutil.copytree(tiny_run("gemma3", seed=11, train_steps=0), run)
+    adapter = export_run(run, "f32", adapter_only=True, threads=1).files[0]
+    host = session.data_dir.parent / "models" / "model-a.gguf"
+    store = RepoStore.for_repo(session.data_dir, session.workspace)
+    uri = await session.open("billing/invoices.py", SOURCE)
+    store.promote(
+        {"run_id": "run-lora", "model": None, "adapter": str(adapter), "base_model": str(host)}
+    )
+    deadline = time.monotonic() + 30
+    while (await session.status())["adapter"] != str(adapter):
+        await session.inline(uri, 5, 4)
+        assert time.monotonic() < deadline, session.stderr.decode()[-2000:]
+        await asyncio.sleep(0.1)
+    status = await session.status()
+    assert status["model"] == str(host) and status["run_id"] == "run-lora"
+    assert b"applying adapter" in session.stderr and session.stderr.count(b"model: loading model-a") == 1
+    await session.inline(uri, 5, 4)
+    # Promoting the plain model again removes the adapter, still without a reload.
+    store.promote({"run_id": "run-a", "model": str(host), "adapter": None})
+    while (await session.status())["adapter"] is not None:
+        assert time.monotonic() < deadline + 30
+        await asyncio.sleep(0.1)
+    assert (await session.status())["swaps"] == 2
+    assert session.stderr.count(b"model: loading model-a") == 1
+    assert not session.messages

@@ -1,0 +1,101 @@
+/**
+ * What the status bar says about the server: which model (base / team /
+ * personal), the device, and the training state (idle / queued / training
+ * n% / promoted), from a `shoptalk/status` answer.
+ *
+ * Pure: no `vscode` import, so the unit tests run in plain node.
+ */
+
+export type ModelKind = "base" | "team" | "personal";
+
+export interface TrainingJob {
+  state?: string;
+  step?: string | null;
+  progress?: number | null;
+  message?: string | null;
+}
+
+/** The `shoptalk/status` answer (fields the server may leave out are optional). */
+export interface ServerStatus {
+  model?: string | null;
+  adapter?: string | null;
+  device?: string | null;
+  source?: string | null;
+  run_id?: string | null;
+  base?: string | null;
+  personal?: boolean | null;
+  loading?: boolean;
+  error?: string | null;
+  training?: TrainingJob | null;
+  queue?: number | null;
+}
+
+export interface StatusView {
+  kind: ModelKind;
+  training: string;
+  /** The status bar text (with a codicon). */
+  text: string;
+  /** Lines for the tooltip and the details quick pick. */
+  details: string[];
+}
+
+export function modelKind(status: ServerStatus): ModelKind {
+  if (status.personal === true || status.source === "personal") {
+    return "personal";
+  }
+  if (status.source === "promoted") {
+    return "team";
+  }
+  return "base";
+}
+
+export function trainingState(status: ServerStatus): string {
+  const job = status.training;
+  if (job === undefined || job === null || job.state === undefined) {
+    return "idle";
+  }
+  switch (job.state) {
+    case "queued":
+      return "queued";
+    case "running": {
+      const progress = typeof job.progress === "number" ? Math.round(Math.min(1, Math.max(0, job.progress)) * 100) : 0;
+      return `training ${progress}%`;
+    }
+    case "done":
+      return /promot/i.test(job.message ?? "") ? "promoted" : "idle";
+    case "failed":
+      return "training failed";
+    default:
+      return "idle";
+  }
+}
+
+function baseName(file: string): string {
+  const parts = file.split(/[\\/]/);
+  return parts[parts.length - 1] ?? file;
+}
+
+export function describeStatus(status: ServerStatus): StatusView {
+  const kind = modelKind(status);
+  const training = trainingState(status);
+  const device = status.device ?? "?";
+  let text: string;
+  if (status.loading === true) {
+    text = "$(loading~spin) ShopTalk: loading";
+  } else if (status.model === undefined || status.model === null) {
+    text = "$(warning) ShopTalk: no model";
+  } else {
+    text = `$(sparkle) ShopTalk: ${kind} · ${device} · ${training}`;
+  }
+  const details = [
+    `Model: ${status.model ? baseName(status.model) : "none"} (${kind}${status.run_id ? `, run ${status.run_id}` : ""})`,
+    `Adapter: ${status.adapter ? baseName(status.adapter) : "none"}`,
+    `Device: ${device}`,
+    `Training: ${training}${status.training?.message ? ` — ${status.training.message}` : ""}`,
+    `Queue: ${status.queue ?? 0} job(s)`,
+  ];
+  if (status.error) {
+    details.push(`Problem: ${status.error}`);
+  }
+  return { kind, training, text, details };
+}

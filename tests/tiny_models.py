@@ -242,9 +242,7 @@ def _config(arch: str, vocab_size: int, hidden_size: int, special_ids: dict[str,
         "head_dim": hidden_size // 4,
         "max_position_embeddings": 2048,
         "rms_norm_eps": 1e-6,
-        # Wider than the default 0.02 so the random logits have a clear top-1
-        # (otherwise quantization noise flips near-ties).
-        "initializer_range": 0.2,
+        "initializer_range": 0.02,
         **special_ids,
     }
     if arch == "gemma3":
@@ -290,13 +288,19 @@ def build_tiny_hf(arch: str, out_dir: Path, hidden_size: int = 64) -> Path:
     config = _config(arch, vocab_size, hidden_size, special_ids)
     torch.manual_seed(_SEED)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # The final norm's gain sets the logits' spread (std ≈ 3): a random model
+    # with flat logits has near-ties everywhere that any rounding flips, and
+    # bigger weights inside the blocks would make it chaotic instead.
+    final_gain = 3.0 / (0.02 * hidden_size**0.5)
     with torch.no_grad():
-        # Random norm weights too, so a writer that mishandles them fails.
-        for param in model.parameters():
-            if param.dim() == 1:
-                param.copy_(1.0 + 0.1 * torch.randn_like(param))
-                if arch == "gemma3":
-                    param.sub_(1.0)  # Gemma's RMSNorm multiplies by (1 + w)
+        for name, param in model.named_parameters():
+            if param.dim() != 1:
+                continue
+            # Random norm weights too, so a writer that mishandles them fails.
+            gain = final_gain if name == "model.norm.weight" else 1.0
+            param.copy_(gain * (1.0 + 0.1 * torch.randn_like(param)))
+            if arch == "gemma3":
+                param.sub_(1.0)  # Gemma's RMSNorm multiplies by (1 + w)
     model.generation_config.do_sample = False
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
@@ -378,3 +382,102 @@ def decisive_positions(reference: Any, margin: float) -> Any:
 
     top2 = np.sort(reference, axis=-1)[:, -2:]
     return (top2[:, 1] - top2[:, 0]) > margin
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def build_tiny_run(
+    checkpoint: Path,
+    run_dir: Path,
+    *,
+    seed: int = 7,
+    rank: int = 8,
+    alpha: float = 16.0,
+    train_steps: int = 40,
+) -> Path:
+    """A finished training run folder as `shoptalk train` leaves it: a PEFT
+    LoRA made directly with peft on the tiny checkpoint and `record.json`
+    saying complete. B starts random and non-zero (so even `train_steps=0`
+    changes the outputs); a few Adam steps on `CODE_TEXT` then give the merged
+    model the confident top-1 of a tuned model, which is what quantization
+    agreement is measured on."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from shoptalk.models.catalog import resolve_base
+    from shoptalk.models.files import sha256_file
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=list(LORA_TARGETS), lora_dropout=0.0
+    )
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    if train_steps:
+        from transformers import AutoTokenizer
+
+        ids = torch.tensor([AutoTokenizer.from_pretrained(checkpoint)(CODE_TEXT).input_ids])
+        trainable = [p for p in peft_model.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(trainable, lr=1e-2)
+        peft_model.train()
+        for _ in range(train_steps):
+            loss = peft_model(input_ids=ids, labels=ids).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        peft_model.eval()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    adapter = run_dir / "adapter"
+    peft_model.save_pretrained(str(adapter), safe_serialization=True)
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    adapter_config["base_model_name_or_path"] = str(checkpoint)
+    (adapter / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+    base = resolve_base(str(checkpoint))
+    record = {
+        "run_id": run_dir.name,
+        "status": "complete",
+        "purpose": "org",
+        "developer": None,
+        "repo": "/tmp/some-repo",
+        "base": {
+            "key": base.key,
+            "source": base.source,
+            "path": str(checkpoint),
+            "architecture": base.architecture,
+            "sha256": sha256_file(checkpoint / "model.safetensors"),
+            "tokenizer_sha256": sha256_file(checkpoint / "tokenizer.json"),
+        },
+        "dataset": {"manifest_sha256": "d" * 64},
+        "seed": seed,
+        "best_val_loss": 1.25,
+    }
+    (run_dir / "record.json").write_text(json.dumps(record, indent=2))
+    return run_dir
+
+
+TinyRun = Callable[..., Path]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_hf: TinyHf) -> TinyRun:
+    """Factory: `tiny_run(arch, seed=7, train_steps=40)` → a cached complete
+    run folder (see `build_tiny_run`; `train_steps=0` is cheap: random B only).
+    Shared by the session: copy it before changing it."""
+    built: dict[tuple[str, int, int], Path] = {}
+
+    def make(arch: str, seed: int = 7, train_steps: int = 40) -> Path:
+        key = (arch, seed, train_steps)
+        if key not in built:
+            root = tmp_path_factory.mktemp(f"tiny-run-{arch}-{seed}")
+            built[key] = build_tiny_run(
+                tiny_hf(arch), root / f"run-{arch}-{seed}", seed=seed, train_steps=train_steps
+            )
+        return built[key]
+
+    return make

@@ -41,6 +41,8 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
+# gguf-py logs every file it writes at INFO, which would cut through progress bars.
+logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)
 
 GGUF_ARCH = {
     "gemma3": gguf.MODEL_ARCH.GEMMA3,
@@ -189,8 +191,8 @@ def read_vocabulary(tokenizer_dir: Path, arch: str) -> Vocabulary:
     return vocab
 
 
-def _added_type(entry: Mapping[str, Any]) -> int:
-    return int(gguf.TokenType.CONTROL if entry.get("special") else gguf.TokenType.USER_DEFINED)
+def _added_type(entry: Mapping[str, Any]) -> gguf.TokenType:
+    return gguf.TokenType.CONTROL if entry.get("special") else gguf.TokenType.USER_DEFINED
 
 
 def _append_added(vocab: Vocabulary, added: Mapping[int, Mapping[str, Any]]) -> None:
@@ -200,7 +202,7 @@ def _append_added(vocab: Vocabulary, added: Mapping[int, Mapping[str, Any]]) -> 
             raise GGUFWriteError(f"added token ids are not consecutive (gap before id {token_id})")
         vocab.tokens.append(str(added[token_id]["content"]))
         vocab.scores.append(-1000.0)
-        vocab.types.append(_added_type(added[token_id]))
+        vocab.types.append(int(_added_type(added[token_id])))
 
 
 def _sentencepiece_vocabulary(
@@ -256,7 +258,7 @@ def _byte_level_vocabulary(
     ]
     for i, entry in added.items():
         if i < size:
-            types[i] = _added_type(entry)
+            types[i] = int(_added_type(entry))
     vocab = Vocabulary(
         model="gpt2",
         pre=pre,
@@ -575,7 +577,8 @@ def _write_file(
     except OSError as exc:
         writer.close()
         tmp.unlink(missing_ok=True)
-        if exc.errno == errno.ENOSPC:
+        # numpy's tofile reports a short write (fwrite on a full disk) without errno.
+        if exc.errno in (None, errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             raise GGUFWriteError(
                 f"the disk filled up while writing {out_path.name}; nothing was kept. "
                 "Free some space and run again"

@@ -462,8 +462,11 @@ def register(app: typer.Typer) -> None:
             str, typer.Argument(help="Run id (in the repository's store) or run folder.")
         ],
         quant: Annotated[
-            str, typer.Option(help="q8_0, q4_k_m, q5_k_m, f16 or f32 (adapter: f16 unless f32).")
-        ] = "q8_0",
+            str | None,
+            typer.Option(
+                help="q8_0, q4_k_m, q5_k_m, f16 or f32 (default: [export] quant; adapter: f16 unless f32)."
+            ),
+        ] = None,
         adapter_only: Annotated[
             bool,
             typer.Option(
@@ -482,10 +485,10 @@ def register(app: typer.Typer) -> None:
         from shoptalk.models.cli import err, settings_for
         from shoptalk.models.cli import out as stdout_console
 
-        quant = quant.lower()
+        settings = settings_for(repo)
+        quant = (quant or settings.export.quant).lower()
         if quant not in QUANTS:
             raise ExportError(f"--quant {quant!r}: use one of {', '.join(QUANTS)}")
-        settings = settings_for(repo)
         run_dir = find_run(run, repo, settings.resolved_data_dir())
         with Progress(
             SpinnerColumn(),

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from git_repos import (
     ALICE,
+    AWS_KEY,
     BOB,
     CANARIES,
     CAROL,
@@ -458,3 +459,21 @@ def test_cli_mine_prints_a_summary_and_errors_without_traceback(
     )
     assert bad.returncode == 2
     assert "not a git repository" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_secret_is_counted_by_the_commit_that_added_it(
+    repo_builder: RepoBuilder, tmp_path: Path
+) -> None:
+    repo = repo_builder
+    body = "def connect(host: str, port: int = 5432) -> object:\n    return open_connection(host, port, retries=3)\n"
+    repo.write("app/db.py", f'AWS_ACCESS_KEY_ID = "{AWS_KEY}"\n\n\n{body}')
+    repo.commit("Add the database client", ALICE)
+    repo.write(
+        "app/db.py",
+        f'AWS_ACCESS_KEY_ID = "{AWS_KEY}"\n\n\n{body}{body.replace("connect", "reconnect")}',
+    )
+    repo.commit("Add reconnect", ALICE)
+    result = mine_repository(repo.path, MineSettings(test_per_author=0), tmp_path / "d")
+    assert result.manifest["secrets"]["found"] == {"AWS Access Key": 1}
+    text = "\n".join(p.read_text() for p in result.dataset_dir.glob("*.jsonl"))
+    assert AWS_KEY not in text and "<SECRET_AWS_ACCESS_KEY>" in text

@@ -228,7 +228,7 @@ def test_alias_merging_keeps_people_apart_and_ids_stable(tmp_path: Path) -> None
         a: p.id for a, p in people.items()
     }
     saved = json.loads(cache.read_text())
-    saved["clusters"] = list(range(len(saved["clusters"])))  # nobody merged by name
+    saved["pairs"] = []  # as if gambit had merged nobody
     cache.write_text(json.dumps(saved))
     from_cache = merge_aliases(first_seen, cache_file=cache)
     assert from_cache[Alias("Alice Smith", "alice@example.com")].id != (
@@ -236,6 +236,45 @@ def test_alias_merging_keeps_people_apart_and_ids_stable(tmp_path: Path) -> None
     )
     assert is_bot(Alias("dependabot[bot]", "x@users.noreply.github.com"), ["[bot]"])
     assert not is_bot(Alias("Bob", "bob@example.com"), ["[bot]", "renovate"])
+
+
+@pytest.mark.filterwarnings("ignore:The inplace keyword")  # inside gambit, with new pandas
+def test_alias_pairs_match_gambits_own_clustering() -> None:
+    import pandas as pd
+    from gambit import disambiguate_aliases
+
+    from shoptalk.trainer.authors import _gambit_pairs
+
+    aliases = [
+        Alias("Alice Smith", "alice@example.com"),
+        Alias("alice smith", "alice.smith@corp.example"),
+        Alias("Smith, Alice", "asmith@home.example"),
+        Alias("Bob Jones", "bob@example.com"),
+        Alias("Robert Jones", "robert.jones@corp.example"),
+        Alias("bjones", "bjones@corp.example"),
+        Alias("Carol King", "carol@example.com"),
+        Alias("Carol Kingsley", "ck@example.org"),
+        Alias("dependabot[bot]", "49699333+dependabot[bot]@users.noreply.github.com"),
+        Alias("", "anon@example.com"),
+    ]
+    frame = pd.DataFrame(
+        {"alias_name": [a.name for a in aliases], "alias_email": [a.email for a in aliases]}
+    )
+    theirs = [int(x) for x in disambiguate_aliases(frame)["author_id"]]
+    components = list(range(len(aliases)))
+
+    def find(i: int) -> int:
+        while components[i] != i:
+            i = components[i]
+        return i
+
+    for i, j in _gambit_pairs(aliases, None):
+        components[max(find(i), find(j))] = min(find(i), find(j))
+    ours = [find(i) for i in range(len(aliases))]
+    same_theirs = {(i, j) for i in range(len(aliases)) for j in range(i) if theirs[i] == theirs[j]}
+    same_ours = {(i, j) for i in range(len(aliases)) for j in range(i) if ours[i] == ours[j]}
+    assert same_ours == same_theirs
+    assert (1, 0) in same_ours  # the name variants of Alice
 
 
 def test_patch_parser_reads_renames_quoted_paths_and_modifications() -> None:

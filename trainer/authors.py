@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import unicodedata
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,40 +56,69 @@ def author_id_for(alias: Alias) -> str:
     return f"{_slug(alias.name or alias.email.split('@')[0])}-{digest}"
 
 
-def _gambit_clusters(aliases: list[Alias]) -> list[int]:
-    """gambit's cluster number for each alias (same number: same person)."""
-    # gambit draws a tqdm bar per call on stderr; the mine command has its own.
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    import pandas as pd
-    from gambit import disambiguate_aliases
-
-    frame = pd.DataFrame(
-        {"alias_name": [a.name for a in aliases], "alias_email": [a.email for a in aliases]}
+def _gambit_row(alias: Alias) -> dict[str, str]:
+    """An alias prepared the way `gambit.algorithms.gambit.gambit` prepares
+    its data frame rows (cleaned name and email, name parts, email base)."""
+    from gambit.algorithms.gambit import (
+        clean_email,
+        clean_name,
+        get_email_base,
+        get_first_name,
+        get_last_name,
+        get_penultimate_name,
     )
-    with warnings.catch_warnings():
-        # gambit uses pandas APIs that newer pandas deprecates; not ours to fix.
-        warnings.simplefilter("ignore")
-        result = disambiguate_aliases(frame, method="gambit")
-    return [int(x) for x in result["author_id"].tolist()]
+
+    name = clean_name(alias.name) or ""
+    email = clean_email(alias.email) or ""
+    return {
+        "name": name,
+        "email": email,
+        "first_name": get_first_name(name) or "",
+        "last_name": get_last_name(name) or "",
+        "penultimate_name": get_penultimate_name(name) or "",
+        "email_base": get_email_base(email) or "",
+    }
 
 
-def _cached_gambit_clusters(aliases: list[Alias], cache_file: Path | None) -> list[int]:
-    """gambit compares every pair of aliases (minutes for a thousand); the
-    answer only changes when the alias list does, so it is kept on disk."""
-    key = hashlib.sha256(
-        json.dumps([[a.name, a.email] for a in aliases], ensure_ascii=False).encode()
-    ).hexdigest()
+def _gambit_pairs(aliases: list[Alias], cache_file: Path | None) -> list[tuple[int, int]]:
+    """Pairs of aliases (indexes) that gambit's rule says are one person.
+
+    `gambit.disambiguate_aliases` walks a pandas frame pair by pair (minutes
+    for a thousand aliases, on every run); this applies the same comparison
+    (`compare_rows`, gambit's default threshold 0.95 and Levenshtein
+    similarity) to plain rows, and keeps the matches on disk so that a later
+    run only compares the aliases it has not seen against the others. gambit
+    merges matches transitively; so does the caller."""
+    from gambit.algorithms.gambit import compare_rows
+
+    known: dict[Alias, int] = {}
+    known_pairs: list[tuple[Alias, Alias]] = []
     if cache_file is not None:
         try:
             cached = json.loads(cache_file.read_text())
-            if cached.get("key") == key:
-                return [int(x) for x in cached["clusters"]]
-        except (OSError, ValueError, KeyError):
-            pass
-    clusters = _gambit_clusters(aliases)
-    if cache_file is not None:
-        write_json_atomic(cache_file, {"key": key, "clusters": clusters})
-    return clusters
+            old = [Alias(name, email) for name, email in cached["aliases"]]
+            known = {alias: index for index, alias in enumerate(old)}
+            known_pairs = [(old[a], old[b]) for a, b in cached["pairs"]]
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            known, known_pairs = {}, []
+    index_of = {alias: index for index, alias in enumerate(aliases)}
+    pairs = {(index_of[a], index_of[b]) for a, b in known_pairs if a in index_of and b in index_of}
+    rows = [_gambit_row(alias) for alias in aliases]
+    fresh = [index for index, alias in enumerate(aliases) if alias not in known]
+    fresh_set = set(fresh)
+    for i in fresh:
+        for j in range(len(aliases)):
+            if j == i or (j in fresh_set and j < i):
+                continue  # each pair once
+            if compare_rows(i, j, rows[i], rows[j], None, thresh=0.95, sim="lev"):
+                pairs.add((min(i, j), max(i, j)))
+    result = sorted(pairs)
+    if cache_file is not None and (fresh or not cache_file.exists()):
+        write_json_atomic(
+            cache_file,
+            {"aliases": [[a.name, a.email] for a in aliases], "pairs": [list(p) for p in result]},
+        )
+    return result
 
 
 def merge_aliases(
@@ -127,13 +154,8 @@ def merge_aliases(
         else:
             by_email[key] = index
     if len(aliases) > 1:
-        clusters = _cached_gambit_clusters(aliases, cache_file)
-        first_of: dict[int, int] = {}
-        for index, cluster in enumerate(clusters):
-            if cluster in first_of:
-                join(index, first_of[cluster])
-            else:
-                first_of[cluster] = index
+        for i, j in _gambit_pairs(aliases, cache_file):
+            join(i, j)
     counts = commit_counts or {}
     people: dict[int, Author] = {}
     result: dict[Alias, Author] = {}

@@ -41,7 +41,10 @@ _SECRET_NAME = (
 _QUOTED_ASSIGNMENT = re.compile(
     rf"(?i)\b{_SECRET_NAME}[\"']?\s*(?:=|:=|:|=>|==)\s*[rbuf]?([\"'])([^\"'\s]{{3,}})\1"
 )
-_CONFIG_ASSIGNMENT = re.compile(rf"(?i)^\s*(?:export\s+)?{_SECRET_NAME}\s*[=:]\s*([^\s#\"']{{3,}})")
+# (a diff's +/- marker may stand first)
+_CONFIG_ASSIGNMENT = re.compile(
+    rf"(?i)^[+-]?\s*(?:export\s+)?{_SECRET_NAME}\s*[=:]\s*([^\s#\"']{{3,}})"
+)
 _CONFIG_SUFFIXES = {".env", ".ini", ".cfg", ".conf", ".properties", ".yaml", ".yml", ".toml"}
 # Values that are obviously not secrets: templates, references, placeholders.
 _NOT_A_SECRET = re.compile(
@@ -173,14 +176,25 @@ class SecretScrubber:
         self._cache[key] = result
         return result
 
-    def scrub(self, text: str, filename: str = "") -> tuple[str, Counter[str]]:
+    def scrub(
+        self, text: str, filename: str = "", count_lines: set[int] | None = None
+    ) -> tuple[str, Counter[str]]:
         """`text` with every secret replaced by its placeholder, and the
-        number of secrets found per type."""
+        number of secrets found per type: on every line, or only on
+        `count_lines` (1-based) when given, so that a secret is counted by the
+        commit that added it, not again in each later version of its file."""
         counts: Counter[str] = Counter()
+
+        def counted(line_number: int) -> bool:
+            return count_lines is None or line_number in count_lines
+
         if "PRIVATE KEY" in text:
 
             def _block(match: re.Match[str]) -> str:
-                counts["Private Key"] += 1
+                first = text.count("\n", 0, match.start()) + 1
+                lines_in_block = range(first, first + match.group(0).count("\n") + 1)
+                if any(counted(n) for n in lines_in_block):
+                    counts["Private Key"] += 1
                 # Keep the line breaks: added lines are found by line number.
                 return placeholder_for("Private Key") + "\n" * match.group(0).count("\n")
 
@@ -198,7 +212,7 @@ class SecretScrubber:
             new_line = line
             for finding in findings:
                 new_line, replaced = _replace_secret(new_line, finding)
-                if replaced:
+                if replaced and counted(index + 1):
                     counts[finding.type] += 1
             if new_line != line:
                 lines[index] = new_line

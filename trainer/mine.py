@@ -59,6 +59,7 @@ from shoptalk.trainer.hygiene import (
 )
 from shoptalk.trainer.instances import (
     SourceFile,
+    added_lines,
     clean_message,
     commit_message_instance,
     completion_instances,
@@ -323,6 +324,7 @@ def _mine_commit(commit: Commit, ctx: _Context) -> tuple[list[dict[str, Any]], d
     docs: list[SourceFile] = []
     diff_changes: list[FileChange] = []
     touched_modules: set[str] = set()
+    read_paths: set[str] = set()
     for change in commit.files:
         reason = _change_skip_reason(change, ctx.rules)
         if reason:
@@ -354,7 +356,9 @@ def _mine_commit(commit: Commit, ctx: _Context) -> tuple[list[dict[str, Any]], d
             skipped["encoding"] += 1
             continue
         diff_changes.append(change)
-        text, found = ctx.scrubber.scrub(text, path)
+        read_paths.add(path)
+        added = {a.line for a in added_lines(change.hunks)}
+        text, found = ctx.scrubber.scrub(text, path, count_lines=added)
         secrets.update(found)
         source = SourceFile(change, path, language, text, ctx.known_paths)
         if is_doc and language is None:
@@ -380,8 +384,19 @@ def _mine_commit(commit: Commit, ctx: _Context) -> tuple[list[dict[str, Any]], d
     secrets.update(message_secrets)
     budget = settings.prefix_chars + settings.suffix_chars
     if "commit_message" in kinds and diff_changes:
-        diff, diff_secrets = ctx.scrubber.scrub(diff_text(diff_changes), "change.diff")
-        secrets.update(diff_secrets)
+        parts: list[str] = []
+        for change in diff_changes:
+            part = diff_text([change])
+            # Files read above had their secrets counted there; for the others
+            # (configs, data) the diff's added lines are where they show.
+            plus = {
+                n for n, line in enumerate(part.split("\n"), 1) if n > 2 and line.startswith("+")
+            }  # lines 1-2 are the ---/+++ header
+            count = set() if change.path in read_paths else plus
+            clean, found = ctx.scrubber.scrub(part, change.path, count_lines=count)
+            secrets.update(found)
+            parts.append(clean)
+        diff = "".join(parts)
         record = commit_message_instance(commit, diff_changes, message, diff, budget)
         if record:
             records.append(record)
@@ -406,10 +421,8 @@ def _mine_commit(commit: Commit, ctx: _Context) -> tuple[list[dict[str, Any]], d
         # again (contexts were cut from scrubbed text, so this rarely finds more).
         touched = False
         for name in _text_fields(record):
-            clean, found = ctx.scrubber.scrub(record[name], record["path"])
-            if found:
-                secrets.update(found)
-                record[name] = clean
+            clean, _ = ctx.scrubber.scrub(record[name], record["path"], count_lines=set())
+            record[name] = clean
             touched = touched or has_placeholder(record[name])
         if touched and settings.secrets == "drop":
             dropped += 1

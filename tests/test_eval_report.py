@@ -102,6 +102,7 @@ def test_report_figures_match_a_recomputation_from_predictions(tmp_path: Path) -
     out = tmp_path / "report"
     write_report(out, data, test_set, runs)
     assert sorted(p.name for p in out.iterdir()) == [
+        "lookup.jsonl",
         "predictions.jsonl",
         "report.html",
         "report.json",

@@ -419,17 +419,17 @@ def resolve_models(
             base_file = base_gguf(base, data_dir, report)
         return base_file
 
-    def from_run(spec: str, run_dir: Path, on_top_of: Path | None = None) -> ResolvedModel:
+    def from_run(spec: str, run_dir: Path) -> ResolvedModel:
+        """A run's merged GGUF, or else its adapter GGUF on the base."""
         model, adapter = _run_files(run_dir, quant)
         manifests: dict[str, Any] = {}
-        if model is not None and on_top_of is None:
+        if model is not None:
             manifests["model"] = _verify(spec, model, repo, base)
             return ResolvedModel(spec, model, None, True, base, run_dir.name, manifests)
         if adapter is None:
             raise EvalError(f"run {run_dir.name} has no exported model; run `shoptalk export`")
         manifests["adapter"] = _verify(spec, adapter, repo, base)
-        host = on_top_of or the_base_file()
-        return ResolvedModel(spec, host, adapter, True, base, run_dir.name, manifests)
+        return ResolvedModel(spec, the_base_file(), adapter, True, base, run_dir.name, manifests)
 
     for spec in specs:
         if spec == "base":
@@ -762,7 +762,7 @@ def evaluate_models(
     )
     eval_id = time.strftime("eval-%Y%m%d-%H%M%S", time.gmtime())
     target = out_dir or store.root / "eval" / eval_id
-    report_module.write_report(target, data, test_set, runs)
+    report_module.write_report(target, data, test_set, runs, lookup)
     return EvalReport(target, data)
 
 

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from shoptalk.trainer.evaluate import EvalSet, LookupRankings, ModelRun, ResolvedModel
 
 SCHEMA_VERSION = 1
-REPORT_FILES = ("report.json", "report.html", "predictions.jsonl")
+REPORT_FILES = ("report.json", "report.html", "predictions.jsonl", "lookup.jsonl")
 SIGNIFICANCE = 0.05
 
 # Masked-length buckets (whitespace tokens) for the "EM vs masked length" plot.
@@ -256,9 +256,13 @@ def _comparisons(
 
 
 def write_report(
-    directory: Path, data: dict[str, Any], test_set: EvalSet, runs: Sequence[ModelRun]
+    directory: Path,
+    data: dict[str, Any],
+    test_set: EvalSet,
+    runs: Sequence[ModelRun],
+    lookup: LookupRankings | None = None,
 ) -> None:
-    """Write the report folder atomically: all three files or none."""
+    """Write the report folder atomically: all its files or none."""
     if directory.exists() and any(p.name not in REPORT_FILES for p in directory.iterdir()):
         raise ReportError(
             f"{directory} exists and holds other files; choose an empty or new folder for --out"
@@ -280,6 +284,16 @@ def write_report(
                     "latency_ms": {run.spec: run.latencies[index] * 1000.0 for run in runs},
                 }
                 handle.write(json.dumps(record) + "\n")
+        with (tmp / "lookup.jsonl").open("w", encoding="utf-8") as handle:
+            rankings = lookup.rankings if lookup is not None else {}
+            for index, query in enumerate(test_set.module_lookup):
+                answer = {
+                    "id": query.id,
+                    "query": query.query,
+                    "modules": list(query.modules),
+                    "rankings": {name: ranked[index] for name, ranked in rankings.items()},
+                }
+                handle.write(json.dumps(answer) + "\n")
         (tmp / "report.html").write_text(render_html(data, runs), encoding="utf-8")
 
 

@@ -977,7 +977,15 @@ def _train(
     wall = time.perf_counter() - wall_started
     record = run.read_record() if dist.is_main else {}
     if dist.is_main:
-        adapter = _write_adapter(loop, identity.path)
+        try:
+            adapter = _write_adapter(loop, identity.path)
+        except OSError as exc:
+            reason = "the disk is full" if exc.errno == errno.ENOSPC else f"{exc.strerror or exc}"
+            raise TrainError(
+                f"could not write the adapter to {run.adapter_dir}: {reason}. Training itself "
+                f"is saved in {run.checkpoints_dir}: free some space and finish with "
+                f"`shoptalk train --repo {repo} --resume --run-id {run.run_id}`"
+            ) from None
         seconds = state.train_seconds + state.pretrain_seconds
         record.update(_progress_fields(state))
         record.update(

@@ -195,6 +195,8 @@ def test_ignore_rules_and_skip_reasons() -> None:
     assert rules.path_reason("third_party/x.py") == "vendored"
     assert rules.path_reason("web/package-lock.json") == "lock_file"
     assert rules.path_reason("api/service_pb2.py") == "generated"
+    assert rules.path_reason("requests/cacert.pem") == "key_material"
+    assert rules.path_reason("deploy/id_rsa") == "key_material"
     assert rules.content_reason(b"a" * 101) == "huge"
     assert rules.content_reason(b"ab\x00cd") == "binary"
     assert rules.content_reason(b"x" * 30) == "minified_or_long_lines"

@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--general", type=int, default=100)
     parser.add_argument("--humaneval", type=int, default=0)
+    parser.add_argument("--lookup", type=int, default=20)
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument(
         "--train-minutes",
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             args.limit,
             general_instances=args.general,
             humaneval_problems=args.humaneval,
+            lookup_queries=args.lookup,
             command=shlex.join([sys.executable, *sys.argv]),
         )
     except ShopTalkError as exc:

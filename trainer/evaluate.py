@@ -63,6 +63,8 @@ LINE_STOP = "\n"
 # Which test instances: the commits after the cutoff, or the whole test split.
 SCOPE_NEWEST, SCOPE_SPLIT = "newest", "split"
 SCOPES = (SCOPE_NEWEST, SCOPE_SPLIT)
+# Module-lookup queries per run (each costs a few grammar-constrained generations).
+DEFAULT_LOOKUP_QUERIES = 20
 
 
 class EvalError(ShopTalkError):
@@ -691,6 +693,7 @@ def evaluate_models(
     out_dir: Path | None = None,
     command: str | None = None,
     scope: str = SCOPE_NEWEST,
+    lookup_queries: int = DEFAULT_LOOKUP_QUERIES,
 ) -> EvalReport:
     """Evaluate `specs` (see the module docstring) on the repository's mined
     test split and write report.json, report.html and predictions.jsonl to
@@ -723,6 +726,10 @@ def evaluate_models(
     runs: list[ModelRun] = []
     lookup = LookupRankings()
     modules: ModuleLookupEval | None = None
+    # Grammar-constrained generation is slow on CPU: lookup has its own cap.
+    test_set.module_lookup = test_set.module_lookup[:lookup_queries]
+    if not test_set.module_lookup:
+        lookup.reason = "skipped (--lookup 0)" if lookup_queries == 0 else None
     if test_set.module_lookup:
         modules = ModuleLookupEval(repo, test_set.module_lookup)
         if not modules.ids:
@@ -881,6 +888,12 @@ def register(app: typer.Typer) -> None:
             Path | None,
             typer.Option(help="Write the report here (default: the repository's data folder)."),
         ] = None,
+        lookup: Annotated[
+            int,
+            typer.Option(
+                min=0, help="Module-lookup queries (0: skip; each costs several generations)."
+            ),
+        ] = DEFAULT_LOOKUP_QUERIES,
         scope: Annotated[
             str,
             typer.Option(
@@ -910,6 +923,7 @@ def register(app: typer.Typer) -> None:
             humaneval_problems=humaneval,
             out_dir=out,
             scope=scope,
+            lookup_queries=lookup,
         )
         for table in summary_tables(result.data):
             stdout_console.print(table)

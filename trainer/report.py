@@ -180,10 +180,10 @@ def module_lookup_section(
 ) -> dict[str, Any]:
     """Top-1 / top-3 accuracy of each ranking on the module-lookup queries."""
     queries = test_set.module_lookup
-    if not queries:
-        return {"evaluated": False, "reason": "the test split has no module-lookup queries"}
     if lookup.reason is not None:
         return {"evaluated": False, "reason": lookup.reason}
+    if not queries:
+        return {"evaluated": False, "reason": "the test split has no module-lookup queries"}
     rows = []
     for name, ranked in lookup.rankings.items():
         top1 = [top_k_hit(r, q.modules, 1) for r, q in zip(ranked, queries, strict=True)]

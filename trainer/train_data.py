@@ -162,7 +162,8 @@ def weighted_records(
         whole, frac = int(weight), weight - int(weight)
         chosen += items * whole
         if frac > 0:
-            chosen += rng.sample(items, round(len(items) * frac))
+            # At least one of a kind with a positive weight stays in the mix.
+            chosen += rng.sample(items, max(1, round(len(items) * frac)))
     return chosen
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from shoptalk.models.errors import ShopTalkError
-from shoptalk.server.completion import Generation, GenerationRequest, PromptPlan
+from shoptalk.server.completion import Generation, GenerationRequest, PromptPlan, StopReason
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,10 @@ def _valid_utf8_prefix(data: bytes) -> str:
 
 
 # ---- llama.cpp in-process -------------------------------------------------------
+
+
+# Prompt tokens evaluated between two checks of the cancel flag and deadline.
+EVAL_CHUNK = 64
 
 
 @dataclass(frozen=True)
@@ -237,9 +241,16 @@ class LlamaBackend:
             tokens = lead + body[overflow:] + trail
         return tokens, healed
 
-    def _sync(self, tokens: list[int]) -> int:
-        """Make the context hold `tokens`, evaluating only what is not cached;
-        returns the number of tokens evaluated."""
+    def _sync(
+        self,
+        tokens: list[int],
+        cancelled: threading.Event | None = None,
+        deadline: float | None = None,
+    ) -> tuple[int, bool]:
+        """Make the context hold `tokens`, evaluating only what is not cached,
+        in chunks so that a cancel or the deadline stops it early (what was
+        evaluated stays cached for the next request). Returns the number of
+        tokens evaluated and whether the prompt is complete."""
         llm = self.llm
         cached = llm.input_ids[: llm.n_tokens].tolist()
         common = 0
@@ -250,8 +261,17 @@ class LlamaBackend:
         if common >= len(tokens):
             common = len(tokens) - 1  # the last token's logits are needed again
         llm.n_tokens = common
-        llm.eval(tokens[common:])
-        return len(tokens) - common
+        position = common
+        while position < len(tokens):
+            if position > common and (
+                (cancelled is not None and cancelled.is_set())
+                or (deadline is not None and time.monotonic() > deadline)
+            ):
+                return position - common, False
+            chunk = tokens[position : position + EVAL_CHUNK]
+            llm.eval(chunk)
+            position += len(chunk)
+        return len(tokens) - common, True
 
     def _logits(self) -> Any:
         import numpy as np
@@ -259,10 +279,10 @@ class LlamaBackend:
         pointer = self.llm._ctx.get_logits_ith(-1)
         return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
 
-    def prefill(self, plan: PromptPlan) -> int:
+    def prefill(self, plan: PromptPlan, cancelled: threading.Event | None = None) -> int:
         tokens, _ = self.tokenize_plan(plan, heal=True)
         with self.lock:
-            return self._sync(tokens)
+            return self._sync(tokens, cancelled)[0]
 
     def generate(
         self, request: GenerationRequest, cancelled: threading.Event | None = None
@@ -279,7 +299,20 @@ class LlamaBackend:
                 return Generation(
                     "", "cancelled", len(tokens), 0, 0, healed.decode(errors="replace")
                 )
-            evaluated = self._sync(tokens)
+            evaluated, complete = self._sync(tokens, cancelled, request.deadline)
+            if not complete:
+                stopped: StopReason = (
+                    "cancelled" if cancelled is not None and cancelled.is_set() else "budget"
+                )
+                return Generation(
+                    "",
+                    stopped,
+                    len(tokens),
+                    evaluated,
+                    0,
+                    healed.decode(errors="replace"),
+                    time.monotonic() - started,
+                )
             required = healed
             out = b""
             generated = 0
@@ -513,7 +546,7 @@ class OpenAIBackend:
             elapsed_s=time.monotonic() - started,
         )
 
-    def prefill(self, plan: PromptPlan) -> int:
+    def prefill(self, plan: PromptPlan, cancelled: threading.Event | None = None) -> int:
         # A remote server keeps its own prompt cache; one token primes it.
         prefix, _ = heal_text(plan.prefix)
         body = self._body(plan.lead + prefix + plan.trail, 1, "")

@@ -73,7 +73,7 @@ class Backend(Protocol):
         self, request: GenerationRequest, cancelled: threading.Event | None = None
     ) -> Generation: ...
 
-    def prefill(self, plan: PromptPlan) -> int: ...
+    def prefill(self, plan: PromptPlan, cancelled: threading.Event | None = None) -> int: ...
 
     def describe(self) -> dict[str, object]: ...
 
@@ -377,9 +377,10 @@ class CompletionEngine:
             self.options.suffix_chars,
         )
 
-    def prefill(self, text: str, offset: int) -> int:
-        """Evaluate the prompt for this cursor ahead of the first request."""
-        return self.backend.prefill(self.plan(text, offset))
+    def prefill(self, text: str, offset: int, cancelled: threading.Event | None = None) -> int:
+        """Evaluate the prompt for this cursor ahead of the first request (stops
+        early, keeping what it evaluated, when `cancelled` is set)."""
+        return self.backend.prefill(self.plan(text, offset), cancelled)
 
     def complete(
         self,

@@ -149,6 +149,7 @@ class ShopTalkServer(LanguageServer):
             2, thread_name_prefix="shoptalk-bg"
         )
         self._latest: _Request | None = None
+        self._prefill_cancel = threading.Event()
         self._requests: dict[int, _Request] = {}
         self._shown: set[str] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -334,6 +335,7 @@ class ShopTalkServer(LanguageServer):
         previous = self._latest
         if previous is not None:
             previous.cancelled.set()  # newest wins
+        self._prefill_cancel.set()  # a request evaluates its own prompt
         self._latest = request
         return request
 
@@ -399,21 +401,30 @@ class ShopTalkServer(LanguageServer):
         text = self.document_text(uri)
         if registry is None or text is None:
             return
-        marker = self._latest
+        self._prefill_cancel = cancel = threading.Event()
 
         def job() -> None:
             engine = registry.engine()
-            if engine is None or self._latest is not marker:
+            if engine is None or cancel.is_set():
                 return  # a request came in meanwhile: it evaluates the prompt itself
             where = len(text) if offset is None else max(0, min(offset, len(text)))
             try:
-                engine.prefill(text, where)
+                engine.prefill(text, where, cancel)
             except Exception:
                 log.exception("prefill failed")
 
         self.worker.submit(job)
 
+    def shutdown(self) -> None:
+        # Also reached when the client vanishes (stdin closed): stop the model
+        # work first, or the interpreter would wait for queued jobs to finish.
+        self.shutdown_workers()
+        super().shutdown()
+
     def shutdown_workers(self) -> None:
+        latest = self._latest
+        if latest is not None:
+            latest.cancelled.set()
         if self._poll_task is not None:
             self._poll_task.cancel()
         self.worker.shutdown(wait=False, cancel_futures=True)

@@ -75,6 +75,7 @@ def evaluated(
         humaneval_problems=1,
         out_dir=root / "report",
         command="shoptalk eval --limit 8",
+        lookup_queries=4,
     )
     return report, settings, data_dir, repo
 

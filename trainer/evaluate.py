@@ -693,11 +693,14 @@ def evaluate_models(
     out_dir: Path | None = None,
     command: str | None = None,
     scope: str = SCOPE_NEWEST,
-    lookup_queries: int = DEFAULT_LOOKUP_QUERIES,
+    lookup_queries: int = 0,
 ) -> EvalReport:
     """Evaluate `specs` (see the module docstring) on the repository's mined
-    test split and write report.json, report.html and predictions.jsonl to
-    `out_dir` (default: `<repo store>/eval/<id>/`)."""
+    test split and write report.json, report.html, predictions.jsonl and
+    lookup.jsonl to `out_dir` (default: `<repo store>/eval/<id>/`).
+
+    Module lookup runs only when `lookup_queries` > 0: it is slow on CPU, and
+    gates that compare completion figures do not need it."""
     from shoptalk.trainer import report as report_module
     from shoptalk.trainer import retention
     from shoptalk.trainer.metrics import score_completion
@@ -729,7 +732,7 @@ def evaluate_models(
     # Grammar-constrained generation is slow on CPU: lookup has its own cap.
     test_set.module_lookup = test_set.module_lookup[:lookup_queries]
     if not test_set.module_lookup:
-        lookup.reason = "skipped (--lookup 0)" if lookup_queries == 0 else None
+        lookup.reason = "not requested (--lookup 0)" if lookup_queries == 0 else None
     if test_set.module_lookup:
         modules = ModuleLookupEval(repo, test_set.module_lookup)
         if not modules.ids:

@@ -74,8 +74,8 @@ def added_lines(hunks: Iterable[Hunk]) -> list[AddedLine]:
 class SourceFile:
     """A kept file of a commit: its (scrubbed) content at the commit.
 
-    `known_paths` are the repository's files (for Python module ids, which
-    depend on where `__init__.py` files are)."""
+    `known_paths` are the repository's `__init__.py` files (Python module ids
+    depend on where they are; other files do not matter)."""
 
     change: FileChange
     path: str
@@ -108,7 +108,9 @@ class SourceFile:
         None for languages the module map does not parse."""
         if not self._parsed:
             self._parsed = True
-            self._summary = summarize_file(self.path, self.text, self.known_paths | {self.path})
+            self._summary = summarize_file(
+                self.path, self.text, set(self.known_paths) | {self.path}
+            )
         return self._summary
 
     def symbols(self) -> tuple[Symbol, ...]:

@@ -306,7 +306,7 @@ class _Context:
     rules: SkipRules
     blobs: BlobReader
     scrubber: SecretScrubber
-    known_paths: frozenset[str]
+    package_files: frozenset[str]  # the tip's `__init__.py` files (Python module ids)
     module_of_path: dict[str, str]
 
 
@@ -325,6 +325,13 @@ def _mine_commit(commit: Commit, ctx: _Context) -> tuple[list[dict[str, Any]], d
     diff_changes: list[FileChange] = []
     touched_modules: set[str] = set()
     read_paths: set[str] = set()
+    # Module ids of Python files depend only on where `__init__.py` files are:
+    # the tip's, plus those this commit adds (a small set, not the whole tree).
+    package_files = ctx.package_files | {
+        c.new_path
+        for c in commit.files
+        if c.new_path is not None and c.new_path.endswith("__init__.py")
+    }
     for change in commit.files:
         reason = _change_skip_reason(change, ctx.rules)
         if reason:
@@ -360,7 +367,7 @@ def _mine_commit(commit: Commit, ctx: _Context) -> tuple[list[dict[str, Any]], d
         added = {a.line for a in added_lines(change.hunks)}
         text, found = ctx.scrubber.scrub(text, path, count_lines=added)
         secrets.update(found)
-        source = SourceFile(change, path, language, text, ctx.known_paths)
+        source = SourceFile(change, path, language, text, package_files)
         if is_doc and language is None:
             docs.append(source)
             continue
@@ -457,10 +464,12 @@ def _module_index(known_paths: frozenset[str]) -> dict[str, str]:
     from shoptalk.models.module_map import language_for, module_id_for
 
     index: dict[str, str] = {}
-    for path in known_paths:
+    # A plain set: module_map copies any other iterable on every call.
+    paths = set(known_paths)
+    for path in paths:
         language = language_for(path)
         if language is not None and language != "java":
-            index[path] = module_id_for(path, language, known_paths)
+            index[path] = module_id_for(path, language, paths)
     return index
 
 
@@ -763,7 +772,7 @@ def mine_repository(
                 rules=rules,
                 blobs=blobs,
                 scrubber=scrubber,
-                known_paths=known_paths,
+                package_files=frozenset(p for p in known_paths if p.endswith("__init__.py")),
                 module_of_path=_module_index(known_paths),
             )
             stream = iter_commits(repo, (s.sha for s in to_read), alias_file)

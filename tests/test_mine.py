@@ -244,6 +244,9 @@ def test_second_run_reads_only_new_commits(history_repo: HistoryRepo, tmp_path: 
     assert (again.dataset_dir / "manifest.json").stat().st_mtime_ns == written  # not rebuilt
     resplit = mine_repository(repo.path, settings.model_copy(update={"test_share": 0.2}), data)
     assert resplit.new_commits == 0 and resplit.manifest["cutoff"] < first.manifest["cutoff"]
+    everything = mine_repository(repo.path, settings, data, full=True)
+    assert everything.full and everything.new_commits == 32
+    assert everything.manifest["counts"] == first.manifest["counts"]
     repo.write(
         "src/billing/fees.py",
         "def late_fee(days: int, rate: float = 0.05) -> float:\n"
@@ -477,3 +480,20 @@ def test_a_secret_is_counted_by_the_commit_that_added_it(
     assert result.manifest["secrets"]["found"] == {"AWS Access Key": 1}
     text = "\n".join(p.read_text() for p in result.dataset_dir.glob("*.jsonl"))
     assert AWS_KEY not in text and "<SECRET_AWS_ACCESS_KEY>" in text
+
+
+def test_shoptalkignore_pointing_outside_the_repo_is_ignored_with_a_warning(
+    repo_builder: RepoBuilder, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside-ignore"
+    outside.write_text("app/\n")
+    repo = repo_builder
+    repo.write(
+        "app/main.py", "def main(argv: list[str]) -> int:\n    return run(argv[1:], verbose=True)\n"
+    )
+    repo.commit("Add main", ALICE)
+    os.symlink(outside, repo.path / ".shoptalkignore")
+    result = mine_repository(repo.path, MineSettings(test_per_author=0), tmp_path / "d")
+    assert any("points outside the repository" in w for w in result.warnings)
+    assert result.manifest["skipped_files"] == {}  # app/ was not ignored
+    assert result.manifest["total"] > 0

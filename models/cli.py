@@ -38,6 +38,7 @@ COMMAND_MODULES: list[str] = [
     "shoptalk.server.serve",
     "shoptalk.server.continuous",
     "shoptalk.trainer.retrain",
+    "shoptalk.trainer.personal",
     "shoptalk.trainer.demo",
 ]
 

@@ -134,7 +134,7 @@ def ensure_hf_checkpoint(data_dir: Path, base: BaseModel, report: Report = log.i
         return paths.hf
     if status == "corrupt":
         report(f"{base.key}: cached HF checkpoint at {paths.hf} is damaged; converting again")
-    gguf = ensure_gguf(data_dir, base, report)
+    gguf = ensure_gguf(data_dir, base, lambda _msg: None)
     report(f"{base.key}: converting GGUF to a HF checkpoint for training (once; a minute or two)")
     with atomic_dir(paths.hf) as tmp:
         convert_gguf_to_hf(gguf, tmp)

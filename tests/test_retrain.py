@@ -16,6 +16,7 @@ from shoptalk.models.jobs import JobQueue
 from shoptalk.models.provision import base_paths
 from shoptalk.models.settings import Settings
 from shoptalk.models.store import RepoStore
+from shoptalk.trainer.personal import PersonalError, disable, enable, match_author, train_personal
 from shoptalk.trainer.retrain import gate, incremental_dataset, run_retrain_job
 
 
@@ -24,6 +25,18 @@ def test_gate_tolerates_small_losses_only() -> None:
     assert gate(29.5, 30.0, 1.0)[0]
     promoted, reason = gate(25.0, 30.0, 1.0)
     assert not promoted and "worse than the current model" in reason and "25.0" in reason
+
+
+def test_identity_must_match_exactly_one_author() -> None:
+    authors = {
+        "ann-1": {"names": ["Ann"], "emails": ["ann@x.org"]},
+        "bob-2": {"names": ["Bob"], "emails": ["bob@x.org", "b@home"]},
+    }
+    assert match_author(authors, ["B@HOME"]) == "bob-2"
+    with pytest.raises(PersonalError, match="no commit author matches"):
+        match_author(authors, ["carol@x.org"])
+    with pytest.raises(PersonalError, match="several authors"):
+        match_author(authors, ["ann@x.org", "bob"])
 
 
 def _write(path: Path, records: list[dict[str, object]]) -> None:
@@ -86,6 +99,20 @@ def test_retrain_job_promotes_and_records_its_decision(
     assert current is not None and current["run_id"] == decision.run_id
     assert Path(current["model"]).is_file() and Path(current["adapter_dir"]).is_dir()
     assert queue.decisions(repo_path)[0].run_id == decision.run_id
+
+    # Opt-in personalization: refused before enabling, served after, deleted on opt-out.
+    with pytest.raises(PersonalError, match="not enabled"):
+        train_personal(repo_path, settings, data_dir, lambda m: None)
+    author = enable(repo_path, ["alice@example.com"], settings, data_dir)
+    assert author.startswith("alice")
+    train_personal(repo_path, settings, data_dir, lambda m: None)
+    served = store.current()
+    assert served is not None and served["personal"]["developer"] == author
+    assert Path(served["adapter"]).is_file() and Path(served["base_model"]).is_file()
+    assert disable(repo_path, data_dir) == 1
+    served = store.current()
+    assert served is not None and served["adapter"] is None and served["run_id"] == decision.run_id
+    assert not (store.root / "personal.json").exists()
 
     # No new commits: the next job waits instead of training.
     queue.finish(job.id, "done", outcome.message)

@@ -1,58 +1,276 @@
-"""`shoptalk demo`: the main job on the embedded default model, end to end,
-on a repository's own history (by default, ShopTalk's)."""
+"""`shoptalk demo`: the whole chain on the embedded default model, on a
+repository's own history (by default ShopTalk's): provision → mine → train →
+export → evaluate base vs tuned → a completion through the real language
+server → a summary. Budgeted so that it ends within ~20 minutes on a 2-core CPU.
+"""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import IO, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from shoptalk.models.catalog import CATALOG, DEFAULT_BASE
-from shoptalk.models.prompt import clip_context, completion_prompt
+from shoptalk.models.errors import ShopTalkError
+from shoptalk.models.settings import Settings
+from shoptalk.models.store import RepoStore
 
-console = Console(stderr=True)
-
-SAMPLE = '''import json
-from pathlib import Path
-
-
-def load_config(path: Path) -> dict:
-    """Read a JSON config file and return it as a dict."""
-    with path.open() as handle:
-        return '''
+console = Console(stderr=True, soft_wrap=True)
 
 
-def complete_sample(gguf: Path, prefix: str = SAMPLE, max_tokens: int = 32) -> tuple[str, float]:
-    """Complete `prefix` with the GGUF at `gguf` (prefix-only); the text and seconds taken."""
-    from llama_cpp import Llama
+class DemoError(ShopTalkError):
+    pass
 
-    llm = Llama(model_path=str(gguf), n_ctx=1024, n_threads=None, verbose=False)
+
+@dataclass
+class DemoResult:
+    timings: dict[str, float] = field(default_factory=dict)
+    facts: dict[str, str] = field(default_factory=dict)
+    report: Path | None = None
+
+
+class LspClient:
+    """Just enough JSON-RPC over stdio to ask the real server for a completion."""
+
+    def __init__(self, command: list[str], cwd: Path):
+        self.process = subprocess.Popen(
+            command,
+            cwd=cwd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        self._next_id = 0
+
+    def _send(self, message: dict[str, Any]) -> None:
+        body = json.dumps({"jsonrpc": "2.0", **message}).encode()
+        stdin: IO[bytes] = self.process.stdin  # type: ignore[assignment]
+        stdin.write(f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        stdin.flush()
+
+    def _read(self) -> dict[str, Any]:
+        stdout: IO[bytes] = self.process.stdout  # type: ignore[assignment]
+        length = 0
+        while line := stdout.readline():
+            if line in (b"\r\n", b"\n"):
+                break
+            name, _, value = line.decode().partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        if not length:
+            raise DemoError(
+                "the language server closed its output; run `shoptalk serve --stdio -v`"
+            )
+        message: dict[str, Any] = json.loads(stdout.read(length))
+        return message
+
+    def request(self, method: str, params: Any) -> Any:
+        self._next_id += 1
+        self._send({"id": self._next_id, "method": method, "params": params})
+        while True:
+            message = self._read()
+            if message.get("id") == self._next_id and "method" not in message:
+                if "error" in message:
+                    raise DemoError(f"{method} failed: {message['error'].get('message')}")
+                return message.get("result")
+
+    def notify(self, method: str, params: Any) -> None:
+        self._send({"method": method, "params": params})
+
+    def close(self) -> None:
+        try:
+            self.request("shutdown", None)
+            self.notify("exit", None)
+            self.process.wait(timeout=10)
+        except (DemoError, OSError, subprocess.TimeoutExpired):
+            self.process.kill()
+
+
+def sample_point(repo: Path) -> tuple[Path, int, int]:
+    """A cursor in a real file of the repository: the middle of the last
+    non-trivial line of the largest Python file in the newest commit."""
+    changed = subprocess.run(
+        ["git", "-C", str(repo), "show", "--name-only", "--format=", "HEAD"],
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    candidates = [repo / p for p in changed if p.endswith(".py") and (repo / p).is_file()]
+    if not candidates:
+        candidates = sorted(repo.rglob("*.py"))[:50]
+    if not candidates:
+        raise DemoError(f"{repo} has no Python file to complete in")
+    path = max(candidates, key=lambda p: p.stat().st_size)
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for number in range(len(lines) - 1, -1, -1):
+        text = lines[number]
+        if len(text.strip()) > 20 and not text.strip().startswith("#"):
+            cut = len(text) - len(text.lstrip()) + len(text.strip()) // 2
+            return path, number, cut
+    return path, 0, 0
+
+
+def complete_through_server(repo: Path, data_dir: Path) -> tuple[str, str, float]:
+    """(line before the cursor, suggestion, seconds) from `shoptalk serve`."""
+    path, line, character = sample_point(repo)
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    # The document as the user has it: the rest of the line not yet typed.
+    typed = lines[line][:character]
+    document = "\n".join([*lines[:line], typed, *lines[line + 1 :]]) + "\n"
+    command = [
+        sys.executable,
+        "-m",
+        "shoptalk.models.cli",
+        "--data-dir",
+        str(data_dir),
+        "serve",
+        "--stdio",
+        "--repo",
+        str(repo),
+    ]
+    client = LspClient(command, repo)
+    try:
+        uri = path.resolve().as_uri()
+        client.request(
+            "initialize",
+            {"processId": None, "rootUri": repo.resolve().as_uri(), "capabilities": {}},
+        )
+        client.notify("initialized", {})
+        client.notify(
+            "textDocument/didOpen",
+            {"textDocument": {"uri": uri, "languageId": "python", "version": 1, "text": document}},
+        )
+        params = {
+            "textDocument": {"uri": uri},
+            "position": {"line": line, "character": character},
+            "context": {"triggerKind": 2},
+        }
+        suggestion = ""
+        seconds = 0.0
+        # The first request may arrive while the model is still loading.
+        for _ in range(30):
+            started = time.perf_counter()
+            result = client.request("textDocument/inlineCompletion", params)
+            seconds = time.perf_counter() - started
+            items = result.get("items", []) if isinstance(result, dict) else (result or [])
+            if items:
+                insert = items[0].get("insertText")
+                suggestion = insert if isinstance(insert, str) else insert.get("value", "")
+                break
+            time.sleep(1.0)
+        return typed, suggestion, seconds
+    finally:
+        client.close()
+
+
+def run_demo(
+    repo: Path, settings: Settings, data_dir: Path, train_minutes: float, eval_limit: int
+) -> DemoResult:
+    from shoptalk.models.provision import ensure_gguf, ensure_hf_checkpoint
+    from shoptalk.trainer.evaluate import evaluate_models
+    from shoptalk.trainer.export import export_run
+    from shoptalk.trainer.mine import mine_repository
+    from shoptalk.trainer.retrain import completion_em, gate, promote_run
+    from shoptalk.trainer.train import train_adapter
+
+    result = DemoResult()
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        result.timings[stage] = now - clock
+        clock = now
+
     base = CATALOG[DEFAULT_BASE]
-    parts = clip_context(prefix.rstrip(" "), "")
-    prompt = completion_prompt(base.fim, parts, use_fim=base.fim.trained)
-    started = time.perf_counter()
-    result = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, stop=["\n\n"])
-    elapsed = time.perf_counter() - started
-    return str(result["choices"][0]["text"]), elapsed  # type: ignore[index]
+    console.rule("1/6 provision the default model")
+    ensure_gguf(data_dir, base, console.print)
+    ensure_hf_checkpoint(data_dir, base, console.print)
+    lap("provision")
+
+    console.rule(f"2/6 mine {repo}")
+    mined = mine_repository(repo, settings.mine, data_dir)
+    counts = mined.manifest.get("counts", {})
+    result.facts["instances"] = json.dumps(counts)
+    lap("mine")
+
+    console.rule(f"3/6 train a LoRA adapter ({train_minutes:g} minutes)")
+    budget = settings.model_copy(deep=True)
+    budget.train.max_minutes = train_minutes
+    trained = train_adapter(repo, budget, data_dir)
+    if trained.adapter_dir is None:
+        raise DemoError(f"training did not finish: {trained.stop_reason}")
+    result.facts["training"] = (
+        f"{trained.steps} steps, {trained.tokens} tokens, val loss "
+        f"{trained.base_val_loss} → {trained.best_val_loss}"
+    )
+    lap("train")
+
+    console.rule(f"4/6 export ({settings.export.quant})")
+    exported = export_run(trained.run_dir, settings.export.quant, report=console.print)
+    model_file = next(p for p in exported.files if p.suffix == ".gguf")
+    lap("export")
+
+    console.rule("5/6 evaluate base vs tuned on the newest commits")
+    spec = f"run:{trained.run_id}"
+    evaluation = evaluate_models(repo, ["base", spec], settings, data_dir, eval_limit)
+    result.report = evaluation.html_path
+    tuned_em = completion_em(evaluation.data, spec)
+    base_em = completion_em(evaluation.data, "base")
+    promoted, reason = gate(tuned_em, base_em, settings.watch.tolerance * 100)
+    if promoted:
+        store = RepoStore.for_repo(data_dir, repo)
+        promote_run(store, trained.run_id, model_file, trained.adapter_dir, tuned_em, base_em)
+    result.facts["promotion"] = ("promoted: " if promoted else "kept the base: ") + reason
+    lap("evaluate")
+
+    console.rule("6/6 a completion through the language server")
+    typed, suggestion, seconds = complete_through_server(repo, data_dir)
+    result.facts["server"] = f"{seconds * 1000:.0f} ms"
+    print(f"{typed}\033[2m{suggestion}\033[0m" if sys.stdout.isatty() else f"{typed}⟨{suggestion}⟩")
+    lap("serve")
+    return result
+
+
+def summary(result: DemoResult) -> Table:
+    table = Table(title="shoptalk demo")
+    table.add_column("stage")
+    table.add_column("seconds", justify="right")
+    for stage, seconds in result.timings.items():
+        table.add_row(stage, f"{seconds:.0f}")
+    table.add_row("total", f"{sum(result.timings.values()):.0f}")
+    return table
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
     def demo(
         repo: Annotated[Path, typer.Option(help="Repository whose history to learn.")] = Path("."),
+        train_minutes: Annotated[float, typer.Option(help="Training budget.")] = 6.0,
+        eval_limit: Annotated[int, typer.Option(help="Test instances to evaluate on.")] = 40,
     ) -> None:
         """Run the main job on the default model and print what it produced."""
         from shoptalk.models.cli import settings_for
-        from shoptalk.models.provision import ensure_gguf
+        from shoptalk.trainer.report import summary_tables
 
+        repo = repo.expanduser().resolve()
         settings = settings_for(repo)
-        data_dir = settings.resolved_data_dir()
-        gguf = ensure_gguf(data_dir, CATALOG[DEFAULT_BASE], console.print)
-        text, seconds = complete_sample(gguf)
-        console.rule("completion from the default model")
-        print(SAMPLE + text)
-        console.rule()
-        console.print(f"latency: {seconds * 1000:.0f} ms for {len(text)} characters")
+        result = run_demo(repo, settings, settings.resolved_data_dir(), train_minutes, eval_limit)
+        out = Console()
+        out.print(summary(result))
+        for key, value in result.facts.items():
+            out.print(f"{key}: {value}")
+        if result.report is not None:
+            for table in summary_tables(
+                json.loads(result.report.with_name("report.json").read_text())
+            ):
+                out.print(table)
+            out.print(f"report: {result.report}")

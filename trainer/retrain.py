@@ -129,6 +129,28 @@ def count_new(dataset_dir: Path, since: str | None) -> int:
     )
 
 
+def promote_run(
+    store: RepoStore,
+    run_id: str,
+    model_file: Path,
+    adapter_dir: Path,
+    candidate_em: float,
+    reference_em: float,
+) -> None:
+    """Make an exported run the repository's served model (the server picks
+    it up); `adapter_dir` is where the next incremental run starts from."""
+    store.promote(
+        {
+            "run_id": run_id,
+            "model": str(model_file),
+            "adapter": None,
+            "adapter_dir": str(adapter_dir),
+            "data_through": newest_train_date(store.dataset_dir),
+            "metrics": {"exact_match": candidate_em, "reference_exact_match": reference_em},
+        }
+    )
+
+
 class _Steps:
     """Records the job's step in the queue and stops if the job was cancelled."""
 
@@ -153,6 +175,7 @@ def run_retrain_job(
     from shoptalk.trainer.evaluate import evaluate_models
     from shoptalk.trainer.export import export_run
     from shoptalk.trainer.mine import mine_repository
+    from shoptalk.trainer.personal import opt_in, train_personal
     from shoptalk.trainer.run_record import RunFolder
     from shoptalk.trainer.train import train_adapter
 
@@ -248,18 +271,17 @@ def run_retrain_job(
     queue.record_decision(decision)
     if promoted:
         steps.start("swap", 0.95)
-        store.promote(
-            {
-                "run_id": run.run_id,
-                "model": str(model_file),
-                "adapter": None,
-                "adapter_dir": str(run.adapter_dir),
-                "data_through": newest_train_date(store.dataset_dir),
-                "metrics": {"exact_match": candidate_em, "reference_exact_match": current_em},
-            }
-        )
+        promote_run(store, run.run_id, model_file, run.adapter_dir, candidate_em, current_em)
         steps.done("swap")
-    return JobOutcome("done", ("promoted: " if promoted else "not promoted: ") + reason, decision)
+    message = ("promoted: " if promoted else "not promoted: ") + reason
+    if promoted and opt_in(store) is not None:
+        steps.start("personal", 0.97)
+        try:
+            message += "; personal adapter: " + train_personal(repo, settings, data_dir, report)
+        except ShopTalkError as exc:
+            message += f"; personal adapter not updated: {exc}"
+        steps.done("personal")
+    return JobOutcome("done", message, decision)
 
 
 def work_queue(data_dir: Path, settings_for: Callable[[Path], Settings], report: Report) -> int:

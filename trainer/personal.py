@@ -1,0 +1,225 @@
+"""Per-developer adapters, strictly opt-in.
+
+A developer enables personalization with their identity (emails and/or
+names, matched against the mined authors after alias merging). Their adapter
+starts from the team's promoted adapter and is trained further on *their*
+instances only (org → dev), on their machine, under their data dir. It is
+exported as a GGUF LoRA and served on the base, hot-swappable; disabling
+deletes it and the team model is served again. Nothing is ever trained for
+a developer who has not enabled it: training refuses without the opt-in file.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from shoptalk.models.errors import ShopTalkError
+from shoptalk.models.files import write_json_atomic
+from shoptalk.models.settings import Settings
+from shoptalk.models.store import RepoStore
+
+Report = Callable[[str], None]
+console = Console(stderr=True, soft_wrap=True)
+PURPOSE = "org+dev"
+
+
+class PersonalError(ShopTalkError):
+    pass
+
+
+def opt_in_file(store: RepoStore) -> Path:
+    return store.root / "personal.json"
+
+
+def opt_in(store: RepoStore) -> dict[str, Any] | None:
+    try:
+        data: dict[str, Any] = json.loads(opt_in_file(store).read_text())
+    except FileNotFoundError:
+        return None
+    return data if data.get("enabled") else None
+
+
+def match_author(authors: dict[str, Any], identity: Iterable[str]) -> str:
+    """The mined author id whose names or emails match the identity."""
+    wanted = {item.strip().lower() for item in identity if item.strip()}
+    if not wanted:
+        raise PersonalError("give your identity: --identity you@example.com (email or name)")
+    hits = [
+        author_id
+        for author_id, person in authors.items()
+        if wanted & {str(x).lower() for x in [*person.get("emails", []), *person.get("names", [])]}
+    ]
+    if not hits:
+        raise PersonalError(
+            f"no commit author matches {', '.join(sorted(wanted))}: use the email or name of your "
+            "commits (see `git log --format='%an <%ae>'`)"
+        )
+    if len(hits) > 1:
+        raise PersonalError(
+            f"{', '.join(sorted(wanted))} matches several authors ({', '.join(hits)}): "
+            "give one email, or merge the aliases with mine.alias_file"
+        )
+    return hits[0]
+
+
+def enable(repo: Path, identity: list[str], settings: Settings, data_dir: Path) -> str:
+    """Record the opt-in; returns the developer's author id."""
+    from shoptalk.trainer.mine import mine_repository
+
+    mined = mine_repository(repo, settings.mine, data_dir)
+    author_id = match_author(mined.manifest.get("authors", {}), identity)
+    store = RepoStore.for_repo(data_dir, repo)
+    write_json_atomic(
+        opt_in_file(store), {"enabled": True, "identity": identity, "author_id": author_id}
+    )
+    return author_id
+
+
+def _personal_runs(store: RepoStore, author_id: str | None) -> list[Path]:
+    runs = []
+    if not store.runs_dir.is_dir():
+        return runs
+    for run_dir in store.runs_dir.iterdir():
+        record_file = run_dir / "record.json"
+        if not record_file.is_file():
+            continue
+        record = json.loads(record_file.read_text())
+        if record.get("purpose") in ("dev", PURPOSE) and (
+            author_id is None or record.get("developer") == author_id
+        ):
+            runs.append(run_dir)
+    return runs
+
+
+def disable(repo: Path, data_dir: Path) -> int:
+    """Delete the developer's adapters and the opt-in; serve the team model
+    again. Returns how many adapters were deleted."""
+    store = RepoStore.for_repo(data_dir, repo)
+    choice = opt_in(store)
+    runs = _personal_runs(store, choice.get("author_id") if choice else None)
+    current = store.current()
+    if current and current.get("personal"):
+        team = {k: v for k, v in current.items() if k not in ("history", "promoted_at")}
+        team.update({"adapter": None, "base_model": None, "personal": None})
+        store.promote(team)
+    for run_dir in runs:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    opt_in_file(store).unlink(missing_ok=True)
+    return len(runs)
+
+
+def train_personal(repo: Path, settings: Settings, data_dir: Path, report: Report) -> str:
+    """Train, export, evaluate and (if not worse than the team model) serve
+    the developer's adapter; returns what happened."""
+    from shoptalk.models.catalog import resolve_base
+    from shoptalk.trainer.evaluate import base_gguf, evaluate_models
+    from shoptalk.trainer.export import export_run
+    from shoptalk.trainer.retrain import completion_em, gate
+    from shoptalk.trainer.train import train_adapter
+
+    store = RepoStore.for_repo(data_dir, repo)
+    choice = opt_in(store)
+    if choice is None:
+        raise PersonalError(
+            "personalization is not enabled for this repository: "
+            "`shoptalk personal enable --identity you@example.com` first"
+        )
+    current = store.current()
+    if not current or not current.get("adapter_dir"):
+        raise PersonalError(
+            "a personal adapter is trained on top of the team's: promote a team model first "
+            "(`shoptalk retrain`)"
+        )
+    author_id = str(choice["author_id"])
+    budget = settings.model_copy(deep=True)
+    if budget.train.max_minutes is None and budget.train.max_steps is None:
+        budget.train.max_minutes = settings.watch.train_minutes
+    trained = train_adapter(
+        repo,
+        budget,
+        data_dir,
+        init_adapter=Path(current["adapter_dir"]),
+        purpose=PURPOSE,
+        developer=author_id,
+        show_progress=False,
+        report=report,
+    )
+    if trained.adapter_dir is None:
+        raise PersonalError(f"the personal adapter did not finish training: {trained.stop_reason}")
+    exported = export_run(trained.run_dir, "f16", adapter_only=True, report=report)
+    adapter_file = next(p for p in exported.files if p.suffix == ".gguf")
+    spec = f"{PURPOSE}:{author_id}"
+    evaluation = evaluate_models(
+        repo, ["org", spec], settings, data_dir, settings.eval.limit or 100, general_instances=0
+    )
+    personal_em = completion_em(evaluation.data, spec)
+    team_em = completion_em(evaluation.data, "org")
+    promoted, reason = gate(personal_em, team_em, settings.watch.tolerance * 100)
+    if promoted:
+        host = base_gguf(resolve_base(settings.train.base), data_dir, report)
+        team = {k: v for k, v in current.items() if k not in ("history", "promoted_at")}
+        store.promote(
+            {
+                **team,
+                "adapter": str(adapter_file),
+                "base_model": str(host),
+                "personal": {"developer": author_id, "run_id": trained.run_id},
+                "metrics": {"exact_match": personal_em, "team_exact_match": team_em},
+            }
+        )
+    return ("serving your adapter: " if promoted else "kept the team model: ") + reason
+
+
+def register(app: typer.Typer) -> None:
+    personal_app = typer.Typer(
+        help="Per-developer adapters (opt-in, trained and kept on this machine only).",
+        no_args_is_help=True,
+    )
+    app.add_typer(personal_app, name="personal")
+
+    @personal_app.command("enable")
+    def enable_command(
+        identity: Annotated[
+            list[str], typer.Option(help="Your commit email or name (repeat for aliases).")
+        ],
+        repo: Annotated[Path, typer.Option(help="Repository.")] = Path("."),
+        train: Annotated[bool, typer.Option(help="Train your adapter right away.")] = False,
+    ) -> None:
+        """Opt in: train an adapter on your own commits on top of the team's."""
+        from shoptalk.models.cli import settings_for
+
+        repo = repo.expanduser().resolve()
+        settings = settings_for(repo)
+        author_id = enable(repo, identity, settings, settings.resolved_data_dir())
+        console.print(f"personalization enabled for author {author_id}")
+        if train:
+            console.print(
+                train_personal(repo, settings, settings.resolved_data_dir(), console.print)
+            )
+
+    @personal_app.command("train")
+    def train_command(repo: Annotated[Path, typer.Option(help="Repository.")] = Path(".")) -> None:
+        """Train (again) your personal adapter and serve it if not worse."""
+        from shoptalk.models.cli import settings_for
+
+        repo = repo.expanduser().resolve()
+        settings = settings_for(repo)
+        console.print(train_personal(repo, settings, settings.resolved_data_dir(), console.print))
+
+    @personal_app.command("disable")
+    def disable_command(
+        repo: Annotated[Path, typer.Option(help="Repository.")] = Path("."),
+    ) -> None:
+        """Opt out: delete your adapters; the team model is served again."""
+        from shoptalk.models.cli import settings_for
+
+        repo = repo.expanduser().resolve()
+        deleted = disable(repo, settings_for(repo).resolved_data_dir())
+        console.print(f"personalization disabled; {deleted} personal adapter(s) deleted")

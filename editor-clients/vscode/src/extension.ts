@@ -201,6 +201,8 @@ async function startClient(): Promise<void> {
     },
   };
   client = new LanguageClient("shoptalk", "ShopTalk", spawnServer(command, args, workspaceRoot()), clientOptions);
+  // textDocument/inlineCompletion is among the client's "proposed" features (LSP 3.18).
+  client.registerProposedFeatures();
   setStatusText("$(loading~spin) ShopTalk: starting", "starting the language server");
   try {
     await client.start();
@@ -355,7 +357,9 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
       },
     },
     vscode.commands.registerCommand("shoptalk.restartServer", restartClient),
-    vscode.commands.registerCommand("shoptalk.findModule", findModule),
+    // Not "shoptalk.findModule": the language client registers the server's
+    // workspace/executeCommand of that name.
+    vscode.commands.registerCommand("shoptalk.findModuleAndOpen", findModule),
     vscode.commands.registerCommand("shoptalk.showStatus", showStatus),
     vscode.commands.registerCommand("shoptalk.showLog", () => {
       output.show();

@@ -401,6 +401,7 @@ class ShopTalkServer(LanguageServer):
         text = self.document_text(uri)
         if registry is None or text is None:
             return
+        self._prefill_cancel.set()  # an older prefill (another cursor) is moot now
         self._prefill_cancel = cancel = threading.Event()
 
         def job() -> None:

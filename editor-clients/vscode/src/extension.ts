@@ -319,7 +319,7 @@ async function showStatus(): Promise<void> {
       if (root !== undefined && interpreter !== undefined) {
         const terminal = vscode.window.createTerminal({ name: "ShopTalk retrain", cwd: root });
         terminal.show();
-        terminal.sendText(`"${interpreter.path}" -m shoptalk.models.cli train --repo "${root}"`);
+        terminal.sendText(`"${interpreter.path}" -m shoptalk.models.cli retrain --repo "${root}"`);
       }
       break;
     case "rollback":

@@ -722,7 +722,7 @@ def evaluate_models(
     problems = retention.humaneval_problems(humaneval_problems) if humaneval_problems else []
     console.print(
         f"evaluating {', '.join(m.spec for m in models)} on {len(test_set.completion)} "
-        f"completion instances ({test_set.available} in the test split)"
+        f"completion instances ({test_set.available} in scope {scope!r} of the test split)"
         + (f", {len(general)} general-code instances" if general else "")
         + (f", {len(problems)} HumanEval problems" if problems else "")
     )

@@ -370,6 +370,34 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
       }
     }),
   );
+  // Tell the server where the cursor rests (shoptalk/prefill) so it evaluates
+  // the prompt before the first keystroke there.
+  let prefillTarget: vscode.TextEditor | undefined;
+  const prefillSoon = debounce(() => {
+    const editor = prefillTarget;
+    if (editor === undefined || client?.state !== State.Running || settings === undefined) {
+      return;
+    }
+    if (editor.document.uri.scheme !== "file" || !settings.languages.includes(editor.document.languageId)) {
+      return;
+    }
+    const position = editor.selection.active;
+    void client.sendNotification("shoptalk/prefill", {
+      textDocument: { uri: editor.document.uri.toString() },
+      position: { line: position.line, character: position.character },
+    });
+  }, 250);
+  context.subscriptions.push(
+    vscode.window.onDidChangeTextEditorSelection((event) => {
+      prefillTarget = event.textEditor;
+      prefillSoon();
+    }),
+    {
+      dispose: () => {
+        prefillSoon.cancel();
+      },
+    },
+  );
   statusTimer = setInterval(() => {
     void refreshStatus();
   }, STATUS_POLL_MS);

@@ -60,12 +60,55 @@ local function set_keymaps(bufnr)
   end
 end
 
+local uv = vim.uv or vim.loop
+local PREFILL_DELAY_MS = 250
+
+--- Tell the server where the cursor rests (shoptalk/prefill) so it evaluates
+--- the prompt before the first keystroke there.
+local function watch_cursor(bufnr, client)
+  local timer = uv.new_timer()
+  local group = vim.api.nvim_create_augroup("shoptalk.prefill." .. bufnr, { clear = true })
+  vim.api.nvim_create_autocmd({ "CursorMoved", "InsertEnter" }, {
+    group = group,
+    buffer = bufnr,
+    callback = function()
+      timer:stop()
+      timer:start(
+        PREFILL_DELAY_MS,
+        0,
+        vim.schedule_wrap(function()
+          if not vim.api.nvim_buf_is_valid(bufnr) or client.is_stopped and client:is_stopped() then
+            return
+          end
+          local win = vim.fn.bufwinid(bufnr)
+          if win ~= -1 then
+            lsp.notify(client, "shoptalk/prefill", vim.lsp.util.make_position_params(win, client.offset_encoding))
+          end
+        end)
+      )
+    end,
+  })
+  vim.api.nvim_create_autocmd({ "BufWipeout", "LspDetach" }, {
+    group = group,
+    buffer = bufnr,
+    once = true,
+    callback = function()
+      timer:stop()
+      if not timer:is_closing() then
+        timer:close()
+      end
+      pcall(vim.api.nvim_del_augroup_by_id, group)
+    end,
+  })
+end
+
 local function on_attach(bufnr, client)
   if config.inline_mode() == "off" then
     return
   end
   ghost.attach(bufnr, client)
   set_keymaps(bufnr)
+  watch_cursor(bufnr, client)
 end
 
 --- Configure the plugin and start the server for the configured filetypes.

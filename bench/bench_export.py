@@ -1,6 +1,7 @@
 """Export quality and cost on the real default base (Gemma 3 270M).
 
     nice -n 10 .venv/bin/python bench/bench_export.py [--hf /tmp/gemma-hf] [--gguf /tmp/gemma.gguf]
+        [--latency-only] [--repeats 3] [--latency-threads 1]
 
 A LoRA (rank 16, all linear layers of every block) with random non-zero B
 stands in for a trained run when none is given (`--run`). The run is exported
@@ -110,28 +111,53 @@ def llama_logits(path: Path, ids: list[int], threads: int) -> tuple[np.ndarray, 
         llm.close()
 
 
-def latency(path: Path, ids: list[int], threads: int, adapter: Path | None, repeats: int) -> float:
-    """Median seconds for a prompt of PROMPT_TOKENS + GEN_TOKENS greedy tokens."""
+def latencies(
+    configs: dict[str, tuple[Path, Path | None]], ids: list[int], threads: int, repeats: int
+) -> dict[str, float]:
+    """Median seconds per configuration for PROMPT_TOKENS of prompt + GEN_TOKENS
+    greedy tokens. The configurations are loaded together and measured in
+    turn (round robin), so a changing machine load hits them all alike."""
     import llama_cpp
 
     from shoptalk.server.lora import LoraAdapters
 
-    llm = llama_cpp.Llama(str(path), n_ctx=1024, verbose=False, n_threads=threads, n_batch=512)
-    try:
+    models = {}
+    for name, (path, adapter) in configs.items():
+        llm = llama_cpp.Llama(str(path), n_ctx=1024, verbose=False, n_threads=threads, n_batch=512)
         if adapter is not None:
             LoraAdapters(llm).apply(adapter)
-        times = []
+        models[name] = llm
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    try:
         for _ in range(repeats):
-            llm.reset()
-            started = time.perf_counter()
-            llm.eval(ids[:PROMPT_TOKENS])
-            for _ in range(GEN_TOKENS):
-                token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-                llm.eval([token])
-            times.append(time.perf_counter() - started)
-        return float(np.median(times))
+            for name, llm in models.items():
+                llm.reset()
+                started = time.perf_counter()
+                llm.eval(ids[:PROMPT_TOKENS])
+                for _ in range(GEN_TOKENS):
+                    llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+                times[name].append(time.perf_counter() - started)
     finally:
-        llm.close()
+        for llm in models.values():
+            llm.close()
+    return {name: float(np.median(values)) for name, values in times.items()}
+
+
+def report_latency(
+    merged: Path, base: Path, adapter: Path, ids: list[int], args: argparse.Namespace
+) -> None:
+    seconds = latencies(
+        {"merged": (merged, None), "adapter": (base, adapter), "base": (base, None)},
+        ids,
+        args.latency_threads,
+        args.repeats,
+    )
+    print(
+        f"latency ({PROMPT_TOKENS} prompt + {GEN_TOKENS} generated tokens, {args.latency_threads} "
+        f"thread(s), median of {args.repeats}, round robin): merged Q4_K_M {seconds['merged']:.2f}s; "
+        f"packaged Q4_K_M base + F16 adapter {seconds['adapter']:.2f}s "
+        f"(ratio {seconds['adapter'] / seconds['merged']:.2f}); base alone {seconds['base']:.2f}s"
+    )
 
 
 def main() -> None:
@@ -141,6 +167,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--latency-threads", type=int, default=1)
+    parser.add_argument(
+        "--latency-only", action="store_true", help="Skip the quality part (exports Q4_K_M only)."
+    )
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -152,6 +182,11 @@ def main() -> None:
         run_dir = make_run(args.hf, args.gguf, root, args.seed)
         tokenizer = AutoTokenizer.from_pretrained(args.hf)
         ids = list(tokenizer(heldout_text()).input_ids[:EVAL_TOKENS])
+        if args.latency_only:
+            merged = export_run(run_dir, "q4_k_m", threads=args.threads).files[0]
+            adapter = export_run(run_dir, "f16", adapter_only=True).files[0]
+            report_latency(merged, args.gguf, adapter, ids, args)
+            return
 
         import torch
 
@@ -208,14 +243,7 @@ def main() -> None:
             )
         print(f"adapter {adapter.name}: {adapter.stat().st_size / 1e6:.1f} MB")
 
-        merged_s = latency(files["q4_k_m"], ids, args.threads, None, args.repeats)
-        swapped_s = latency(args.gguf, ids, args.threads, adapter, args.repeats)
-        plain_s = latency(args.gguf, ids, args.threads, None, args.repeats)
-        print(
-            f"latency ({PROMPT_TOKENS} prompt + {GEN_TOKENS} generated tokens, median of {args.repeats}): "
-            f"merged Q4_K_M {merged_s:.2f}s; packaged Q4_K_M base + F16 adapter {swapped_s:.2f}s "
-            f"(ratio {swapped_s / merged_s:.2f}); base alone {plain_s:.2f}s"
-        )
+        report_latency(files["q4_k_m"], args.gguf, adapter, ids, args)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

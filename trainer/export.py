@@ -444,7 +444,12 @@ def export_run(
             kind, file_quant = "model", quant
     except GGUFWriteError as exc:
         raise ExportError(str(exc)) from None
-    manifest = write_manifest(target, **_manifest_fields(run, kind, file_quant, adapter_sha))
+    try:
+        manifest = write_manifest(target, **_manifest_fields(run, kind, file_quant, adapter_sha))
+    except OSError as exc:
+        # A model without its manifest is refused by the server anyway.
+        target.unlink(missing_ok=True)
+        raise _disk_errors(target)(exc) or exc from None
     result.files.append(target)
     result.manifests.append(manifest)
     result.seconds = time.monotonic() - started

@@ -138,7 +138,7 @@ class JobQueue:
                 )
                 job_id = cursor.lastrowid
             db.execute("COMMIT")
-        return self.get(int(job_id))  # type: ignore[arg-type]
+        return self.get(int(job_id))
 
     def get(self, job_id: int) -> Job:
         with self._connect() as db:

@@ -12,7 +12,9 @@ pytest_plugins: list[str] = ["git_repos", "tiny_models"]
 
 
 @pytest.fixture(autouse=True)
-def _isolated_user_dirs(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated_user_dirs(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Tests never read or write the real user's config or data dir."""
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("SHOPTALK_CONFIG", str(home / "config.toml"))

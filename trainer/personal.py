@@ -83,7 +83,7 @@ def enable(repo: Path, identity: list[str], settings: Settings, data_dir: Path) 
 
 
 def _personal_runs(store: RepoStore, author_id: str | None) -> list[Path]:
-    runs = []
+    runs: list[Path] = []
     if not store.runs_dir.is_dir():
         return runs
     for run_dir in store.runs_dir.iterdir():

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from shoptalk.models.catalog import CATALOG, DEFAULT_BASE, resolve_base
@@ -170,7 +171,8 @@ def doctor() -> None:
     table.add_column("check")
     table.add_column("result")
     for check in checks:
-        table.add_row(check.name, check.value if check.ok else f"[red]{check.value}[/red]")
+        value = escape(check.value)  # values hold brackets, e.g. shoptalk[train]
+        table.add_row(check.name, value if check.ok else f"[red]{value}[/red]")
     out.print(table)
     if not all(c.ok for c in checks):
         err.print("[yellow]Some checks need attention (in red above).[/yellow]")

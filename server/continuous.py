@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -28,7 +28,9 @@ from rich.table import Table
 
 from shoptalk.models.jobs import Job, JobQueue
 from shoptalk.models.store import RepoStore
-from shoptalk.server.watcher import GitWatcher, HeadChange
+
+if TYPE_CHECKING:  # watchdog is imported only when watching starts
+    from shoptalk.server.watcher import HeadChange
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,8 @@ class ContinuousLearner:
         self.on_job = on_job or (lambda job: None)
         self.command = command
         self.worker: subprocess.Popen[bytes] | None = None
+        from shoptalk.server.watcher import GitWatcher
+
         self.watcher = GitWatcher(
             self.repo, self._changed, branch=branch, quiet_seconds=quiet_seconds
         )

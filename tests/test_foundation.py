@@ -153,3 +153,35 @@ def test_models_rollback_cli(tmp_path: Path) -> None:
     result = run_cli("models", "rollback", "--repo", str(repo))
     assert result.returncode == 0, result.stderr
     assert store.current()["run_id"] == "one"  # type: ignore[index]
+
+
+def test_cli_needs_no_extra_to_start(tmp_path: Path) -> None:
+    """A serve-only or base install must still list every command: command
+    modules import heavy libraries only when their command runs."""
+    heavy = [
+        "torch",
+        "transformers",
+        "peft",
+        "llama_cpp",
+        "pygls",
+        "lsprotocol",
+        "watchdog",
+        "gguf",
+    ]
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {heavy!r}:\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from shoptalk.models.cli import main\n"
+        "sys.argv = ['shoptalk', '--help']\n"
+        "main()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    for command in ("mine", "train", "export", "eval", "serve", "watch", "retrain", "personal"):
+        assert command in result.stdout

@@ -72,7 +72,19 @@ class LossRow:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LossRow:
-        return cls(**{k: data.get(k) for k in LOSS_COLUMNS})
+        def num(key: str) -> float | None:
+            value = data.get(key)
+            return None if value is None else float(value)
+
+        return cls(
+            phase=str(data["phase"]),
+            step=int(data["step"]),
+            tokens=int(data["tokens"]),
+            elapsed_s=float(data["elapsed_s"]),
+            lr=float(data["lr"]),
+            train_loss=num("train_loss"),
+            val_loss=num("val_loss"),
+        )
 
 
 def library_versions() -> dict[str, str]:

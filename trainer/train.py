@@ -19,7 +19,7 @@ One run, in `runs/<run_id>/` of the repository's store (see
    more and written atomically to `adapter/`; only then does `record.json`
    say `complete`.
 
-Multi-GPU / multi-node: run the same command under `accelerate launch`
+Multi-GPU / multi-node: run the same command under `accelerate launch "$(command -v shoptalk)" train ... --run-id NAME`
 (DDP); each process takes its share of every step's micro-batches and only
 the main process writes. A single process never needs a launcher.
 """
@@ -478,7 +478,7 @@ def _run_phase(
         task = progress.add_task(
             "continued pre-training" if not is_sft else "fine-tuning",
             total=total,
-            completed=step_of() if max_steps is not None else seconds_of(),
+            completed=step_of() if max_steps is not None else int(seconds_of()),
             steps="",
             speed=0.0,
             loss="-",

@@ -226,7 +226,8 @@ def load_causal_lm(path: str, plan: DevicePlan) -> Any:
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     model.config.use_cache = False
-    return model.to(plan.device)
+    moved: Any = model.to(plan.device)  # type: ignore[arg-type]
+    return moved
 
 
 def describe_base(base: BaseModel, path: str, tokenizer: Any) -> BaseIdentity:
@@ -355,8 +356,8 @@ class AnswerLoss(nn.Module):
 
     def __init__(self, causal_lm: nn.Module) -> None:
         super().__init__()
-        self.decoder = causal_lm.model
-        self.lm_head = causal_lm.lm_head
+        self.decoder: nn.Module = causal_lm.model  # type: ignore[assignment]
+        self.lm_head: nn.Module = causal_lm.lm_head  # type: ignore[assignment]
         config = causal_lm.config
         self.softcap: float | None = getattr(config, "final_logit_softcapping", None)
 

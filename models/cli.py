@@ -204,4 +204,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m shoptalk.models.cli` runs this file as `__main__`; commands
+    # import `shoptalk.models.cli`, a second copy. Run that copy so that they
+    # see the root options (--data-dir, --verbose).
+    from shoptalk.models import cli as importable
+
+    importable.main()

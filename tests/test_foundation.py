@@ -185,3 +185,15 @@ def test_cli_needs_no_extra_to_start(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     for command in ("mine", "train", "export", "eval", "serve", "watch", "retrain", "personal"):
         assert command in result.stdout
+
+
+def test_root_options_reach_commands_under_python_m(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    data = tmp_path / "elsewhere"
+    store = RepoStore.for_repo(data, repo)
+    store.promote({"run_id": "one", "model": "one.gguf"})
+    store.promote({"run_id": "two", "model": "two.gguf"})
+    result = run_cli("--data-dir", str(data), "models", "rollback", "--repo", str(repo))
+    assert result.returncode == 0, result.stderr
+    assert store.current()["run_id"] == "one"  # type: ignore[index]

@@ -14,6 +14,8 @@ set -eu
 
 VERSION=4.96.4   # the last line that runs on Node 20
 DEST=${1:?usage: install-code-server.sh DEST}
+# Absolute: the steps below change directory.
+case "$DEST" in /*) ;; *) DEST="$PWD/$DEST" ;; esac
 [ -f "$DEST/.installed" ] && exit 0
 
 node_major=$(node -p 'process.versions.node.split(".")[0]')

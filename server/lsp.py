@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from lsprotocol import types
 from pydantic import ValidationError
@@ -30,6 +30,7 @@ from pygls.lsp.server import LanguageServer
 from pygls.uris import to_fs_path
 
 from shoptalk.models.errors import ShopTalkError
+from shoptalk.models.jobs import Job
 from shoptalk.models.module_map import ModuleMap, language_for, module_map_from_tree
 from shoptalk.models.settings import PersonalSettings, ServeSettings, Settings
 from shoptalk.server.completion import offset_to_utf16, utf16_to_offset
@@ -40,6 +41,9 @@ from shoptalk.server.module_lookup import (
     ModuleIndex,
     find_modules,
 )
+
+if TYPE_CHECKING:
+    from shoptalk.server.continuous import ContinuousLearner
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +160,8 @@ class ShopTalkServer(LanguageServer):
         self._idle_handle: asyncio.TimerHandle | None = None
         self._poll_task: asyncio.Task[None] | None = None
         self._ready = threading.Event()
+        self.learner: ContinuousLearner | None = None
+        self._job_tokens: dict[int, str] = {}
         self.counters: dict[str, int] = {
             "requests": 0,
             "cache_hits": 0,
@@ -212,6 +218,52 @@ class ShopTalkServer(LanguageServer):
             self._background.submit(self._build_module_map, root)
         if repo is not None and self.config.poll_s > 0:
             self._poll_task = asyncio.ensure_future(self._poll_promotions())
+        if repo is not None and self.settings.serve.watch:
+            self._start_watching(repo)
+
+    # -- continuous learning -----------------------------------------------------
+
+    def _start_watching(self, repo: Path) -> None:
+        """Retrain after new commits (serve.watch); the job runs in its own
+        low-priority process while this server keeps serving the current
+        model, and its steps are shown as `$/progress`."""
+        from shoptalk.server.continuous import ContinuousLearner
+
+        try:
+            self.learner = ContinuousLearner(
+                repo,
+                self.settings.resolved_data_dir(),
+                quiet_seconds=self.settings.watch.quiet_seconds,
+                on_job=self._on_job,
+            )
+            self.learner.start()
+        except ShopTalkError as exc:
+            self.show_once(f"ShopTalk cannot watch {repo}: {exc}")
+
+    def _on_job(self, job: Job) -> None:
+        token = self._job_tokens.get(job.id)
+        if job.state == "running" and token is None:
+            token = f"shoptalk-job-{job.id}"
+            if self._begin_progress(token, "ShopTalk: retraining on new commits"):
+                self._job_tokens[job.id] = token
+            return
+        if token is None:
+            return
+        if job.state == "running":
+            percent = round((job.progress or 0) * 100)
+            self._call_on_loop(
+                lambda: self.work_done_progress.report(
+                    token, types.WorkDoneProgressReport(message=job.step or "", percentage=percent)
+                )
+            )
+        else:
+            del self._job_tokens[job.id]
+            message = f"{job.state}: {job.message or ''}".strip()
+            self._call_on_loop(
+                lambda: self.work_done_progress.end(
+                    token, types.WorkDoneProgressEnd(message=message)
+                )
+            )
 
     def _backend_factory(self, choice: ModelChoice, serve: ServeSettings) -> Any:
         return build_backend(choice, serve)
@@ -428,6 +480,8 @@ class ShopTalkServer(LanguageServer):
             latest.cancelled.set()
         if self._poll_task is not None:
             self._poll_task.cancel()
+        if self.learner is not None:
+            self.learner.stop()
         self.worker.shutdown(wait=False, cancel_futures=True)
         self._background.shutdown(wait=False, cancel_futures=True)
         registry = self.registry

@@ -15,19 +15,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+from shoptalk.models.module_map import MODULE_LANGUAGES
+
+# The module map's languages (parsed for symbols) plus ones only mined as text.
 LANGUAGES: dict[str, str] = {
-    ".py": "python",
-    ".pyi": "python",
-    ".java": "java",
-    ".js": "javascript",
-    ".mjs": "javascript",
-    ".cjs": "javascript",
-    ".jsx": "javascript",
-    ".ts": "typescript",
-    ".mts": "typescript",
-    ".cts": "typescript",
-    ".tsx": "tsx",
-    ".go": "go",
+    **MODULE_LANGUAGES,
     ".rs": "rust",
     ".c": "c",
     ".h": "c",

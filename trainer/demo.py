@@ -24,6 +24,8 @@ from shoptalk.models.settings import Settings
 from shoptalk.models.store import RepoStore
 
 console = Console(stderr=True, soft_wrap=True)
+DEMO_VAL_LIMIT = 16
+DEMO_GENERAL = 10  # general-code instances for the retention figure
 
 
 class DemoError(ShopTalkError):
@@ -205,7 +207,8 @@ def run_demo(
     console.rule(f"3/6 train a LoRA adapter ({train_minutes:g} minutes)")
     budget = settings.model_copy(deep=True)
     budget.train.max_minutes = train_minutes
-    trained = train_adapter(repo, budget, data_dir)
+    # A small validation set: each pass over it costs minutes on a 2-core CPU.
+    trained = train_adapter(repo, budget, data_dir, val_limit=DEMO_VAL_LIMIT)
     if trained.adapter_dir is None:
         raise DemoError(f"training did not finish: {trained.stop_reason}")
     result.facts["training"] = (
@@ -221,7 +224,9 @@ def run_demo(
 
     console.rule("5/6 evaluate base vs tuned on the newest commits")
     spec = f"run:{trained.run_id}"
-    evaluation = evaluate_models(repo, ["base", spec], settings, data_dir, eval_limit)
+    evaluation = evaluate_models(
+        repo, ["base", spec], settings, data_dir, eval_limit, general_instances=DEMO_GENERAL
+    )
     result.report = evaluation.html_path
     tuned_em = completion_em(evaluation.data, spec)
     base_em = completion_em(evaluation.data, "base")

@@ -215,15 +215,15 @@ class JobQueue:
             )
             return cursor.rowcount > 0
 
-    def jobs(self, repo: Path | None = None, limit: int = 20) -> list[Job]:
-        query = "SELECT * FROM jobs"
-        args: tuple[Any, ...] = ()
-        if repo is not None:
-            query += " WHERE repo=?"
-            args = (str(repo),)
+    def _newest(self, table: str, repo: Path | None, limit: int) -> list[sqlite3.Row]:
+        where, args = ("WHERE repo=?", (str(repo),)) if repo is not None else ("", ())
         with self._connect() as db:
-            rows = db.execute(query + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
-        return [self._job(r) for r in rows]
+            return db.execute(
+                f"SELECT * FROM {table} {where} ORDER BY id DESC LIMIT ?", (*args, limit)
+            ).fetchall()
+
+    def jobs(self, repo: Path | None = None, limit: int = 20) -> list[Job]:
+        return [self._job(r) for r in self._newest("jobs", repo, limit)]
 
     def record_decision(self, decision: Decision) -> None:
         with self._connect() as db:
@@ -242,13 +242,7 @@ class JobQueue:
             )
 
     def decisions(self, repo: Path | None = None, limit: int = 20) -> list[Decision]:
-        query = "SELECT * FROM decisions"
-        args: tuple[Any, ...] = ()
-        if repo is not None:
-            query += " WHERE repo=?"
-            args = (str(repo),)
-        with self._connect() as db:
-            rows = db.execute(query + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
+        rows = self._newest("decisions", repo, limit)
         return [
             Decision(
                 r["job_id"],

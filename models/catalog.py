@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from shoptalk.models.errors import ShopTalkError
 
@@ -163,13 +164,19 @@ def resolve_base(name: str) -> BaseModel:
     )
 
 
+def hf_architecture(config: dict[str, Any]) -> str | None:
+    """Our architecture name for an HF config dict (or its text_config), if supported."""
+    text_config = config.get("text_config") or {}
+    return HF_MODEL_TYPES.get(str(config.get("model_type", ""))) or HF_MODEL_TYPES.get(
+        str(text_config.get("model_type", ""))
+    )
+
+
 def base_from_local_checkpoint(path: Path) -> BaseModel:
     config = json.loads((path / "config.json").read_text())
     model_type = str(config.get("model_type", ""))
     text_config = config.get("text_config") or {}
-    arch = HF_MODEL_TYPES.get(model_type) or HF_MODEL_TYPES.get(
-        str(text_config.get("model_type", ""))
-    )
+    arch = hf_architecture(config)
     if arch is None:
         raise UnknownBaseModel(
             f"{path}: model_type {model_type!r} is not supported; supported architectures: "

@@ -24,6 +24,7 @@ from pygls.lsp.client import LanguageClient
 
 from shoptalk.models.manifest import write_manifest
 from shoptalk.models.store import RepoStore
+from shoptalk.server.lsp import _plain
 
 # One event loop for the module, so that read-only tests can share one server.
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
@@ -144,21 +145,6 @@ class Session:
         stdin = self.process.stdin
         assert stdin is not None
         stdin.write(data)
-
-
-def _plain(value: Any) -> Any:
-    """pygls hands custom results over as objects; compare them as JSON."""
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        if hasattr(value, "_fields"):
-            return {k: _plain(getattr(value, k)) for k in value._fields}
-        return [_plain(v) for v in value]
-    if hasattr(value, "__dict__"):
-        return {k: _plain(v) for k, v in vars(value).items() if not k.startswith("_")}
-    return value
 
 
 async def start_session(

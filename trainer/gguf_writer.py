@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import gguf
 import numpy as np
 
-from shoptalk.models.catalog import HF_MODEL_TYPES, SUPPORTED_ARCHITECTURES
+from shoptalk.models.catalog import SUPPORTED_ARCHITECTURES, hf_architecture
 from shoptalk.models.errors import ShopTalkError
 from shoptalk.models.files import free_bytes
 
@@ -75,10 +75,7 @@ def _no_progress(_message: str) -> None:
 def architecture_of(config: Mapping[str, Any]) -> str:
     """Our architecture name for an HF config dict, or a clear error."""
     model_type = str(config.get("model_type", ""))
-    text_config = config.get("text_config") or {}
-    arch = HF_MODEL_TYPES.get(model_type) or HF_MODEL_TYPES.get(
-        str(text_config.get("model_type", ""))
-    )
+    arch = hf_architecture(dict(config))
     if arch is None:
         raise GGUFWriteError(
             f"cannot write GGUF for model_type {model_type!r}: supported architectures are "

@@ -5,8 +5,10 @@ general code — the replay corpus, so no mined repository is needed) with the
 same real base model:
 
 * ours: `shoptalk.trainer.train.train_adapter` with its defaults (answer-only
-  logits, bf16 where the CPU has it, LoRA on every projection, batch 1 with
-  gradient accumulation 4); tokens/s from its run record (training steps only);
+  logits, bf16 where the CPU has it, LoRA on every projection of the upper
+  half of the layers on CPU, batch 1 with gradient accumulation 4); tokens/s
+  from its run record (training steps only); `ours-fp32` forces fp32,
+  `ours-all-layers` puts LoRA on every layer;
 * naive: plain `transformers.Trainer` + peft with default settings
   (`LoraConfig(task_type="CAUSAL_LM")`, fp32, full-vocabulary loss on every
   position), batch 1; tokens/s over the same number of sequences.
@@ -29,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-PARTS = ("ours", "ours-fp32", "ours-upper", "naive")
+PARTS = ("ours", "ours-fp32", "ours-all-layers", "naive")
 
 
 PREFIX_CHARS = 1000
@@ -89,7 +91,7 @@ def run_ours(
                 replay_share=0.0,
                 val_every=10_000,
                 threads=threads,
-                layers_from=0.5 if variant == "ours-upper" else 0.0,
+                layers_from=0.0 if variant == "ours-all-layers" else None,
             )
         )
         from shoptalk.trainer import train as train_module

@@ -85,6 +85,33 @@ def completion_prompt(template: FimTemplate, parts: PromptParts, use_fim: bool) 
     )
 
 
+# How completions are prompted: fill-in-the-middle with the base's template,
+# or the code before the cursor only. A tuned model is served with the format
+# it was trained on (its export manifest says which); an untuned base with FIM
+# only when it learned FIM in pre-training.
+PROMPT_FIM = "fim"
+PROMPT_PREFIX = "prefix"
+PROMPT_FORMATS = (PROMPT_FIM, PROMPT_PREFIX)
+
+
+def training_prompt_format(setting: str, template: FimTemplate) -> str:
+    """The completion format a training run uses. `auto`: FIM for bases that
+    were pre-trained on it; prefix-only for the others, whose borrowed
+    reserved-token template a CPU-budget run cannot teach (docs/benchmarks.md:
+    17 FIM steps took the default base from 5% to 0% exact match)."""
+    if setting == "auto":
+        return PROMPT_FIM if template.trained else PROMPT_PREFIX
+    if setting not in PROMPT_FORMATS:
+        raise ValueError(f"unknown completion format {setting!r}; use auto, fim or prefix")
+    return setting
+
+
+def served_with_fim(prompt_format: str | None) -> bool:
+    """Whether a tuned model whose manifest records `prompt_format` is prompted
+    with FIM (runs from before the format was recorded were all FIM-trained)."""
+    return (prompt_format or PROMPT_FIM) == PROMPT_FIM
+
+
 MODULE_LOOKUP_HEADER = "# Which module implements this?\n"
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from shoptalk.models.catalog import CATALOG, DEFAULT_BASE, BaseModel, FimTemplate, resolve_base
 from shoptalk.models.errors import ShopTalkError
 from shoptalk.models.manifest import ManifestError, manifest_path, verify_model_file
+from shoptalk.models.prompt import served_with_fim
 from shoptalk.models.provision import base_paths, ensure_gguf, gguf_status
 from shoptalk.models.settings import ServeSettings, Settings
 from shoptalk.models.store import RepoStore
@@ -103,7 +104,7 @@ def promoted_choice(record: dict[str, Any], settings: Settings, data_dir: Path) 
             host,
             adapter,
             _base_for(manifest.base, settings),
-            True,
+            served_with_fim(manifest.extra.get("prompt_format")),
             record.get("run_id"),
             "promoted",
         )
@@ -112,7 +113,12 @@ def promoted_choice(record: dict[str, Any], settings: Settings, data_dir: Path) 
     model = Path(str(model_value))
     manifest = verify_model_file(model)
     return ModelChoice(
-        model, None, _base_for(manifest.base, settings), True, record.get("run_id"), "promoted"
+        model,
+        None,
+        _base_for(manifest.base, settings),
+        served_with_fim(manifest.extra.get("prompt_format")),
+        record.get("run_id"),
+        "promoted",
     )
 
 
@@ -132,8 +138,12 @@ def explicit_choice(model: Path, settings: Settings) -> ModelChoice:
     if manifest_path(model).is_file():
         manifest = verify_model_file(model)
         base = _base_for(manifest.base, settings)
-        tuned = manifest.run_id is not None
-        return ModelChoice(model, None, base, tuned or base.fim.trained, manifest.run_id, "--model")
+        use_fim = (
+            served_with_fim(manifest.extra.get("prompt_format"))
+            if manifest.run_id is not None
+            else base.fim.trained
+        )
+        return ModelChoice(model, None, base, use_fim, manifest.run_id, "--model")
     if not model.is_file():
         raise ManifestError(f"model file {model} does not exist")
     log.warning("%s has no manifest; serving it unverified", model)

@@ -277,3 +277,37 @@ def test_unsupported_architecture(tmp_path: Path) -> None:
     memorisable(repo, data_dir)
     with pytest.raises(UnknownBaseModel, match="not supported"):
         train_adapter(repo, Settings(train=TrainSettings(base=str(checkpoint))), data_dir)
+
+
+def test_newest_instances_come_first_and_replay_is_spread_through() -> None:
+    from shoptalk.trainer.formats import Example
+    from shoptalk.trainer.train_data import (
+        ORDERED_WINDOW,
+        BatchSchedule,
+        interleave,
+        newest_first,
+    )
+
+    records = [{"id": i, "author_date": f"2025-01-{i % 28 + 1:02d}"} for i in range(40)]
+    dates = [r.get("author_date", "") for r in newest_first([*records, {"id": "undated"}])]
+    assert dates[:-1] == sorted(dates[:-1], reverse=True) and dates[-1] == ""
+
+    team = [Example((1, k), 1, "completion") for k in range(2 * ORDERED_WINDOW)]
+    replay = [Example((2, k), 1, "replay") for k in range(8)]
+    mixed = interleave(team, replay)
+    assert sorted(mixed, key=lambda e: e.input_ids) == sorted(
+        team + replay, key=lambda e: e.input_ids
+    )
+    positions = [i for i, e in enumerate(mixed) if e.kind == "replay"]
+    assert positions[0] > 0 and positions[-1] < len(mixed) - 1
+    assert max(b - a for a, b in zip(positions, positions[1:], strict=False)) <= 70
+
+    # First epoch: the front of the list (newest) first, shuffled inside windows;
+    # later epochs: shuffled over the whole set.
+    schedule = BatchSchedule(team, 1, 1, 0, ordered=True)
+    first = [schedule.step(s)[0][0].input_ids[1] for s in range(ORDERED_WINDOW)]
+    assert sorted(first) == list(range(ORDERED_WINDOW)) and first != sorted(first)
+    second = [schedule.step(len(team) + s)[0][0].input_ids[1] for s in range(ORDERED_WINDOW)]
+    assert max(second) >= ORDERED_WINDOW
+    plain = BatchSchedule(team, 1, 1, 0)
+    assert max(plain.step(s)[0][0].input_ids[1] for s in range(ORDERED_WINDOW)) >= ORDERED_WINDOW

@@ -43,6 +43,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from shoptalk.models.catalog import BaseModel, FimTemplate, resolve_base
 from shoptalk.models.errors import ShopTalkError
 from shoptalk.models.manifest import ModelManifest, read_manifest, verify_model_file
+from shoptalk.models.prompt import served_with_fim
 from shoptalk.models.settings import Settings
 from shoptalk.models.store import RepoStore, repo_key
 
@@ -427,11 +428,13 @@ def resolve_models(
         manifests: dict[str, Any] = {}
         if model is not None:
             manifests["model"] = _verify(spec, model, repo, base)
-            return ResolvedModel(spec, model, None, True, base, run_dir.name, manifests)
+            fim = served_with_fim(manifests["model"].get("extra", {}).get("prompt_format"))
+            return ResolvedModel(spec, model, None, fim, base, run_dir.name, manifests)
         if adapter is None:
             raise EvalError(f"run {run_dir.name} has no exported model; run `shoptalk export`")
         manifests["adapter"] = _verify(spec, adapter, repo, base)
-        return ResolvedModel(spec, the_base_file(), adapter, True, base, run_dir.name, manifests)
+        fim = served_with_fim(manifests["adapter"].get("extra", {}).get("prompt_format"))
+        return ResolvedModel(spec, the_base_file(), adapter, fim, base, run_dir.name, manifests)
 
     for spec in specs:
         if spec == "base":
@@ -506,7 +509,9 @@ def _from_current(
             manifest = read_manifest(path)
             _check_manifest(spec, manifest, repo, base)
             manifests[role] = asdict(manifest)
-    return ResolvedModel(spec, choice.model, choice.adapter, True, base, choice.run_id, manifests)
+    return ResolvedModel(
+        spec, choice.model, choice.adapter, choice.use_fim, base, choice.run_id, manifests
+    )
 
 
 # ------------------------------------------------------------------ engine

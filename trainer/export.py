@@ -361,6 +361,7 @@ def _manifest_fields(run: ExportableRun, kind: str, quant: str, adapter_sha: str
             "base_path": str(run.base_path),
             "purpose": record.get("purpose"),
             "developer": record.get("developer"),
+            "prompt_format": record.get("prompt_format") or "fim",
         },
     }
 

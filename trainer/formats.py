@@ -4,10 +4,13 @@ the answer.
 Prompts come from the shared builder (`shoptalk.models.prompt`) so that the
 model is trained on exactly what the server and the evaluation show it:
 
-* `completion`: the base's FIM template around the mined prefix/suffix; the
-  answer is the masked `target` then the template's `end` token. Split points
-  are augmented by moving the cursor inside the target (inside a word, after
-  a space), because at serve time the cursor can be anywhere.
+* `completion`: the base's FIM template around the mined prefix/suffix (the
+  answer is the masked `target` then the template's `end` token), or the
+  prefix alone for a prefix-only run (the answer is the target and its line
+  break). Either way the prompt is healed at the cursor as the server heals
+  it: the prefix's last token moves into the answer. Split points are
+  augmented by moving the cursor inside the target (inside a word, after a
+  space), because at serve time the cursor can be anywhere.
 * `module_lookup` / `doc_modules`: `module_lookup_prompt(query)`; the answer is
   the module ids, one per line (the first right after "# Module:").
 * `commit_message`, `test_pair`: their own short headers (below).
@@ -28,7 +31,12 @@ from typing import Any, Protocol
 
 from shoptalk.models.catalog import FimTemplate
 from shoptalk.models.errors import ShopTalkError
-from shoptalk.models.prompt import PromptParts, completion_prompt, module_lookup_prompt
+from shoptalk.models.prompt import (
+    PROMPT_FIM,
+    PromptParts,
+    completion_prompt,
+    module_lookup_prompt,
+)
 
 INSTANCE_KINDS = ("completion", "module_lookup", "commit_message", "test_pair", "doc_modules")
 
@@ -54,6 +62,8 @@ class TextTokenizer(Protocol):
     unk_token_id: int | None
 
     def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
 
     def convert_tokens_to_ids(self, tokens: str) -> int | list[int]: ...
 
@@ -90,16 +100,27 @@ class PromptAnswer:
     # Which prompt segment gives up tokens first when the sequence is too
     # long: "left" keeps its tail (a prefix), "right" keeps its head.
     trim: tuple[str | None, ...]
+    # Token healing, as the server does it at the cursor: the last token of
+    # this prompt segment moves into the answer, which is then tokenized
+    # together with it (so the answer starts on a natural token boundary).
+    heal: int | None = None
 
 
 class SequenceBuilder:
     """Turns segments into token ids with one tokenizer, budgeted to
     `max_tokens` per sequence."""
 
-    def __init__(self, tokenizer: TextTokenizer, template: FimTemplate, max_tokens: int) -> None:
+    def __init__(
+        self,
+        tokenizer: TextTokenizer,
+        template: FimTemplate,
+        max_tokens: int,
+        prompt_format: str = PROMPT_FIM,
+    ) -> None:
         self.tokenizer = tokenizer
         self.template = template
         self.max_tokens = max_tokens
+        self.use_fim = prompt_format == PROMPT_FIM
         self.bos = _leading_bos(tokenizer)
         self._special: dict[str, int] = {}
         for name in template.special_tokens():
@@ -124,15 +145,21 @@ class SequenceBuilder:
 
     def build(self, item: PromptAnswer, kind: str) -> Example | None:
         """The example, or None when nothing of the answer fits."""
+        pieces = [self.ids(seg) for seg in item.prompt]
         answer: list[int] = []
-        for seg in item.answer:
+        rest = item.answer
+        if item.heal is not None and rest and not rest[0].special:
+            healed = self._healed(item.prompt[item.heal].text, pieces[item.heal], rest[0].text)
+            if healed is not None:
+                pieces[item.heal], answer = healed
+                rest = rest[1:]
+        for seg in rest:
             answer += self.ids(seg)
         if not answer:
             return None
         head = [self.bos] if self.bos is not None else []
         max_answer = max(1, int(self.max_tokens * MAX_ANSWER_SHARE))
         answer = answer[:max_answer]
-        pieces = [self.ids(seg) for seg in item.prompt]
         budget = self.max_tokens - len(head) - len(answer)
         total = sum(len(p) for p in pieces)
         # Trim "right" segments (suffixes) to a quarter of the budget first,
@@ -154,6 +181,25 @@ class SequenceBuilder:
         prompt = head + [t for p in pieces for t in p]
         return Example(tuple(prompt + answer), len(prompt), kind)
 
+    def _healed(self, text: str, ids: list[int], answer: str) -> tuple[list[int], list[int]] | None:
+        """What the server's token healing prompts and generates: `text`'s
+        tokens without the last one, and the tokens of that last token's text
+        followed by `answer`. The answer is cut as the tokenizer cuts
+        `text + answer` when that keeps the prompt's tokens (the usual case),
+        else on its own (the last token's text is then recovered by decoding).
+        None when neither works."""
+        if not ids:
+            return None
+        keep = len(ids) - 1
+        joint = list(self.tokenizer.encode(text + answer, add_special_tokens=False))
+        if joint[:keep] == ids[:keep] and len(joint) > keep:
+            return ids[:keep], joint[keep:]
+        kept = self.tokenizer.decode(ids[:keep]) if keep else ""
+        if not text.startswith(kept) or len(text) == len(kept):
+            return None
+        tail = list(self.tokenizer.encode(text[len(kept) :] + answer, add_special_tokens=False))
+        return ids[:keep], tail
+
 
 def _leading_bos(tokenizer: TextTokenizer) -> int | None:
     """The BOS id when the tokenizer puts one in front by default (Gemma,
@@ -171,12 +217,27 @@ def _leading_bos(tokenizer: TextTokenizer) -> int | None:
 # ---- instances → prompt/answer ---------------------------------------------------------
 
 
-def completion_item(template: FimTemplate, prefix: str, target: str, suffix: str) -> PromptAnswer:
-    """FIM prompt around the cursor; the answer is the target and the end token.
+def completion_item(
+    template: FimTemplate, prefix: str, target: str, suffix: str, use_fim: bool = True
+) -> PromptAnswer:
+    """The prompt the server builds at the cursor, healed at the cursor as the
+    server heals it.
 
-    The prompt string is the one `completion_prompt` builds (asserted), split
-    into segments so that the FIM markers become single special tokens."""
-    text = completion_prompt(template, PromptParts(prefix, suffix), use_fim=True)
+    FIM: the prompt string is the one `completion_prompt` builds (asserted),
+    split into segments so that the FIM markers become single special tokens;
+    the answer is the target and the end token. Prefix-only: the code before
+    the cursor; the answer is the target and the line break after it, where
+    the server stops a single-line suggestion."""
+    text = completion_prompt(template, PromptParts(prefix, suffix), use_fim=use_fim)
+    if not use_fim:
+        assert text == prefix
+        line_end = "\n" if suffix.startswith(("\n", "\r\n")) else ""
+        return PromptAnswer(
+            prompt=(Segment(prefix),),
+            answer=(Segment(target + line_end),),
+            trim=("left",),
+            heal=0,
+        )
     assert text == f"{template.prefix}{prefix}{template.suffix}{suffix}{template.middle}"
     return PromptAnswer(
         prompt=(
@@ -188,6 +249,7 @@ def completion_item(template: FimTemplate, prefix: str, target: str, suffix: str
         ),
         answer=(Segment(target), Segment(template.end, True)),
         trim=(None, "left", None, "right", None),
+        heal=1,
     )
 
 
@@ -230,6 +292,7 @@ def record_items(
     template: FimTemplate,
     rng: random.Random | None = None,
     augment_share: float = 0.0,
+    use_fim: bool = True,
 ) -> list[PromptAnswer]:
     """The prompt/answer pairs of one mined record (with `rng`, completions get
     an extra copy with a shifted split point at rate `augment_share`)."""
@@ -240,11 +303,11 @@ def record_items(
             str(record["target"]),
             str(record.get("suffix", "")),
         )
-        items = [completion_item(template, prefix, target, suffix)]
+        items = [completion_item(template, prefix, target, suffix, use_fim)]
         if rng is not None and augment_share > 0 and rng.random() < augment_share:
             moved_prefix, moved_target = shifted_split(prefix, target, suffix, rng)
             if moved_target != target:
-                items.append(completion_item(template, moved_prefix, moved_target, suffix))
+                items.append(completion_item(template, moved_prefix, moved_target, suffix, use_fim))
         return items
     if kind in ("module_lookup", "doc_modules"):
         modules = [str(m) for m in record.get("modules", [])]
@@ -307,7 +370,7 @@ def build_examples(
     examples: list[Example] = []
     for record in records:
         kind = str(record.get("kind"))
-        for item in record_items(record, builder.template, rng, augment_share):
+        for item in record_items(record, builder.template, rng, augment_share, builder.use_fim):
             example = builder.build(item, kind)
             if example is not None:
                 examples.append(example)

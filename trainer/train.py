@@ -447,6 +447,7 @@ def _run_phase(
     val_every: int,
     patience: int,
     stop: _StopRequest,
+    ordered: bool = False,
 ) -> str:
     """Train until a budget or early stopping ends the phase; returns why it ended."""
     import torch
@@ -455,7 +456,7 @@ def _run_phase(
     from shoptalk.trainer.train_model import batch_loss, collate, is_out_of_memory
 
     state = loop.state
-    schedule = BatchSchedule(examples, loop.batch_size, grad_accum, seed)
+    schedule = BatchSchedule(examples, loop.batch_size, grad_accum, seed, ordered)
     one_epoch = max_steps is None and max_seconds is None
     if one_epoch:
         max_steps = schedule.steps_per_epoch
@@ -720,6 +721,19 @@ def train_adapter(
         raise
 
 
+def _prompt_format(setting: str, base: BaseModel, init_adapter: Path | None) -> str:
+    """The completion prompt format of a run: a continued adapter keeps the
+    format it learned (its run record says which); else the setting."""
+    from shoptalk.models.prompt import training_prompt_format
+
+    if init_adapter is not None:
+        parent = RunFolder(init_adapter.parent).read_record()
+        if parent:
+            # Runs from before the format was recorded were all FIM-trained.
+            return str(parent.get("prompt_format") or "fim")
+    return training_prompt_format(setting, base.fim)
+
+
 def _train(
     repo: Path,
     settings: Settings,
@@ -747,8 +761,10 @@ def _train(
     from shoptalk.trainer.train_data import (
         check_dataset_base,
         check_enough,
+        interleave,
         kind_weights,
         load_dataset,
+        newest_first,
         replay_count,
         weighted_records,
     )
@@ -774,7 +790,8 @@ def _train(
     tokenizer = load_tokenizer(base_path)
     identity = describe_base(base, base_path, tokenizer)
     check_dataset_base(dataset.manifest, base.key, identity.tokenizer_sha256, dataset_dir)
-    builder = SequenceBuilder(tokenizer, base.fim, cfg.max_seq_tokens)
+    prompt_format = _prompt_format(cfg.completion_format, base, init_adapter)
+    builder = SequenceBuilder(tokenizer, base.fim, cfg.max_seq_tokens, prompt_format)
 
     def mine_only(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if developer is None:
@@ -786,9 +803,10 @@ def _train(
     train_records, val_records, val_source = _split_validation(
         all_train, mine_only(dataset.split("validation")), cfg.seed
     )
-    team = build_examples(
-        weighted_records(train_records, weights, cfg.seed), builder, cfg.seed, AUGMENT_SHARE
-    )
+    chosen = weighted_records(train_records, weights, cfg.seed)
+    if cfg.recent_first:
+        chosen = newest_first(chosen)
+    team = build_examples(chosen, builder, cfg.seed, AUGMENT_SHARE)
     check_enough(len(team), dataset_dir, "training (after tokenizing)")
     mine_cfg = settings.mine
     general = replay_records(
@@ -799,7 +817,7 @@ def _train(
         cfg.replay_dirs,
     )
     replay = [replace(e, kind="replay") for e in build_examples(general, builder, cfg.seed)]
-    examples = team + replay
+    examples = interleave(team, replay)
     val = _val_examples(build_examples(val_records, builder, cfg.seed), val_limit, cfg.seed)
     counts: dict[str, int] = {}
     for example in examples:
@@ -846,6 +864,7 @@ def _train(
                     "pretrain_windows": len(pretrain),
                 },
                 "seed": cfg.seed,
+                "prompt_format": prompt_format,
                 "device": plan.description,
                 "versions": library_versions(),
                 "started_at": time.time(),
@@ -861,7 +880,7 @@ def _train(
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model = load_causal_lm(base_path, plan)
-    model = apply_lora(model, cfg, base.architecture, init_adapter)
+    model = apply_lora(model, cfg, base.architecture, init_adapter, plan.device)
     model.train()
     loss_module: Any = AnswerLoss(model.get_base_model())
     params = trainable_parameters(model)
@@ -943,6 +962,7 @@ def _train(
                 cfg.val_every,
                 cfg.patience,
                 stop,
+                cfg.recent_first,
             )
         except KeyboardInterrupt:
             state.stop_reason = "interrupted"
@@ -1077,6 +1097,10 @@ def train_command(
     layers_from: Annotated[
         float | None, typer.Option(help="Adapt only layers from this fraction of depth up (0-1).")
     ] = None,
+    completion_format: Annotated[
+        str | None,
+        typer.Option(help="Completion prompts: auto (FIM if the base knows it), fim or prefix."),
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Sequences per micro-batch.")] = None,
     grad_accum: Annotated[
         int | None, typer.Option(help="Micro-batches per optimizer step.")
@@ -1126,6 +1150,7 @@ def train_command(
         "learning_rate": learning_rate,
         "lora_rank": lora_rank,
         "layers_from": layers_from,
+        "completion_format": completion_format,
         "batch_size": batch_size,
         "grad_accum": grad_accum,
         "max_seq_tokens": max_seq_tokens,

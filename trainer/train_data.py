@@ -174,23 +174,63 @@ def replay_count(team_examples: int, share: float) -> int:
     return max(1, round(team_examples * share / (1.0 - share)))
 
 
+# With `ordered` examples (newest first), the first epoch keeps that order
+# window by window, shuffled inside each window of this many examples.
+ORDERED_WINDOW = 256
+
+
 def epoch_micro_batches(
-    examples: Sequence[Example], batch_size: int, seed: int, epoch: int
+    examples: Sequence[Example], batch_size: int, seed: int, epoch: int, ordered: bool = False
 ) -> list[list[int]]:
     """One epoch's micro-batches (lists of example indices): shuffled, then
-    bucketed by length inside windows so padding stays small."""
+    bucketed by length inside windows so padding stays small. With `ordered`,
+    the first epoch follows the given order at the scale of `ORDERED_WINDOW`
+    examples (a budget that ends early has seen the front of the list)."""
     rng = random.Random(f"{seed}:{epoch}")
     order = list(range(len(examples)))
-    rng.shuffle(order)
+    coarse = ordered and epoch == 0
+    if coarse:
+        for start in range(0, len(order), ORDERED_WINDOW):
+            part = order[start : start + ORDERED_WINDOW]
+            rng.shuffle(part)
+            order[start : start + ORDERED_WINDOW] = part
+    else:
+        rng.shuffle(order)
     if batch_size == 1:
         return [[i] for i in order]
     batches: list[list[int]] = []
     window = batch_size * BUCKET_BATCHES
     for start in range(0, len(order), window):
         chunk = sorted(order[start : start + window], key=lambda i: len(examples[i]))
-        batches += [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
+        bucketed = [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
+        if coarse:
+            rng.shuffle(bucketed)
+        batches += bucketed
+    if not coarse:
+        rng.shuffle(batches)
     return batches
+
+
+def newest_first(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Records by author date, newest first (undated ones last, in order)."""
+    return sorted(records, key=lambda r: str(r.get("author_date") or ""), reverse=True)
+
+
+def interleave(main: Sequence[Example], extra: Sequence[Example]) -> list[Example]:
+    """`extra` spread evenly through `main`, both keeping their order."""
+    if not extra:
+        return list(main)
+    merged: list[Example] = []
+    step = (len(main) + len(extra)) / len(extra)
+    slots = {int(k * step + step / 2) for k in range(len(extra))}
+    mi, ei = iter(main), iter(extra)
+    for position in range(len(main) + len(extra)):
+        source = ei if position in slots else mi
+        item = next(source, None)
+        if item is None:
+            item = next(ei if source is mi else mi)
+        merged.append(item)
+    return merged
 
 
 class BatchSchedule:
@@ -198,14 +238,20 @@ class BatchSchedule:
     always gets the same ones for the same seed (resume-safe)."""
 
     def __init__(
-        self, examples: Sequence[Example], batch_size: int, grad_accum: int, seed: int
+        self,
+        examples: Sequence[Example],
+        batch_size: int,
+        grad_accum: int,
+        seed: int,
+        ordered: bool = False,
     ) -> None:
         self.examples = examples
         self.batch_size = batch_size
         self.grad_accum = grad_accum
         self.seed = seed
+        self.ordered = ordered
         self._epochs: dict[int, list[list[int]]] = {}
-        self.per_epoch = len(epoch_micro_batches(examples, batch_size, seed, 0))
+        self.per_epoch = len(epoch_micro_batches(examples, batch_size, seed, 0, ordered))
 
     @property
     def steps_per_epoch(self) -> int:
@@ -215,7 +261,9 @@ class BatchSchedule:
         epoch, offset = divmod(index, self.per_epoch)
         if epoch not in self._epochs:
             self._epochs = {
-                epoch: epoch_micro_batches(self.examples, self.batch_size, self.seed, epoch)
+                epoch: epoch_micro_batches(
+                    self.examples, self.batch_size, self.seed, epoch, self.ordered
+                )
             }
         return self._epochs[epoch][offset]
 

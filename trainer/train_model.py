@@ -265,8 +265,22 @@ def target_modules(settings: TrainSettings, architecture: str) -> list[str]:
     return targets
 
 
+CPU_LAYERS_FROM = 0.5
+
+
+def lora_layers_from(settings: TrainSettings, device: torch.device) -> float:
+    """The fraction of depth LoRA starts at: the setting, or the per-device default."""
+    if settings.layers_from is not None:
+        return settings.layers_from
+    return CPU_LAYERS_FROM if device.type == "cpu" else 0.0
+
+
 def apply_lora(
-    model: Any, settings: TrainSettings, architecture: str, init_adapter: Path | None
+    model: Any,
+    settings: TrainSettings,
+    architecture: str,
+    init_adapter: Path | None,
+    device: torch.device | None = None,
 ) -> Any:
     """Wrap `model` with a trainable LoRA adapter: a new one from the settings,
     or `init_adapter` (a PEFT folder) to continue training it."""
@@ -282,7 +296,7 @@ def apply_lora(
             )
         return PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
     layers = layer_count(model)
-    first = int(settings.layers_from * layers)
+    first = int(lora_layers_from(settings, device or torch.device("cpu")) * layers)
     config = LoraConfig(
         r=settings.lora_rank,
         lora_alpha=settings.lora_alpha,

@@ -1,13 +1,15 @@
 """Export quality and cost on the real default base (Gemma 3 270M).
 
     nice -n 10 .venv/bin/python bench/bench_export.py [--hf /tmp/gemma-hf] [--gguf /tmp/gemma.gguf]
-        [--latency-only] [--repeats 3] [--latency-threads 1]
+        [--run DATA_DIR/repos/REPO/runs/RUN_ID] [--latency-only] [--repeats 3] [--latency-threads 1]
 
-A LoRA (rank 16, all linear layers of every block) with random non-zero B
-stands in for a trained run when none is given (`--run`). The run is exported
-to F16, Q8_0 and Q4_K_M (merged) and as a GGUF adapter; on held-out standard
-library code (files the retention test reserves) it reports, next to the HF
-merged model measured in the same run as the baseline:
+`--run` names a complete trained run (copied into a temp folder, so nothing
+is written into it); its held-out text is the repository code of its
+dataset's test split (the newest commits). Without `--run`, a LoRA (rank 16,
+all linear layers of every block) with random non-zero B stands in, on
+held-out standard library code (files the retention test reserves). The run
+is exported to F16, Q8_0 and Q4_K_M (merged) and as a GGUF adapter; it
+reports, next to the HF merged model measured in the same run as the baseline:
 
 - top-1 next-token agreement with the HF merged model and perplexity (ratio to HF);
 - file size and load time;
@@ -47,6 +49,35 @@ def heldout_text(min_chars: int = 12_000) -> str:
         if sum(map(len, parts)) >= min_chars:
             break
     return "".join(parts)
+
+
+def repo_heldout_text(run_dir: Path, min_chars: int = 12_000) -> str:
+    """Code around the newest commits' masked lines (the test split of the
+    run's dataset): prefix, target and suffix of each instance in turn."""
+    record = json.loads((run_dir / "record.json").read_text())
+    test = Path(record["dataset"]["dir"]) / "completion.test.jsonl"
+    parts: list[str] = []
+    with test.open(encoding="utf-8") as lines:
+        for line in lines:
+            item = json.loads(line)
+            parts.append(item["prefix"] + item["target"] + item.get("suffix", "") + "\n")
+            if sum(map(len, parts)) >= min_chars:
+                break
+    return "".join(parts)
+
+
+def copy_run(run: Path, root: Path) -> Path:
+    """The parts of a trained run that export reads, in a scratch folder."""
+    record = json.loads((run / "record.json").read_text())
+    if record.get("status") != "complete":
+        raise SystemExit(f"{run} is not a complete run (status {record.get('status')!r})")
+    run_dir = root / "runs" / run.name
+    run_dir.mkdir(parents=True)
+    shutil.copytree(run / "adapter", run_dir / "adapter")
+    for name in ("record.json", "config.json"):
+        if (run / name).is_file():
+            shutil.copy2(run / name, run_dir / name)
+    return run_dir
 
 
 def make_run(hf: Path, gguf: Path, root: Path, seed: int) -> Path:
@@ -167,6 +198,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--run", type=Path, default=None, help="A complete trained run folder.")
     parser.add_argument("--latency-threads", type=int, default=1)
     parser.add_argument(
         "--latency-only", action="store_true", help="Skip the quality part (exports Q4_K_M only)."
@@ -179,9 +211,14 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="bench-export-"))
     try:
-        run_dir = make_run(args.hf, args.gguf, root, args.seed)
+        if args.run is not None:
+            run_dir = copy_run(args.run, root)
+            text, source = repo_heldout_text(args.run), "repository code (test split)"
+        else:
+            run_dir = make_run(args.hf, args.gguf, root, args.seed)
+            text, source = heldout_text(), "standard-library code (random LoRA)"
         tokenizer = AutoTokenizer.from_pretrained(args.hf)
-        ids = list(tokenizer(heldout_text()).input_ids[:EVAL_TOKENS])
+        ids = list(tokenizer(text).input_ids[:EVAL_TOKENS])
         if args.latency_only:
             merged = export_run(run_dir, "q4_k_m", threads=args.threads).files[0]
             adapter = export_run(run_dir, "f16", adapter_only=True).files[0]
@@ -198,7 +235,7 @@ def main() -> None:
         hf_seconds = time.perf_counter() - started
         hf_ppl = perplexity(reference, ids)
         print(
-            f"held-out tokens: {len(ids)}; HF merged (fp32) perplexity {hf_ppl:.3f} ({hf_seconds:.1f}s)"
+            f"held-out tokens: {len(ids)} of {source}; HF merged (fp32) perplexity {hf_ppl:.3f} ({hf_seconds:.1f}s)"
         )
 
         rows: list[dict[str, Any]] = []

@@ -242,6 +242,11 @@ def test_limit_keeps_several_authors_newest_first(tmp_path: Path) -> None:
     newest = load_test_set(store, Settings(), None)
     assert sorted(i.id for i in newest.completion) == ["alice3", "alice4", "alice5"]
     assert load_test_set(store, Settings(), None, scope="split").available == 8
+    # One developer's instances: what their adapter is judged on.
+    bobs = load_test_set(store, Settings(), None, scope="split", author="bob").completion
+    assert [i.id for i in bobs] == ["bob1", "bob0"]
+    with pytest.raises(EvalError, match=r"'bob' has no completion test instances.*alice \(3\)"):
+        load_test_set(store, Settings(), None, author="bob")
     (store.dataset_dir / "manifest.json").write_text(json.dumps({"cutoff": "2026-01-01"}))
     with pytest.raises(EvalError, match="--scope split"):
         load_test_set(store, Settings(), None)

@@ -204,7 +204,11 @@ def _at_or_after(cutoff: str | None) -> Callable[[str], bool]:
 
 
 def load_test_set(
-    store: RepoStore, settings: Settings, limit: int | None, scope: str = SCOPE_NEWEST
+    store: RepoStore,
+    settings: Settings,
+    limit: int | None,
+    scope: str = SCOPE_NEWEST,
+    author: str | None = None,
 ) -> EvalSet:
     """The mined test split of a repository; clear errors when there is none.
 
@@ -248,6 +252,8 @@ def load_test_set(
             "reading). Mine a longer history (`shoptalk mine --since ...`) or lower "
             "mine.test_share."
         )
+    if author is not None:
+        completion = _of_author(completion, author, scope)
     lookup = [
         ModuleLookupInstance.from_record(r)
         for r in _read_jsonl(store.dataset_dir / "module_lookup.test.jsonl")
@@ -264,6 +270,30 @@ def load_test_set(
         manifest=manifest,
         available=len(completion),
         scope=scope,
+    )
+
+
+class NoAuthorInstances(EvalError):
+    """The author asked for has no completion instances in the test set."""
+
+
+def _of_author(
+    completion: list[CompletionInstance], author: str, scope: str
+) -> list[CompletionInstance]:
+    """The instances of one author (a per-developer comparison); a clear error
+    naming the authors that have some when this one has none."""
+    mine = [i for i in completion if i.author_id == author]
+    if mine:
+        return mine
+    counts: dict[str, int] = {}
+    for instance in completion:
+        counts[instance.author_id] = counts.get(instance.author_id, 0) + 1
+    top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:8]
+    raise NoAuthorInstances(
+        f"author {author!r} has no completion test instances in scope {scope!r}; authors "
+        "that have some: "
+        + ", ".join(f"{a} ({n})" for a, n in top)
+        + ". Use an author id from the dataset manifest (`authors`), or --scope split."
     )
 
 
@@ -699,6 +729,7 @@ def evaluate_models(
     command: str | None = None,
     scope: str = SCOPE_NEWEST,
     lookup_queries: int = 0,
+    author: str | None = None,
 ) -> EvalReport:
     """Evaluate `specs` (see the module docstring) on the repository's mined
     test split and write report.json, report.html, predictions.jsonl and
@@ -714,7 +745,7 @@ def evaluate_models(
     store = RepoStore.for_repo(data_dir, repo)
     if scope not in SCOPES:
         raise EvalError(f"unknown --scope {scope!r}: use {' or '.join(SCOPES)}")
-    test_set = load_test_set(store, settings, limit or settings.eval.limit, scope)
+    test_set = load_test_set(store, settings, limit or settings.eval.limit, scope, author)
     models = resolve_models(specs, repo, settings, data_dir, report=console.print)
     trivial = retention.trivial_ngram_set(data_dir)
     general = (
@@ -909,6 +940,13 @@ def register(app: typer.Typer) -> None:
                 "(adds each author's older test commits)."
             ),
         ] = SCOPE_NEWEST,
+        author: Annotated[
+            str | None,
+            typer.Option(
+                help="Only this author's completion instances (an author id of the "
+                "dataset manifest): the set a developer's adapter is judged on."
+            ),
+        ] = None,
     ) -> None:
         """Compare models on the repository's newest commits: exact match, edit
         similarity, CrystalBLEU per author with confidence intervals, module
@@ -932,6 +970,7 @@ def register(app: typer.Typer) -> None:
             out_dir=out,
             scope=scope,
             lookup_queries=lookup,
+            author=author,
         )
         for table in summary_tables(result.data):
             stdout_console.print(table)

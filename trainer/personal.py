@@ -156,9 +156,24 @@ def train_personal(repo: Path, settings: Settings, data_dir: Path, report: Repor
     exported = export_run(trained.run_dir, "f16", adapter_only=True, report=report)
     adapter_file = next(p for p in exported.files if p.suffix == ".gguf")
     spec = f"{PURPOSE}:{author_id}"
-    evaluation = evaluate_models(
-        repo, ["org", spec], settings, data_dir, settings.eval.limit or 100, general_instances=0
-    )
+    # Judged on the developer's own newest code (all of the newest code when
+    # they have none there yet).
+    from shoptalk.trainer.evaluate import NoAuthorInstances
+
+    try:
+        evaluation = evaluate_models(
+            repo,
+            ["org", spec],
+            settings,
+            data_dir,
+            settings.eval.limit or 100,
+            general_instances=0,
+            author=author_id,
+        )
+    except NoAuthorInstances:
+        evaluation = evaluate_models(
+            repo, ["org", spec], settings, data_dir, settings.eval.limit or 100, general_instances=0
+        )
     personal_em = completion_em(evaluation.data, spec)
     team_em = completion_em(evaluation.data, "org")
     promoted, reason = gate(personal_em, team_em, settings.watch.tolerance * 100)

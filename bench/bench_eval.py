@@ -39,6 +39,7 @@ def prepare_chain(repo: Path, settings: Settings, data_dir: Path, minutes: float
     from shoptalk.trainer.export import export_run
     from shoptalk.trainer.mine import mine_repository
     from shoptalk.trainer.retention import write_general_dataset
+    from shoptalk.trainer.retrain import promote_run
     from shoptalk.trainer.train import train_adapter
 
     store = RepoStore.for_repo(data_dir, repo)
@@ -51,7 +52,7 @@ def prepare_chain(repo: Path, settings: Settings, data_dir: Path, minutes: float
     if org.adapter_dir is None:
         raise SystemExit(f"org training did not finish: {org.stop_reason}")
     model = next(p for p in export_run(org.run_dir, quant).files if p.name.startswith("model-"))
-    store.promote({"run_id": org.run_id, "model": str(model), "adapter": None})
+    promote_run(store, org.run_id, model, org.adapter_dir)
     general = store.root / "general-dataset"
     train_count = max(64, org.steps * budget.train.batch_size * budget.train.grad_accum)
     write_general_dataset(

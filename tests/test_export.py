@@ -286,6 +286,37 @@ def test_cli_export(tmp_path: Path, tiny_run: TinyRun) -> None:
     assert "model-f16.gguf" in done.stdout
     assert verify_model_file(run_dir / "export" / "model-f16.gguf").quant == "f16"
 
+    # --promote: the repository the run was trained on serves it from now on.
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _edit_record(run_dir, repo=str(repo))
+    refused = subprocess.run(
+        [str(shoptalk), "export", str(run_dir), "--adapter-only", "--promote"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert refused.returncode == 2 and "drop --adapter-only" in refused.stderr
+    promoted = subprocess.run(
+        [str(shoptalk), "export", str(run_dir), "--quant", "f16", "--promote"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert promoted.returncode == 0, promoted.stderr[-2000:]
+    from shoptalk.models.settings import Settings
+    from shoptalk.models.store import RepoStore
+    from shoptalk.server.models_registry import promoted_choice
+
+    current = RepoStore.for_repo(tmp_path / "data", repo).current()
+    assert current is not None
+    assert current["model"] == str(run_dir / "export" / "model-f16.gguf")
+    assert current["adapter_dir"] == str(run_dir / "adapter")
+    choice = promoted_choice(current, Settings(data_dir=tmp_path / "data"), tmp_path / "data")
+    assert choice.run_id == current["run_id"] and choice.source == "promoted"
+
     _edit_record(run_dir, status="failed")
     bad = subprocess.run(
         [str(shoptalk), "export", str(run_dir)],

@@ -4,6 +4,7 @@ PEFT folder, and bad input fails with a clear message."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -300,7 +301,7 @@ def test_newest_instances_come_first_and_replay_is_spread_through() -> None:
     )
     positions = [i for i, e in enumerate(mixed) if e.kind == "replay"]
     assert positions[0] > 0 and positions[-1] < len(mixed) - 1
-    assert max(b - a for a, b in zip(positions, positions[1:], strict=False)) <= 70
+    assert max(b - a for a, b in itertools.pairwise(positions)) <= 70
 
     # First epoch: the front of the list (newest) first, shuffled inside windows;
     # later epochs: shuffled over the whole set.

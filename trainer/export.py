@@ -482,6 +482,15 @@ def register(app: typer.Typer) -> None:
         repo: Annotated[
             Path | None, typer.Option(help="Repository whose run id to look up (default: here).")
         ] = None,
+        promote: Annotated[
+            bool,
+            typer.Option(
+                "--promote",
+                help="Serve the exported model for its repository from now on (`shoptalk "
+                "models rollback` undoes it). Compare it first with `shoptalk eval --models "
+                "base,run:RUN_ID`.",
+            ),
+        ] = False,
     ) -> None:
         """Merge a finished run's LoRA into its base and write a quantized GGUF
         (or the adapter alone), with a manifest beside each file."""
@@ -492,6 +501,11 @@ def register(app: typer.Typer) -> None:
         from shoptalk.models.cli import out as stdout_console
 
         settings = settings_for(repo)
+        if promote and adapter_only:
+            raise ExportError(
+                "--promote serves a merged model: drop --adapter-only (run-time adapters "
+                "are served for personal adapters, `shoptalk personal`)"
+            )
         quant = (quant or settings.export.quant).lower()
         if quant not in QUANTS:
             raise ExportError(f"--quant {quant!r}: use one of {', '.join(QUANTS)}")
@@ -524,3 +538,22 @@ def register(app: typer.Typer) -> None:
         stdout_console.print(table)
         stdout_console.print(f"in {result.files[0].parent}")
         stdout_console.print(f"done in {result.seconds:.1f}s; manifests written beside each file")
+        if promote:
+            promoted = promote_export(run_dir, result.files[0], settings.resolved_data_dir())
+            stdout_console.print(f"promoted: {promoted} now serves run {result.run_id}")
+
+
+def promote_export(run_dir: Path, model_file: Path, data_dir: Path) -> Path:
+    """Make a run's exported merged model the served model of the repository
+    it was trained on; returns that repository."""
+    from shoptalk.trainer.retrain import promote_run
+
+    run = read_run(run_dir)
+    repo = Path(str(run.record.get("repo") or ""))
+    if not str(repo) or not repo.is_dir():
+        raise ExportError(
+            f"run {run.run_id} names no existing repository ({repo}); it cannot be promoted"
+        )
+    store = RepoStore.for_repo(data_dir, repo)
+    promote_run(store, run.run_id, model_file, run_dir / "adapter")
+    return repo

@@ -134,11 +134,16 @@ def promote_run(
     run_id: str,
     model_file: Path,
     adapter_dir: Path,
-    candidate_em: float,
-    reference_em: float,
+    candidate_em: float | None = None,
+    reference_em: float | None = None,
 ) -> None:
     """Make an exported run the repository's served model (the server picks
     it up); `adapter_dir` is where the next incremental run starts from."""
+    metrics = (
+        {"exact_match": candidate_em, "reference_exact_match": reference_em}
+        if candidate_em is not None
+        else {}
+    )
     store.promote(
         {
             "run_id": run_id,
@@ -146,7 +151,7 @@ def promote_run(
             "adapter": None,
             "adapter_dir": str(adapter_dir),
             "data_through": newest_train_date(store.dataset_dir),
-            "metrics": {"exact_match": candidate_em, "reference_exact_match": reference_em},
+            "metrics": metrics,
         }
     )
 

@@ -289,9 +289,7 @@ def test_models_from_another_repository_or_base_are_refused(tmp_path: Path) -> N
     assert (org.model, org.use_fim, org.run_id) == (run, True, "run-1")
     assert org.manifests["model"]["base"] == DEFAULT_BASE
     # A prefix-only run is evaluated (and served) prefix-only.
-    _fake_model(
-        run, base=DEFAULT_BASE, repo=str(repo.resolve()), extra={"prompt_format": "prefix"}
-    )
+    _fake_model(run, base=DEFAULT_BASE, repo=str(repo.resolve()), extra={"prompt_format": "prefix"})
     (org,) = resolve_models(["org"], repo, _settings(data_dir), data_dir)
     assert org.use_fim is False
     (by_run,) = resolve_models(["run:run-1"], repo, _settings(data_dir), data_dir)

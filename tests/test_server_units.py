@@ -25,6 +25,8 @@ from shoptalk.server.completion import (
 )
 from shoptalk.server.lsp import parse_client_options
 from shoptalk.server.module_lookup import (
+    BASE_MODEL_WEIGHT,
+    TUNED_MODEL_WEIGHT,
     ModuleIndex,
     find_modules,
     model_picks,
@@ -174,6 +176,22 @@ def test_model_picks_are_fused_with_bm25() -> None:
     assert "the model's first choice" in hits[0].reason
     assert '"billing.invoices"' in seen[0] and '"web.server"' not in seen[0]  # BM25 candidates only
     assert model_picks("x", ["a"], lambda *_: "not a module") == []
+
+    # The untuned base's pick never overturns BM25's leader; a tuned model's
+    # pick can only lift BM25's runner-up (measured: fusing a guessing model
+    # with more weight lowered top-1).
+    lexical = [h.id for h in find_modules("invoice totals and tax", index, None, limit=5)]
+    assert len(lexical) >= 2
+
+    def pick_second(prompt: str, grammar: str, max_tokens: int) -> str:
+        return f" {lexical[1]}\n"
+
+    query = "invoice totals and tax"
+    fused = find_modules(query, index, pick_second, limit=5, model_weight=BASE_MODEL_WEIGHT)
+    assert [h.id for h in fused[:2]] == lexical[:2]
+    assert "the model's first choice" in fused[1].reason
+    tuned = find_modules(query, index, pick_second, limit=5, model_weight=TUNED_MODEL_WEIGHT)
+    assert [h.id for h in tuned[:2]] == [lexical[1], lexical[0]]
 
 
 def test_module_grammar_compiles_in_llama_cpp() -> None:

@@ -53,7 +53,14 @@ def evaluated(
         {
             "data_dir": str(data_dir),
             "mine": {"alias_file": str(history_repo.alias_file)},
-            "train": {"base": str(checkpoint), "max_steps": 2, "val_every": 1},
+            # FIM on a base without FIM tokens: the tuned model is then served
+            # with FIM (its manifest says so) and the base prefix-only.
+            "train": {
+                "base": str(checkpoint),
+                "max_steps": 2,
+                "val_every": 1,
+                "completion_format": "fim",
+            },
             "export": {"quant": "f32"},
             "eval": {"bootstrap": 200, "max_tokens": 12},
         }

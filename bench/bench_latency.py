@@ -41,7 +41,7 @@ from lsprotocol import types
 from pygls.lsp.client import LanguageClient
 
 from shoptalk.models.catalog import CATALOG, DEFAULT_BASE
-from shoptalk.server.backends import LlamaBackend, LlamaOptions
+from shoptalk.server.backends import LlamaBackend, LlamaOptions, default_threads
 from shoptalk.server.completion import (
     CompletionEngine,
     EngineOptions,
@@ -371,7 +371,7 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=3)
     parser.add_argument("--chars", type=int, default=120, help="characters typed per session")
     parser.add_argument("--since", default="2025-04-01", help="commits after the base's release")
-    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    parser.add_argument("--threads", type=int, default=default_threads())
     parser.add_argument("--baseline-every", type=int, default=10)
     parser.add_argument("--em-instances", type=int, default=50)
     parser.add_argument("--look-seconds", type=float, default=1.0)

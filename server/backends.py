@@ -122,6 +122,38 @@ def _valid_utf8_prefix(data: bytes) -> str:
 EVAL_CHUNK = 64
 
 
+def default_threads() -> int:
+    """One llama.cpp thread per physical core this process may use.
+
+    Hyper-threads share a core's arithmetic units, so llama-cpp-python's
+    default is half the logical CPUs; where the CPUs are real cores that
+    halves the speed (2-core machine, quiet: keystroke p95 220 ms with 2
+    threads, 423 ms with 1; docs/benchmarks.md). On a machine whose cores are
+    all busy, fewer threads than cores does better: set serve.threads."""
+    try:
+        logical = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        logical = os.cpu_count() or 1
+    physical = _physical_cores()
+    return max(1, min(logical, physical) if physical else logical // 2)
+
+
+def _physical_cores() -> int | None:
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        count = psutil.cpu_count(logical=False)
+        if count:
+            return int(count)
+    siblings = set()
+    for path in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/topology/thread_siblings_list"):
+        with contextlib.suppress(OSError):
+            siblings.add(path.read_text().strip())
+    return len(siblings) or None
+
+
 @dataclass(frozen=True)
 class LlamaOptions:
     context_tokens: int = 1024
@@ -159,10 +191,7 @@ class LlamaBackend:
                 "llama-cpp-python is not installed: pip install 'shoptalk[serve]'"
             ) from exc
         gpu = llama_supports_gpu()
-        # Half the cores (llama-cpp-python's default): on a busy machine more
-        # threads than free cores make llama.cpp's threads wait on each other
-        # (measured here: 1 s per token with 2 threads, 0.15 s with 1).
-        threads = self.options.threads or max(1, (os.cpu_count() or 2) // 2)
+        threads = self.options.threads or default_threads()
         try:
             self.llm = Llama(
                 model_path=str(model_path),

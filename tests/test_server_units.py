@@ -218,3 +218,16 @@ def test_client_options_keep_good_keys_and_name_bad_ones() -> None:
     assert same == base and not problems
     _, problems = parse_client_options(["not", "an", "object"], base)
     assert problems
+
+
+def test_default_threads_is_one_per_usable_physical_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from shoptalk.server import backends
+
+    usable = len(os.sched_getaffinity(0))
+    assert 1 <= backends.default_threads() <= usable
+    monkeypatch.setattr(backends, "_physical_cores", lambda: 64)
+    assert backends.default_threads() == usable  # never more than this process may use
+    monkeypatch.setattr(backends, "_physical_cores", lambda: None)
+    assert backends.default_threads() == max(1, usable // 2)  # unknown: assume hyper-threads

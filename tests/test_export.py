@@ -275,13 +275,13 @@ def test_cli_export(tmp_path: Path, tiny_run: TinyRun) -> None:
     shoptalk = Path(sys.executable).with_name("shoptalk")
     run_dir = _copy_run(tiny_run, tmp_path, "gemma3")
     env = {**os.environ, "SHOPTALK_DATA_DIR": str(tmp_path / "data")}
-    done = subprocess.run(
-        [str(shoptalk), "export", str(run_dir), "--quant", "f16"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+
+    def export(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(shoptalk), "export", *args], capture_output=True, text=True, timeout=300, env=env
+        )
+
+    done = export(str(run_dir), "--quant", "f16")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "model-f16.gguf" in done.stdout
     assert verify_model_file(run_dir / "export" / "model-f16.gguf").quant == "f16"
@@ -290,21 +290,9 @@ def test_cli_export(tmp_path: Path, tiny_run: TinyRun) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
     _edit_record(run_dir, repo=str(repo))
-    refused = subprocess.run(
-        [str(shoptalk), "export", str(run_dir), "--adapter-only", "--promote"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    refused = export(str(run_dir), "--adapter-only", "--promote")
     assert refused.returncode == 2 and "drop --adapter-only" in refused.stderr
-    promoted = subprocess.run(
-        [str(shoptalk), "export", str(run_dir), "--quant", "f16", "--promote"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    promoted = export(str(run_dir), "--quant", "f16", "--promote")
     assert promoted.returncode == 0, promoted.stderr[-2000:]
     from shoptalk.models.settings import Settings
     from shoptalk.models.store import RepoStore
@@ -318,13 +306,7 @@ def test_cli_export(tmp_path: Path, tiny_run: TinyRun) -> None:
     assert choice.run_id == current["run_id"] and choice.source == "promoted"
 
     _edit_record(run_dir, status="failed")
-    bad = subprocess.run(
-        [str(shoptalk), "export", str(run_dir)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    bad = export(str(run_dir))
     assert bad.returncode == 2
     assert "failed, not complete" in bad.stderr
     assert "Traceback" not in bad.stderr

@@ -244,18 +244,17 @@ class ShopTalkServer(LanguageServer):
         token = self._job_tokens.get(job.id)
         if job.state == "running" and token is None:
             token = f"shoptalk-job-{job.id}"
-            if self._begin_progress(token, "ShopTalk: retraining on new commits"):
+            title = "ShopTalk: retraining on new commits"
+            if self._begin_progress(token, title, job.step, _percent(job.progress)):
                 self._job_tokens[job.id] = token
             return
         if token is None:
             return
         if job.state == "running":
-            percent = round((job.progress or 0) * 100)
-            self._call_on_loop(
-                lambda: self.work_done_progress.report(
-                    token, types.WorkDoneProgressReport(message=job.step or "", percentage=percent)
-                )
+            report = types.WorkDoneProgressReport(
+                message=job.step or "", percentage=_percent(job.progress)
             )
+            self._call_on_loop(lambda: self.work_done_progress.report(token, report))
         else:
             del self._job_tokens[job.id]
             message = f"{job.state}: {job.message or ''}".strip()
@@ -287,14 +286,19 @@ class ShopTalkServer(LanguageServer):
             return False
         return bool(window and window.work_done_progress)
 
-    def _begin_progress(self, token: str, title: str) -> bool:
+    def _begin_progress(
+        self, token: str, title: str, message: str | None = None, percentage: int | None = None
+    ) -> bool:
         if not self._supports_progress():
             return False
 
         def begin() -> None:
             self.work_done_progress.create(token)
             self.work_done_progress.begin(
-                token, types.WorkDoneProgressBegin(title=title, cancellable=False)
+                token,
+                types.WorkDoneProgressBegin(
+                    title=title, message=message, percentage=percentage, cancellable=False
+                ),
             )
 
         self._call_on_loop(begin)
@@ -719,6 +723,10 @@ def create_server(config: ServerConfig) -> ShopTalkServer:
         ls.shutdown_workers()
 
     return server
+
+
+def _percent(progress: float | None) -> int:
+    return round((progress or 0) * 100)
 
 
 def _training_status(ls: ShopTalkServer) -> dict[str, Any]:

@@ -4,9 +4,14 @@ evaluates and promotes, and the decision is recorded."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import shutil
+import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from git_repos import BOB, HistoryRepo, RepoBuilder, python_module
@@ -15,7 +20,10 @@ from shoptalk.models.catalog import resolve_base
 from shoptalk.models.jobs import Job, JobQueue
 from shoptalk.models.provision import base_paths
 from shoptalk.models.store import RepoStore
-from shoptalk.server.continuous import ContinuousLearner
+from shoptalk.server.continuous import ContinuousLearner, retrain_command
+from shoptalk.server.lsp import _plain
+
+RESUME_STEPS = 40
 
 
 @pytest.mark.e2e
@@ -68,3 +76,163 @@ def test_commit_is_noticed_trained_and_promoted(
     current = RepoStore.for_repo(data_dir, repo).current()
     assert decision.promoted and current is not None and current["run_id"] == decision.run_id
     assert Path(current["model"]).is_file()
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_serving_server_retrains_reports_progress_and_swaps(
+    tmp_path: Path, history_repo: HistoryRepo, tiny_hf, tiny_gguf
+) -> None:
+    """`serve --stdio` with `serve.watch`: a commit starts a job in the
+    background, the editor sees it as `$/progress` (begin, one report per
+    step, end), the server answers throughout, and once the job promotes a
+    model the same server process answers with it."""
+    from test_server_e2e import start_session, stop_session
+
+    repo = tmp_path / "team"
+    shutil.copytree(history_repo.path, repo)
+    data_dir = tmp_path / "data"
+    checkpoint = tiny_hf("llama")
+    gguf = base_paths(data_dir, resolve_base(str(checkpoint))).gguf
+    gguf.parent.mkdir(parents=True)
+    shutil.copy(tiny_gguf("llama"), gguf)
+    (repo / "shoptalk.toml").write_text(
+        f'[mine]\nalias_file = "{history_repo.alias_file}"\n'
+        f'[train]\nbase = "{checkpoint}"\nmax_steps = 2\nval_every = 1\n'
+        '[export]\nquant = "f32"\n[eval]\nlimit = 4\n[serve]\nwatch = true\n'
+        "[watch]\nmin_new_instances = 1\ntolerance = 1.0\nquiet_seconds = 0.3\n"
+    )
+    session = await start_session(repo, data_dir, gguf, extra_args=("--repo", str(repo)))
+    try:
+        before = await session.wait_loaded()
+        assert before["source"] == "--model" and before["training"] is None
+        source = repo / "src/billing/invoicing.py"
+        uri = await session.open("src/billing/invoicing.py", source.read_text())
+
+        builder = RepoBuilder.__new__(RepoBuilder)
+        builder.path, builder.day = repo, 40
+        builder.write("src/billing/refunds.py", python_module("refunds", 3))
+        head = builder.commit("Add refunds", BOB)
+
+        # The server keeps answering while the job runs in its own process.
+        deadline = time.monotonic() + 600
+        answered_during_job = 0
+        while True:
+            status = await session.status()
+            training = status["training"]
+            if training and training["state"] == "running":
+                await session.inline(uri, 5, 4)
+                answered_during_job += 1
+            if training and training["state"] in ("done", "failed"):
+                break
+            assert time.monotonic() < deadline, session.stderr.decode()[-3000:]
+            await asyncio.sleep(0.5)
+        assert training["state"] == "done", training["message"]
+        assert answered_during_job > 0
+
+        [decision] = JobQueue(data_dir).decisions(repo.resolve())
+        assert decision.promoted
+        current = RepoStore.for_repo(data_dir, repo).current()
+        assert current is not None and current["run_id"] == decision.run_id
+        while (await session.status())["run_id"] != decision.run_id:
+            assert time.monotonic() < deadline, session.stderr.decode()[-3000:]
+            await asyncio.sleep(0.2)
+        after = await session.status()
+        assert after["source"] == "promoted" and after["model"] == current["model"]
+        assert after["swaps"] >= 1
+        result = await session.inline(uri, 5, 4)
+        assert result is not None
+
+        # `$/progress`: the job's own token, begun, reported step by step, ended.
+        token = f"shoptalk-job-{JobQueue(data_dir).jobs(repo.resolve())[0].id}"
+        assert ("create", token) in session.progress
+
+        def values_of_job() -> list[dict[str, Any]]:
+            return [_plain(v) for kind, (t, v) in _progress(session) if t == token]
+
+        # The end follows the job's last state within a second.
+        await session.wait_for(lambda: values_of_job()[-1]["kind"] == "end", timeout=10)
+        values = values_of_job()
+        assert values[0]["kind"] == "begin" and "retraining" in values[0]["title"]
+        # The server looks at the queue once a second: sub-second steps may
+        # be skipped, but what is shown follows the job's order, with percentages.
+        shown = [v.get("message") for v in values if v["kind"] in ("begin", "report")]
+        order = ["mine", "train", "export", "evaluate", "swap"]
+        assert "train" in shown and shown == sorted(shown, key=order.index), shown
+        percents = [v["percentage"] for v in values if v["kind"] in ("begin", "report")]
+        assert percents == sorted(percents) and 0 < percents[-1] < 100, percents
+        assert values[-1]["kind"] == "end" and values[-1]["message"].startswith("done: promoted")
+        assert JobQueue(data_dir).jobs(repo.resolve())[0].head == head
+    finally:
+        await stop_session(session)
+
+
+def _progress(session: Any) -> list[tuple[str, Any]]:
+    return [(kind, value) for kind, value in session.progress if kind == "progress"]
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_killed_retrain_worker_resumes_its_run(
+    tmp_path: Path, history_repo: HistoryRepo, tiny_hf, tiny_gguf, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGKILL the real worker process in the middle of training: nothing is
+    promoted, the job stays claimed by a dead process, and the next worker
+    takes it again and continues the same run from its last checkpoint."""
+    repo = tmp_path / "team"
+    shutil.copytree(history_repo.path, repo)
+    data_dir = tmp_path / "data"
+    checkpoint = tiny_hf("llama")
+    gguf = base_paths(data_dir, resolve_base(str(checkpoint))).gguf
+    gguf.parent.mkdir(parents=True)
+    shutil.copy(tiny_gguf("llama"), gguf)
+    (repo / "shoptalk.toml").write_text(
+        f'[mine]\nalias_file = "{history_repo.alias_file}"\n'
+        f'[train]\nbase = "{checkpoint}"\nmax_steps = {RESUME_STEPS}\nval_every = 4\n'
+        "patience = 0\nthreads = 1\n"
+        '[export]\nquant = "f32"\n[eval]\nlimit = 4\n'
+        "[watch]\nmin_new_instances = 1\ntolerance = 1.0\n"
+    )
+    command = retrain_command(repo, data_dir)
+    queue = JobQueue(data_dir)
+    store = RepoStore.for_repo(data_dir, repo)
+    worker = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    run_id, killed_at = None, 0
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and worker.poll() is None:
+            jobs = queue.jobs(repo.resolve())
+            run_id = jobs[0].params.get("run_id") if jobs else None
+            latest = store.run_dir(str(run_id)) / "checkpoints" / "latest.json"
+            if run_id and latest.is_file():
+                with contextlib.suppress(ValueError, KeyError):
+                    killed_at = int(json.loads(latest.read_text())["step"])
+                    if killed_at >= 4:
+                        break
+            time.sleep(0.01)
+        assert worker.poll() is None, "the job ended before it could be killed"
+        worker.kill()
+        worker.wait()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    [job] = queue.jobs(repo.resolve())
+    assert job.state == "running" and job.step == "train"  # its process is gone
+    assert store.current() is None  # nothing half-promoted
+    run = store.run_dir(str(run_id))
+    assert json.loads((run / "record.json").read_text())["status"] == "running"
+
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    finished = queue.get(job.id)
+    assert finished.state == "done" and finished.message.startswith("promoted"), finished.message
+    assert finished.params["run_id"] == run_id and finished.attempts == 2
+    record = json.loads((run / "record.json").read_text())
+    assert record["status"] == "complete" and record["steps"] == RESUME_STEPS
+    [resumed] = record["resumed"]
+    assert resumed["step"] >= killed_at
+    [decision] = queue.decisions(repo.resolve())
+    current = store.current()
+    assert decision.run_id == run_id and current is not None and current["run_id"] == run_id

@@ -53,7 +53,8 @@ class Session:
         self.workspace = workspace
         self.data_dir = data_dir
         self.messages: list[types.ShowMessageParams] = []
-        self.progress: list[Any] = []
+        # ("create", token) and ("progress", (token, value)) in arrival order.
+        self.progress: list[tuple[str, Any]] = []
         self.stderr = bytearray()
         self._next_version = 1
 
@@ -167,7 +168,7 @@ async def start_session(
 
     @client.feature(types.PROGRESS)
     def progress(params: types.ProgressParams) -> None:
-        session.progress.append(("progress", params.value))
+        session.progress.append(("progress", (params.token, params.value)))
 
     env = dict(os.environ)
     env["SHOPTALK_DATA_DIR"] = str(data_dir)

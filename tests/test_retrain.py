@@ -138,3 +138,120 @@ def test_retrain_job_promotes_and_records_its_decision(
         assert store.current()["run_id"] == second.decision.run_id  # type: ignore[index]
     else:
         assert store.current()["run_id"] == decision.run_id  # type: ignore[index]
+
+
+def _memorise(repo: Path, settings: Settings, scratch: Path, dataset_dir: Path) -> int:
+    """Write a dataset whose training and validation splits are the instances
+    an evaluation of `repo` will use (mined into `scratch` the same way): a
+    model trained on it knows them by heart. Returns how many."""
+    from shoptalk.trainer.evaluate import load_test_set
+    from shoptalk.trainer.mine import mine_repository
+
+    mine_repository(repo, settings.mine, scratch)
+    preview = RepoStore.for_repo(scratch, repo)
+    chosen = {i.id for i in load_test_set(preview, settings, settings.eval.limit).completion}
+    lines = (preview.dataset_dir / "completion.test.jsonl").read_text().splitlines()
+    records = [r for r in map(json.loads, lines) if r["id"] in chosen]
+    dataset_dir.mkdir(parents=True)
+    # Twice over in training: fewer than 8 training instances are refused.
+    for split, copies in (("train", 2), ("validation", 1)):
+        rows = [{**r, "split": split} for r in records] * copies
+        (dataset_dir / f"completion.{split}.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows)
+        )
+    (dataset_dir / "manifest.json").write_text(json.dumps({"format": 1, "repo": str(repo)}))
+    return len(records)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_worse_model_is_not_promoted_and_the_decision_is_kept(
+    tmp_path: Path, history_repo: HistoryRepo, tiny_hf, tiny_gguf
+) -> None:
+    """The promoted model has learnt the holdout by heart; the next job
+    continues it with a learning rate that wrecks it. The gate measures the
+    candidate below the current model, keeps the current one (the server
+    goes on serving it) and records the decision with its figures."""
+    from shoptalk.trainer.export import export_run
+    from shoptalk.trainer.retrain import promote_run
+    from shoptalk.trainer.train import train_adapter
+
+    repo_path = tmp_path / "team"
+    shutil.copytree(history_repo.path, repo_path)
+    data_dir = tmp_path / "data"
+    checkpoint = tiny_hf("llama")
+    gguf = base_paths(data_dir, resolve_base(str(checkpoint))).gguf
+    gguf.parent.mkdir(parents=True)
+    shutil.copy(tiny_gguf("llama"), gguf)
+    tiny_train = {
+        "base": str(checkpoint),
+        # Rank 32 on every layer of a 64-wide model: room to learn 6 answers.
+        "lora_rank": 32,
+        "lora_alpha": 64,
+        "lora_dropout": 0.0,
+        "layers_from": 0.0,
+        "learning_rate": 3e-3,
+        "batch_size": 4,
+        "grad_accum": 1,
+        "max_seq_tokens": 256,
+        "val_every": 50,
+        "patience": 0,
+        "replay_share": 0.0,
+        "threads": 1,
+    }
+    settings = Settings.model_validate(
+        {
+            "data_dir": str(data_dir),
+            "mine": {"alias_file": str(history_repo.alias_file)},
+            "train": {**tiny_train, "max_steps": 120},
+            "export": {"quant": "f32"},
+            "eval": {"limit": 6},
+            "watch": {"min_new_instances": 1, "tolerance": 0.0},
+        }
+    )
+    store = RepoStore.for_repo(data_dir, repo_path)
+    builder = RepoBuilder.__new__(RepoBuilder)
+    builder.path, builder.day = repo_path, 40
+    builder.write("src/billing/refunds.py", python_module("refunds", 3))
+    builder.commit("Add refunds", BOB)
+    # The instances the job will evaluate on, learnt by the promoted model.
+    assert _memorise(repo_path, settings, tmp_path / "preview", tmp_path / "holdout") == 6
+    good = train_adapter(
+        repo_path,
+        settings,
+        data_dir,
+        dataset_dir=tmp_path / "holdout",
+        show_progress=False,
+        report=lambda m: None,
+    )
+    assert good.adapter_dir is not None and good.best_val_loss is not None
+    assert good.best_val_loss < 0.05, good.best_val_loss
+    model = next(p for p in export_run(good.run_dir, "f32").files if p.name.startswith("model-"))
+    promote_run(store, good.run_id, model, good.adapter_dir)
+
+    wrecking = settings.model_copy(deep=True)
+    wrecking.train.learning_rate = 100.0
+    wrecking.train.max_steps = 20
+    queue = JobQueue(data_dir)
+    queue.enqueue(repo_path, "retrain", builder.head())
+    job = queue.claim()
+    assert job is not None
+    outcome = run_retrain_job(repo_path, wrecking, data_dir, queue, job, lambda m: None)
+
+    assert outcome.state == "done" and outcome.message.startswith("not promoted"), outcome.message
+    decision = outcome.decision
+    assert decision is not None and not decision.promoted
+    figures = decision.figures
+    assert figures["org_em"] > figures["candidate_em"], figures
+    assert "current model kept" in decision.reason
+    assert f"{figures['candidate_em']:.1f}" in decision.reason
+    current = store.current()
+    assert current is not None and current["run_id"] == good.run_id
+    assert current["model"] == str(model)
+    [kept] = queue.decisions(repo_path)
+    assert (kept.run_id, kept.promoted, kept.figures["org_em"]) == (
+        decision.run_id,
+        False,
+        figures["org_em"],
+    )
+    assert Path(figures["report"]).is_file()

@@ -128,6 +128,9 @@ class WatchSettings(_Section):
     quiet_seconds: float = Field(60.0, ge=0)
     tolerance: float = Field(0.01, ge=0)
     train_minutes: float = Field(5.0, gt=0)
+    # Newest test instances the gate compares candidate and current on (both
+    # models run on each: on a CPU about 1-2 s per instance per model).
+    holdout: int = Field(60, gt=0)
 
 
 class PersonalSettings(_Section):

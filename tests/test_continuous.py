@@ -43,8 +43,8 @@ def test_commit_is_noticed_trained_and_promoted(
     (repo / "shoptalk.toml").write_text(
         f'[mine]\nalias_file = "{history_repo.alias_file}"\n'
         f'[train]\nbase = "{checkpoint}"\nmax_steps = 2\nval_every = 1\n'
-        '[export]\nquant = "f32"\n[eval]\nlimit = 4\n'
-        "[watch]\nmin_new_instances = 1\ntolerance = 1.0\n"
+        '[export]\nquant = "f32"\n'
+        "[watch]\nholdout = 4\nmin_new_instances = 1\ntolerance = 1.0\n"
     )
     seen: list[Job] = []
     learner = ContinuousLearner(repo, data_dir, quiet_seconds=0.3, on_job=seen.append)
@@ -100,8 +100,8 @@ async def test_serving_server_retrains_reports_progress_and_swaps(
     (repo / "shoptalk.toml").write_text(
         f'[mine]\nalias_file = "{history_repo.alias_file}"\n'
         f'[train]\nbase = "{checkpoint}"\nmax_steps = 2\nval_every = 1\n'
-        '[export]\nquant = "f32"\n[eval]\nlimit = 4\n[serve]\nwatch = true\n'
-        "[watch]\nmin_new_instances = 1\ntolerance = 1.0\nquiet_seconds = 0.3\n"
+        '[export]\nquant = "f32"\n[serve]\nwatch = true\n'
+        "[watch]\nholdout = 4\nmin_new_instances = 1\ntolerance = 1.0\nquiet_seconds = 0.3\n"
     )
     session = await start_session(repo, data_dir, gguf, extra_args=("--repo", str(repo)))
     try:
@@ -191,8 +191,8 @@ def test_killed_retrain_worker_resumes_its_run(
         f'[mine]\nalias_file = "{history_repo.alias_file}"\n'
         f'[train]\nbase = "{checkpoint}"\nmax_steps = {RESUME_STEPS}\nval_every = 4\n'
         "patience = 0\nthreads = 1\n"
-        '[export]\nquant = "f32"\n[eval]\nlimit = 4\n'
-        "[watch]\nmin_new_instances = 1\ntolerance = 1.0\n"
+        '[export]\nquant = "f32"\n'
+        "[watch]\nholdout = 4\nmin_new_instances = 1\ntolerance = 1.0\n"
     )
     command = retrain_command(repo, data_dir)
     queue = JobQueue(data_dir)

@@ -80,8 +80,7 @@ def test_retrain_job_promotes_and_records_its_decision(
             "mine": {"alias_file": str(history_repo.alias_file)},
             "train": {"base": str(checkpoint), "max_steps": 2, "val_every": 1},
             "export": {"quant": "f32"},
-            "eval": {"limit": 6},
-            "watch": {"min_new_instances": 1, "tolerance": 1.0},
+            "watch": {"min_new_instances": 1, "tolerance": 1.0, "holdout": 6},
         }
     )
     queue = JobQueue(data_dir)
@@ -149,7 +148,7 @@ def _memorise(repo: Path, settings: Settings, scratch: Path, dataset_dir: Path) 
 
     mine_repository(repo, settings.mine, scratch)
     preview = RepoStore.for_repo(scratch, repo)
-    chosen = {i.id for i in load_test_set(preview, settings, settings.eval.limit).completion}
+    chosen = {i.id for i in load_test_set(preview, settings, settings.watch.holdout).completion}
     lines = (preview.dataset_dir / "completion.test.jsonl").read_text().splitlines()
     records = [r for r in map(json.loads, lines) if r["id"] in chosen]
     dataset_dir.mkdir(parents=True)
@@ -205,8 +204,7 @@ def test_a_worse_model_is_not_promoted_and_the_decision_is_kept(
             "mine": {"alias_file": str(history_repo.alias_file)},
             "train": {**tiny_train, "max_steps": 120},
             "export": {"quant": "f32"},
-            "eval": {"limit": 6},
-            "watch": {"min_new_instances": 1, "tolerance": 0.0},
+            "watch": {"min_new_instances": 1, "tolerance": 0.0, "holdout": 6},
         }
     )
     store = RepoStore.for_repo(data_dir, repo_path)

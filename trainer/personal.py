@@ -166,13 +166,13 @@ def train_personal(repo: Path, settings: Settings, data_dir: Path, report: Repor
             ["org", spec],
             settings,
             data_dir,
-            settings.eval.limit or 100,
+            settings.watch.holdout,
             general_instances=0,
             author=author_id,
         )
     except NoAuthorInstances:
         evaluation = evaluate_models(
-            repo, ["org", spec], settings, data_dir, settings.eval.limit or 100, general_instances=0
+            repo, ["org", spec], settings, data_dir, settings.watch.holdout, general_instances=0
         )
     personal_em = completion_em(evaluation.data, spec)
     team_em = completion_em(evaluation.data, "org")

@@ -255,7 +255,7 @@ def run_retrain_job(
         [reference, f"run:{run.run_id}"],
         settings,
         data_dir,
-        settings.eval.limit or 100,
+        settings.watch.holdout,
         general_instances=0,
     )
     steps.done("evaluate")

@@ -40,6 +40,7 @@ from shoptalk.models.settings import load_settings
 from shoptalk.models.store import RepoStore
 
 TARGET_S = 600.0
+SNAPSHOT = ("dataset", "mine-state", "current.json")
 
 
 def git(repo: Path, *args: str) -> str:
@@ -50,7 +51,8 @@ def git(repo: Path, *args: str) -> str:
 
 def setup(source: Path, work: Path, behind: int, minutes: float) -> dict[str, Any]:
     """The clone behind the source and its promoted org model; returns the
-    setup's timings (the full chain, the baseline)."""
+    setup's timings (the full chain, the baseline). The mined state and the
+    promotion are kept in a snapshot so that the timed part can be rerun."""
     from shoptalk.trainer.export import export_run
     from shoptalk.trainer.mine import mine_repository
     from shoptalk.trainer.retrain import promote_run
@@ -80,7 +82,13 @@ def setup(source: Path, work: Path, behind: int, minutes: float) -> dict[str, An
     model = next(p for p in exported.files if p.name.startswith("model-"))
     done = time.perf_counter()
     promote_run(store, org.run_id, model, org.adapter_dir)
+    snapshot = work / "snapshot"
+    snapshot.mkdir()
+    for name in SNAPSHOT:
+        copy = shutil.copytree if (store.root / name).is_dir() else shutil.copy2
+        copy(store.root / name, snapshot / name)
     figures = {
+        "head": git(repo, "rev-parse", "HEAD"),
         "mine_s": mined - started,
         "train_s": trained - mined,
         "export_s": done - trained,
@@ -92,6 +100,24 @@ def setup(source: Path, work: Path, behind: int, minutes: float) -> dict[str, An
     return figures
 
 
+def restore(work: Path, head: str) -> None:
+    """Back to the state right after setup (for a rerun of the timed part)."""
+    repo = work / "repo"
+    store = RepoStore.for_repo(work / "data", repo)
+    git(repo, "reset", "--quiet", "--hard", head)
+    for name in (*SNAPSHOT, "incremental"):
+        target = store.root / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        saved = work / "snapshot" / name
+        if saved.is_dir():
+            shutil.copytree(saved, target)
+        elif saved.is_file():
+            shutil.copy2(saved, target)
+
+
 async def timed_retrain(
     source: Path, work: Path, train_minutes: float, holdout: int
 ) -> dict[str, Any]:
@@ -101,6 +127,8 @@ async def timed_retrain(
     current = store.current()
     assert current is not None, "setup left no promoted model"
     old_run = current["run_id"]
+    queue = JobQueue(data_dir)
+    last_job = max((job.id for job in queue.jobs(repo.resolve())), default=0)
     client = LanguageClient("bench", "1")
     progress: list[tuple[float, Any]] = []
 
@@ -161,15 +189,14 @@ async def timed_retrain(
     after = git(repo, "rev-parse", "HEAD")
     new_commits = int(git(repo, "rev-list", "--count", f"{before}..{after}"))
     print(f"pulled {new_commits} new commits ({before[:10]}..{after[:10]})", flush=True)
-    queue = JobQueue(data_dir)
     started_at = promoted_at = served_at = None
     job = None
     deadline = pulled_at + 3 * TARGET_S
     while time.perf_counter() < deadline:
         now = time.perf_counter()
         info = await status()
-        jobs = queue.jobs(repo.resolve(), limit=1)
-        job = jobs[0] if jobs and jobs[0].head == after else None
+        jobs = [j for j in queue.jobs(repo.resolve(), limit=3) if j.id > last_job]
+        job = jobs[0] if jobs else None
         if job is not None and started_at is None and job.state != "queued":
             started_at = now
         if job is not None and job.state in ("done", "failed", "cancelled"):
@@ -186,7 +213,7 @@ async def timed_retrain(
     await client.stop()
     drainer.cancel()
     log.close()
-    decision = next(iter(queue.decisions(repo.resolve())), None)
+    decision = next((d for d in queue.decisions(repo.resolve()) if d.job_id > last_job), None)
     return {
         "new_commits": new_commits,
         "job": None if job is None else {"state": job.state, "message": job.message},
@@ -215,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         f"export {baseline['export_s']:.0f} s = {baseline['total_s']:.0f} s",
         flush=True,
     )
+    restore(work, baseline["head"])
     result = asyncio.run(timed_retrain(source, work, args.train_minutes, args.holdout))
     figures = result["decision"] or {}
     timings = figures.get("timings", {})

@@ -38,6 +38,11 @@ console = Console(stderr=True, soft_wrap=True)
 # Older team instances replayed per new instance, so the adapter keeps what
 # it knew while it learns the new code.
 OLD_PER_NEW = 1.0
+# Validation examples of a job's training run (before and after): the gate
+# judges on the holdout, so the validation loss is only a sanity figure, and
+# each pass over 64 examples costs about a minute with the default model on a
+# 2-core CPU.
+JOB_VAL_LIMIT = 24
 
 
 class RetrainError(ShopTalkError):
@@ -233,6 +238,7 @@ def run_retrain_job(
             resume=resumable,
             run_id=str(run_id),
             dataset_dir=incremental,
+            val_limit=JOB_VAL_LIMIT,
             show_progress=False,
             report=report,
         )

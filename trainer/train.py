@@ -989,8 +989,10 @@ def _train(
                 )
             )
             if loop.best is not None:
+                # The best weights were validated when they were kept: their
+                # loss is known, no second pass over the validation set.
                 _load_trainable(model, loop.best)
-                final_val = _validate(loop)
+            final_val = state.best_val_loss if loop.best is not None else current
         _checkpoint(loop)
 
     adapter: Path | None = None

@@ -16,7 +16,7 @@ notice (pull → job started: the watcher's quiet period and the worker's
 start) and load (promotion → the server answers with the new model).
 
     .venv/bin/python bench/bench_retrain.py --source /tmp/click --behind 20 \
-        [--setup-minutes 5] [--train-minutes 5] [--holdout 60] [--work /tmp/bench-retrain]
+        [--setup-minutes 5] [--train-minutes M] [--holdout N] [--work /tmp/bench-retrain]
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def restore(work: Path, head: str) -> None:
 
 
 async def timed_retrain(
-    source: Path, work: Path, train_minutes: float, holdout: int
+    source: Path, work: Path, train_minutes: float | None, holdout: int | None
 ) -> dict[str, Any]:
     repo = work / "repo"
     data_dir = work / "data"
@@ -149,9 +149,11 @@ async def timed_retrain(
         SHOPTALK_DATA_DIR=str(data_dir),
         SHOPTALK_SERVE__WATCH="true",
         SHOPTALK_WATCH__QUIET_SECONDS="2",
-        SHOPTALK_WATCH__TRAIN_MINUTES=str(train_minutes),
-        SHOPTALK_WATCH__HOLDOUT=str(holdout),
     )
+    if train_minutes is not None:
+        env["SHOPTALK_WATCH__TRAIN_MINUTES"] = str(train_minutes)
+    if holdout is not None:
+        env["SHOPTALK_WATCH__HOLDOUT"] = str(holdout)
     log = (work / "server.log").open("ab")
     await client.start_io(
         sys.executable,
@@ -231,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", type=Path, required=True, help="A git repository (or clone).")
     parser.add_argument("--behind", type=int, default=20)
     parser.add_argument("--setup-minutes", type=float, default=5.0)
-    parser.add_argument("--train-minutes", type=float, default=5.0)
-    parser.add_argument("--holdout", type=int, default=60)
+    parser.add_argument("--train-minutes", type=float, default=None, help="watch.train_minutes")
+    parser.add_argument("--holdout", type=int, default=None, help="watch.holdout")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-retrain"))
     args = parser.parse_args(argv)
     source, work = args.source.resolve(), args.work.resolve()

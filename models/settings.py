@@ -127,7 +127,9 @@ class WatchSettings(_Section):
     min_new_instances: int = Field(20, gt=0)
     quiet_seconds: float = Field(60.0, ge=0)
     tolerance: float = Field(0.01, ge=0)
-    train_minutes: float = Field(5.0, gt=0)
+    # Training budget of a job; with the evaluation and export a job fits in
+    # ~10 minutes on a 2-core CPU with the default model (bench_retrain.py).
+    train_minutes: float = Field(4.0, gt=0)
     # Newest test instances the gate compares candidate and current on (both
     # models run on each: on a CPU about 1-2 s per instance per model).
     holdout: int = Field(60, gt=0)

@@ -94,6 +94,7 @@ def test_retrain_job_promotes_and_records_its_decision(
     decision = outcome.decision
     assert decision is not None and decision.promoted
     assert {"candidate_em", "base_em", "timings"} <= set(decision.figures)
+    assert set(decision.figures["timings"]) == {"mine", "train", "export", "evaluate", "swap"}
     current = store.current()
     assert current is not None and current["run_id"] == decision.run_id
     assert Path(current["model"]).is_file() and Path(current["adapter_dir"]).is_dir()

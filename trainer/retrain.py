@@ -268,7 +268,7 @@ def run_retrain_job(
     candidate_em = completion_em(evaluation.data, f"run:{run.run_id}")
     current_em = completion_em(evaluation.data, reference)
     promoted, reason = gate(candidate_em, current_em, settings.watch.tolerance * 100)
-    figures = {
+    figures: dict[str, Any] = {
         "candidate_em": candidate_em,
         f"{reference}_em": current_em,
         "new_commits": mined.new_commits,
@@ -276,14 +276,15 @@ def run_retrain_job(
         "train_seconds": train_seconds,
         "best_val_loss": best_val_loss,
         "report": str(evaluation.json_path),
-        "timings": {k: round(v, 1) for k, v in steps.timings.items()},
     }
-    decision = Decision(job.id, str(repo), run.run_id, promoted, reason, figures, time.time())
-    queue.record_decision(decision)
     if promoted:
         steps.start("swap", 0.95)
         promote_run(store, run.run_id, model_file, run.adapter_dir, candidate_em, current_em)
         steps.done("swap")
+    # Recorded once the promotion is done, so that its figures hold every step.
+    figures["timings"] = {k: round(v, 2) for k, v in steps.timings.items()}
+    decision = Decision(job.id, str(repo), run.run_id, promoted, reason, figures, time.time())
+    queue.record_decision(decision)
     message = ("promoted: " if promoted else "not promoted: ") + reason
     if promoted and opt_in(store) is not None:
         steps.start("personal", 0.97)

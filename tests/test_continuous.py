@@ -26,26 +26,40 @@ from shoptalk.server.lsp import _plain
 RESUME_STEPS = 40
 
 
+def team_repo(
+    tmp_path: Path, history_repo: HistoryRepo, tiny_hf, tiny_gguf, train: str, extra: str = ""
+) -> tuple[Path, Path, Path]:
+    """A copy of the fixture repository whose untracked `shoptalk.toml` (the
+    worker process reads the repository's settings) trains the tiny llama
+    (`train`: more [train] lines) and gates on 4 instances; and a data dir
+    holding the base's GGUF where evaluation looks for it. Returns (repo,
+    data dir, base GGUF)."""
+    repo = tmp_path / "team"
+    shutil.copytree(history_repo.path, repo)
+    data_dir = tmp_path / "data"
+    checkpoint = tiny_hf("llama")
+    gguf = base_paths(data_dir, resolve_base(str(checkpoint))).gguf
+    gguf.parent.mkdir(parents=True)
+    shutil.copy(tiny_gguf("llama"), gguf)
+    (repo / "shoptalk.toml").write_text(
+        f'[mine]\nalias_file = "{history_repo.alias_file}"\n'
+        f'[train]\nbase = "{checkpoint}"\n{train}'
+        '[export]\nquant = "f32"\n'
+        "[watch]\nholdout = 4\nmin_new_instances = 1\ntolerance = 1.0\n"
+        f"{extra}"
+    )
+    return repo, data_dir, gguf
+
+
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_commit_is_noticed_trained_and_promoted(
     tmp_path: Path, history_repo: HistoryRepo, tiny_hf, tiny_gguf, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    repo = tmp_path / "team"
-    shutil.copytree(history_repo.path, repo)
-    data_dir = tmp_path / "data"
-    monkeypatch.setenv("SHOPTALK_DATA_DIR", str(data_dir))
-    checkpoint = tiny_hf("llama")
-    gguf = base_paths(data_dir, resolve_base(str(checkpoint))).gguf
-    gguf.parent.mkdir(parents=True)
-    shutil.copy(tiny_gguf("llama"), gguf)
-    # Untracked settings file: the worker process reads the repository's settings.
-    (repo / "shoptalk.toml").write_text(
-        f'[mine]\nalias_file = "{history_repo.alias_file}"\n'
-        f'[train]\nbase = "{checkpoint}"\nmax_steps = 2\nval_every = 1\n'
-        '[export]\nquant = "f32"\n'
-        "[watch]\nholdout = 4\nmin_new_instances = 1\ntolerance = 1.0\n"
+    repo, data_dir, _ = team_repo(
+        tmp_path, history_repo, tiny_hf, tiny_gguf, "max_steps = 2\nval_every = 1\n"
     )
+    monkeypatch.setenv("SHOPTALK_DATA_DIR", str(data_dir))
     seen: list[Job] = []
     learner = ContinuousLearner(repo, data_dir, quiet_seconds=0.3, on_job=seen.append)
     learner.start()
@@ -90,18 +104,13 @@ async def test_serving_server_retrains_reports_progress_and_swaps(
     model the same server process answers with it."""
     from test_server_e2e import start_session, stop_session
 
-    repo = tmp_path / "team"
-    shutil.copytree(history_repo.path, repo)
-    data_dir = tmp_path / "data"
-    checkpoint = tiny_hf("llama")
-    gguf = base_paths(data_dir, resolve_base(str(checkpoint))).gguf
-    gguf.parent.mkdir(parents=True)
-    shutil.copy(tiny_gguf("llama"), gguf)
-    (repo / "shoptalk.toml").write_text(
-        f'[mine]\nalias_file = "{history_repo.alias_file}"\n'
-        f'[train]\nbase = "{checkpoint}"\nmax_steps = 2\nval_every = 1\n'
-        '[export]\nquant = "f32"\n[serve]\nwatch = true\n'
-        "[watch]\nholdout = 4\nmin_new_instances = 1\ntolerance = 1.0\nquiet_seconds = 0.3\n"
+    repo, data_dir, gguf = team_repo(
+        tmp_path,
+        history_repo,
+        tiny_hf,
+        tiny_gguf,
+        "max_steps = 2\nval_every = 1\n",
+        "quiet_seconds = 0.3\n[serve]\nwatch = true\n",
     )
     session = await start_session(repo, data_dir, gguf, extra_args=("--repo", str(repo)))
     try:
@@ -180,19 +189,12 @@ def test_killed_retrain_worker_resumes_its_run(
     """SIGKILL the real worker process in the middle of training: nothing is
     promoted, the job stays claimed by a dead process, and the next worker
     takes it again and continues the same run from its last checkpoint."""
-    repo = tmp_path / "team"
-    shutil.copytree(history_repo.path, repo)
-    data_dir = tmp_path / "data"
-    checkpoint = tiny_hf("llama")
-    gguf = base_paths(data_dir, resolve_base(str(checkpoint))).gguf
-    gguf.parent.mkdir(parents=True)
-    shutil.copy(tiny_gguf("llama"), gguf)
-    (repo / "shoptalk.toml").write_text(
-        f'[mine]\nalias_file = "{history_repo.alias_file}"\n'
-        f'[train]\nbase = "{checkpoint}"\nmax_steps = {RESUME_STEPS}\nval_every = 4\n'
-        "patience = 0\nthreads = 1\n"
-        '[export]\nquant = "f32"\n'
-        "[watch]\nholdout = 4\nmin_new_instances = 1\ntolerance = 1.0\n"
+    repo, data_dir, _ = team_repo(
+        tmp_path,
+        history_repo,
+        tiny_hf,
+        tiny_gguf,
+        f"max_steps = {RESUME_STEPS}\nval_every = 4\npatience = 0\nthreads = 1\n",
     )
     command = retrain_command(repo, data_dir)
     queue = JobQueue(data_dir)

@@ -15,10 +15,9 @@ from typing import Any
 
 import pytest
 from git_repos import BOB, HistoryRepo, RepoBuilder, python_module
+from tiny_models import place_base_gguf
 
-from shoptalk.models.catalog import resolve_base
 from shoptalk.models.jobs import Job, JobQueue
-from shoptalk.models.provision import base_paths
 from shoptalk.models.store import RepoStore
 from shoptalk.server.continuous import ContinuousLearner, retrain_command
 from shoptalk.server.lsp import _plain
@@ -38,9 +37,7 @@ def team_repo(
     shutil.copytree(history_repo.path, repo)
     data_dir = tmp_path / "data"
     checkpoint = tiny_hf("llama")
-    gguf = base_paths(data_dir, resolve_base(str(checkpoint))).gguf
-    gguf.parent.mkdir(parents=True)
-    shutil.copy(tiny_gguf("llama"), gguf)
+    gguf = place_base_gguf(data_dir, checkpoint, tiny_gguf("llama"))
     (repo / "shoptalk.toml").write_text(
         f'[mine]\nalias_file = "{history_repo.alias_file}"\n'
         f'[train]\nbase = "{checkpoint}"\n{train}'

@@ -6,14 +6,12 @@ recomputation from what the models said and from the mined test split."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
+from tiny_models import place_base_gguf
 
-from shoptalk.models.catalog import resolve_base
 from shoptalk.models.cli import main as cli_main
-from shoptalk.models.provision import base_paths
 from shoptalk.models.settings import Settings
 from shoptalk.models.store import RepoStore
 from shoptalk.trainer.evaluate import evaluate_models, open_engine, resolve_models
@@ -45,10 +43,7 @@ def evaluated(
     data_dir = root / "data"
     repo = history_repo.path
     checkpoint = tiny_hf("llama")
-    base = resolve_base(str(checkpoint))
-    gguf = base_paths(data_dir, base).gguf
-    gguf.parent.mkdir(parents=True)
-    shutil.copy(tiny_gguf("llama"), gguf)
+    place_base_gguf(data_dir, checkpoint, tiny_gguf("llama"))
     settings = Settings.model_validate(
         {
             "data_dir": str(data_dir),

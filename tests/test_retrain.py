@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 from git_repos import BOB, HistoryRepo, RepoBuilder, python_module
+from tiny_models import place_base_gguf
 
-from shoptalk.models.catalog import resolve_base
 from shoptalk.models.jobs import JobQueue
-from shoptalk.models.provision import base_paths
 from shoptalk.models.settings import Settings
 from shoptalk.models.store import RepoStore
 from shoptalk.trainer.personal import PersonalError, disable, enable, match_author, train_personal
@@ -69,11 +68,7 @@ def test_retrain_job_promotes_and_records_its_decision(
     shutil.copytree(history_repo.path, repo_path)
     data_dir = tmp_path / "data"
     checkpoint = tiny_hf("llama")
-    base = resolve_base(str(checkpoint))
-    # The untuned base's GGUF, where evaluation looks for it.
-    gguf = base_paths(data_dir, base).gguf
-    gguf.parent.mkdir(parents=True)
-    shutil.copy(tiny_gguf("llama"), gguf)
+    place_base_gguf(data_dir, checkpoint, tiny_gguf("llama"))
     settings = Settings.model_validate(
         {
             "data_dir": str(data_dir),
@@ -180,9 +175,7 @@ def test_a_worse_model_is_not_promoted_and_the_decision_is_kept(
     shutil.copytree(history_repo.path, repo_path)
     data_dir = tmp_path / "data"
     checkpoint = tiny_hf("llama")
-    gguf = base_paths(data_dir, resolve_base(str(checkpoint))).gguf
-    gguf.parent.mkdir(parents=True)
-    shutil.copy(tiny_gguf("llama"), gguf)
+    place_base_gguf(data_dir, checkpoint, tiny_gguf("llama"))
     tiny_train = {
         "base": str(checkpoint),
         # Rank 32 on every layer of a 64-wide model: room to learn 6 answers.

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import sysconfig
 from collections.abc import Callable
 from pathlib import Path
@@ -350,6 +351,19 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_hf: TinyHf) -> Tiny
         return built[key]
 
     return make
+
+
+def place_base_gguf(data_dir: Path, checkpoint: Path, gguf_file: Path) -> Path:
+    """Put a tiny checkpoint's GGUF where the product keeps its base's GGUF
+    (as `shoptalk models pull` would), so that evaluation can run the untuned
+    base; returns that path."""
+    from shoptalk.models.catalog import resolve_base
+    from shoptalk.models.provision import base_paths
+
+    target = base_paths(data_dir, resolve_base(str(checkpoint))).gguf
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(gguf_file, target)
+    return target
 
 
 def hf_logits(model: Any, ids: list[int]) -> Any:

@@ -988,11 +988,12 @@ def _train(
                     PHASE_SFT, state.step, state.tokens, state.train_seconds, 0.0, None, current
                 )
             )
+            final_val = current
             if loop.best is not None:
                 # The best weights were validated when they were kept: their
                 # loss is known, no second pass over the validation set.
                 _load_trainable(model, loop.best)
-            final_val = state.best_val_loss if loop.best is not None else current
+                final_val = state.best_val_loss
         _checkpoint(loop)
 
     adapter: Path | None = None

@@ -150,7 +150,7 @@ def latencies(
     turn (round robin), so a changing machine load hits them all alike."""
     import llama_cpp
 
-    from shoptalk.server.lora import LoraAdapters
+    from shoptalk.models.lora import LoraAdapters
 
     models = {}
     for name, (path, adapter) in configs.items():

@@ -41,8 +41,8 @@ from lsprotocol import types
 from pygls.lsp.client import LanguageClient
 
 from shoptalk.models.catalog import CATALOG, DEFAULT_BASE
-from shoptalk.server.backends import LlamaBackend, LlamaOptions, default_threads
-from shoptalk.server.completion import (
+from shoptalk.models.backends import LlamaBackend, LlamaOptions, default_threads
+from shoptalk.models.completion import (
     CompletionEngine,
     EngineOptions,
     offset_to_utf16,

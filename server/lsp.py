@@ -33,9 +33,9 @@ from shoptalk.models.errors import ShopTalkError
 from shoptalk.models.jobs import Job
 from shoptalk.models.module_map import ModuleMap, language_for, module_map_from_tree
 from shoptalk.models.settings import PersonalSettings, ServeSettings, Settings
-from shoptalk.server.completion import offset_to_utf16, utf16_to_offset
-from shoptalk.server.models_registry import ModelChoice, ModelRegistry, build_backend
-from shoptalk.server.module_lookup import (
+from shoptalk.models.completion import offset_to_utf16, utf16_to_offset
+from shoptalk.models.registry import ModelChoice, ModelRegistry, build_backend
+from shoptalk.models.module_lookup import (
     BASE_MODEL_WEIGHT,
     TUNED_MODEL_WEIGHT,
     ModuleIndex,

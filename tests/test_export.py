@@ -105,7 +105,7 @@ def test_runtime_adapter_on_base_matches_merged_and_removes_cleanly(
 ) -> None:
     import llama_cpp
 
-    from shoptalk.server.lora import LoraAdapters
+    from shoptalk.models.lora import LoraAdapters
 
     ids = _ids(tiny_hf(arch))
     merged = llama_cpp_logits(exported(arch, "f32"), ids)
@@ -296,7 +296,7 @@ def test_cli_export(tmp_path: Path, tiny_run: TinyRun) -> None:
     assert promoted.returncode == 0, promoted.stderr[-2000:]
     from shoptalk.models.settings import Settings
     from shoptalk.models.store import RepoStore
-    from shoptalk.server.models_registry import promoted_choice
+    from shoptalk.models.registry import promoted_choice
 
     current = RepoStore.for_repo(tmp_path / "data", repo).current()
     assert current is not None

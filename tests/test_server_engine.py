@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from shoptalk.models.catalog import GEMMA3_FIM
-from shoptalk.server.backends import LlamaBackend, LlamaOptions
-from shoptalk.server.completion import CompletionEngine, EngineOptions, GenerationRequest
+from shoptalk.models.backends import LlamaBackend, LlamaOptions
+from shoptalk.models.completion import CompletionEngine, EngineOptions, GenerationRequest
 
 pytestmark = pytest.mark.e2e
 

@@ -19,9 +19,9 @@ import pytest
 from test_server_e2e import SOURCE, start_session, stop_session
 
 from shoptalk.models.catalog import GEMMA3_FIM
-from shoptalk.server.backends import BackendError, OpenAIBackend
-from shoptalk.server.completion import CompletionEngine, EngineOptions
-from shoptalk.server.module_lookup import module_grammar
+from shoptalk.models.backends import BackendError, OpenAIBackend
+from shoptalk.models.completion import CompletionEngine, EngineOptions
+from shoptalk.models.module_lookup import module_grammar
 
 pytestmark = pytest.mark.e2e
 

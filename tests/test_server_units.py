@@ -12,8 +12,8 @@ from shoptalk.models.catalog import GEMMA3_FIM, QWEN_CODER_FIM
 from shoptalk.models.module_map import build_module_map
 from shoptalk.models.prompt import clip_prefix
 from shoptalk.models.settings import Settings
-from shoptalk.server.backends import VocabPieces, heal_split, heal_text
-from shoptalk.server.completion import (
+from shoptalk.models.backends import VocabPieces, heal_split, heal_text
+from shoptalk.models.completion import (
     SuggestionCache,
     allows_multiline,
     offset_to_utf16,
@@ -24,7 +24,7 @@ from shoptalk.server.completion import (
     utf16_to_offset,
 )
 from shoptalk.server.lsp import parse_client_options
-from shoptalk.server.module_lookup import (
+from shoptalk.models.module_lookup import (
     BASE_MODEL_WEIGHT,
     TUNED_MODEL_WEIGHT,
     ModuleIndex,

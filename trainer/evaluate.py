@@ -527,7 +527,7 @@ def _from_current(
     """The promoted model, checked exactly as the server checks it before
     serving (sha256 of model, adapter and the adapter's host), then for this
     repository and base."""
-    from shoptalk.server.models_registry import promoted_choice
+    from shoptalk.models.registry import promoted_choice
 
     choice = promoted_choice(current, settings, data_dir)
     manifests: dict[str, Any] = {}
@@ -575,9 +575,9 @@ class ServedModel:
     (see EVAL_BUDGET_MS)."""
 
     def __init__(self, model: ResolvedModel, settings: Settings):
-        from shoptalk.server.backends import BackendError
-        from shoptalk.server.completion import CompletionEngine
-        from shoptalk.server.models_registry import ModelChoice, build_backend, engine_options
+        from shoptalk.models.backends import BackendError
+        from shoptalk.models.completion import CompletionEngine
+        from shoptalk.models.registry import ModelChoice, build_backend, engine_options
 
         self.model = model
         serve = settings.serve.model_copy(update={"backend": "llama"})
@@ -603,7 +603,7 @@ class ServedModel:
     def generate(self, prompt: str, max_tokens: int, stop: Sequence[str]) -> str:
         """Plain continuation of `prompt` (HumanEval), healed at its end,
         cut before the first of `stop`."""
-        from shoptalk.server.completion import GenerationRequest, PromptPlan
+        from shoptalk.models.completion import GenerationRequest, PromptPlan
 
         def stop_at(text: str) -> int | None:
             cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
@@ -819,14 +819,14 @@ class ModuleLookupEval:
 
     def __init__(self, repo: Path, queries: Sequence[ModuleLookupInstance]):
         from shoptalk.models.module_map import module_map_from_tree
-        from shoptalk.server.module_lookup import ModuleIndex
+        from shoptalk.models.module_lookup import ModuleIndex
 
         self.queries = list(queries)
         self.index = ModuleIndex(module_map_from_tree(repo))
         self.ids = sorted(self.index.module_map.modules)
 
     def retrieval(self) -> list[list[str]]:
-        from shoptalk.server.module_lookup import find_modules
+        from shoptalk.models.module_lookup import find_modules
 
         return [
             [hit.id for hit in find_modules(q.query, self.index, None, LOOKUP_DEPTH)]
@@ -836,7 +836,7 @@ class ModuleLookupEval:
     def with_model(
         self, model: ResolvedModel, engine: ServedModel, progress: Progress
     ) -> dict[str, list[list[str]]]:
-        from shoptalk.server.module_lookup import (
+        from shoptalk.models.module_lookup import (
             BASE_MODEL_WEIGHT,
             MAX_GRAMMAR_IDS,
             TUNED_MODEL_WEIGHT,

@@ -7,7 +7,7 @@ Two outputs, each with a manifest beside it (`shoptalk.models.manifest`):
   process by `llama_cpp.llama_model_quantize` (1-D/norm tensors stay F32);
 - `runs/<id>/export/adapter-<f16|f32>.gguf` (`--adapter-only`): the LoRA alone
   as a GGUF adapter that llama.cpp applies on top of the base at run time
-  (`shoptalk.server.lora`).
+  (`shoptalk.models.lora`).
 
 A run is exportable when its `record.json` says `complete` and `adapter/` is a
 PEFT LoRA folder for the base the record names. Every file appears under its

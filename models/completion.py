@@ -3,7 +3,7 @@
 Pure of pygls so that evaluation can run exactly the serving path:
 `CompletionEngine.complete(text, offset)` clips the context with the shared
 prompt builder (`shoptalk.models.prompt`), asks a backend
-(`shoptalk.server.backends`) for a healed generation that stops at the end of
+(`shoptalk.models.backends`) for a healed generation that stops at the end of
 the line or block, and post-filters it. Recent suggestions that still match
 what the user typed since are answered from a small cache.
 """
@@ -67,7 +67,7 @@ class Generation:
 
 class Backend(Protocol):
     """What the engine needs from a model: llama.cpp in-process or an
-    OpenAI-compatible server (`shoptalk.server.backends`)."""
+    OpenAI-compatible server (`shoptalk.models.backends`)."""
 
     def generate(
         self, request: GenerationRequest, cancelled: threading.Event | None = None

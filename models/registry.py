@@ -26,8 +26,8 @@ from shoptalk.models.prompt import served_with_fim
 from shoptalk.models.provision import base_paths, ensure_gguf, gguf_status
 from shoptalk.models.settings import ServeSettings, Settings
 from shoptalk.models.store import RepoStore
-from shoptalk.server.backends import LlamaBackend, LlamaOptions, OpenAIBackend
-from shoptalk.server.completion import Backend, CompletionEngine, EngineOptions
+from shoptalk.models.backends import LlamaBackend, LlamaOptions, OpenAIBackend
+from shoptalk.models.completion import Backend, CompletionEngine, EngineOptions
 
 log = logging.getLogger(__name__)
 

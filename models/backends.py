@@ -12,7 +12,7 @@
   deadline and cancel apply; the boundary is healed on characters with a
   grammar (llama.cpp servers) and checked on the answer.
 
-Both implement `shoptalk.server.completion.Backend`.
+Both implement `shoptalk.models.completion.Backend`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from shoptalk.models.errors import ShopTalkError
-from shoptalk.server.completion import Generation, GenerationRequest, PromptPlan, StopReason
+from shoptalk.models.completion import Generation, GenerationRequest, PromptPlan, StopReason
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ class LlamaBackend:
         """Apply a GGUF LoRA adapter (replacing the current one), or with None
         serve the plain model, without reloading the weights. The KV cache is
         dropped: it was computed with the previous weights."""
-        from shoptalk.server.lora import LoraAdapters
+        from shoptalk.models.lora import LoraAdapters
 
         with self.lock:
             if self._adapters is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from collections import Counter
@@ -497,3 +498,86 @@ def test_shoptalkignore_pointing_outside_the_repo_is_ignored_with_a_warning(
     assert any("points outside the repository" in w for w in result.warnings)
     assert result.manifest["skipped_files"] == {}  # app/ was not ignored
     assert result.manifest["total"] > 0
+
+
+def _small_repo(repo: RepoBuilder) -> RepoBuilder:
+    repo.write(
+        "app/main.py",
+        "def main(argv: list[str]) -> int:\n    return run(argv[1:], verbose=True, retries=3)\n",
+    )
+    repo.commit("Add main", ALICE)
+    return repo
+
+
+def _cli_mine(repo: Path, out: Path, data: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shoptalk.models.cli",
+            "mine",
+            "--repo",
+            str(repo),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SHOPTALK_DATA_DIR": str(data)},
+        check=False,
+    )
+
+
+def test_out_never_replaces_a_folder_shoptalk_did_not_write(
+    repo_builder: RepoBuilder, tmp_path: Path
+) -> None:
+    """Issue 14, defect 1: any `manifest.json` made `--out` replace the whole
+    folder (the user's other files gone, the mode turned 0700)."""
+    repo = _small_repo(repo_builder)
+    data = tmp_path / "data"
+    user = tmp_path / "d"
+    (user / "sub").mkdir(parents=True)
+    (user / "manifest.json").write_text('{"name": "app"}')
+    (user / "keep.txt").write_text("x\n")
+    (user / "sub" / "deep.txt").write_text("y\n")
+    user.chmod(0o751)
+    before = sorted(str(p.relative_to(user)) for p in user.rglob("*"))
+    refused = _cli_mine(repo.path, user, data)
+    assert refused.returncode == 2, refused.stderr
+    assert "not a dataset ShopTalk wrote" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert sorted(str(p.relative_to(user)) for p in user.rglob("*")) == before
+    assert (user / "keep.txt").read_text() == "x\n"
+    assert (user / "manifest.json").read_text() == '{"name": "app"}'
+    assert stat.S_IMODE(user.stat().st_mode) == 0o751
+    # A new folder gets the umask's mode, not the temp folder's 0700.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    fresh = tmp_path / "fresh"
+    assert _cli_mine(repo.path, fresh, data).returncode == 0
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o777 & ~umask
+    manifest = json.loads((fresh / "manifest.json").read_text())
+    assert manifest["producer"] == "shoptalk mine"
+    # ShopTalk's own dataset is replaced and keeps the mode the user gave it.
+    fresh.chmod(0o750)
+    again = mine_repository(repo.path, MineSettings(), data, out_dir=fresh, full=True)
+    assert again.dataset_dir == fresh.resolve()
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o750
+    # A dataset written before the producer marker is still recognised.
+    del manifest["producer"]
+    (fresh / "manifest.json").write_text(json.dumps(manifest))
+    mine_repository(repo.path, MineSettings(), data, out_dir=fresh, full=True)
+    assert json.loads((fresh / "manifest.json").read_text())["producer"] == "shoptalk mine"
+    # ... but not when the user put a file of their own into it.
+    (fresh / "notes.md").write_text("mine\n")
+    with pytest.raises(MineError, match=r"files ShopTalk did not write \(notes.md\)"):
+        mine_repository(repo.path, MineSettings(), data, out_dir=fresh, full=True)
+    assert (fresh / "notes.md").read_text() == "mine\n"
+    # A file where the folder should be, and the default dataset folder alike.
+    with pytest.raises(MineError, match="not a folder"):
+        mine_repository(repo.path, MineSettings(), data, out_dir=user / "keep.txt")
+    store = mine_repository(repo.path, MineSettings(), data).dataset_dir
+    (store / "mine.txt").write_text("z\n")
+    with pytest.raises(MineError, match=r"did not write \(mine.txt\).*move them out"):
+        mine_repository(repo.path, MineSettings(), data, full=True)
+    assert (store / "mine.txt").read_text() == "z\n"

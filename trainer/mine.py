@@ -23,6 +23,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import stat
 import statistics
 import time
 import uuid
@@ -91,6 +93,13 @@ SPLIT_NAMES = ("train", "validation", "test")
 # Fields a record carries only until the dataset is built.
 _INTERNAL = ("author_name", "author_email", "author_time")
 _TEXT_FIELDS = ("prefix", "target", "suffix", "prompt", "query")
+# The manifest names its producer, so that only a folder ShopTalk wrote is
+# ever replaced (`--out`); older datasets are known by the keys they hold.
+DATASET_PRODUCER = "shoptalk mine"
+_LEGACY_MANIFEST_KEYS = frozenset(
+    {"format", "repo", "repo_name", "branch", "head", "cutoff", "counts", "shards"}
+)
+_SHARD_NAME = re.compile(r"\A[a-z_]+\.(?:train|validation|test)\.jsonl\Z")
 
 
 class MineError(ShopTalkError):
@@ -579,7 +588,9 @@ def build_dataset(
         by_author[record["author_id"]][record["split"]] += 1
         by_language[record["language"]][record["split"]] += 1
     shards: dict[str, dict[str, Any]] = {}
+    folder_mode = _folder_mode(out_dir)
     with atomic_dir(out_dir) as tmp:
+        os.chmod(tmp, folder_mode)
         handles: dict[str, Any] = {}
         try:
             for record in final:
@@ -600,6 +611,7 @@ def build_dataset(
             info["status"] for info in commit_stats.values() if info["status"] != "mined"
         )
         manifest = {
+            "producer": DATASET_PRODUCER,
             "format": 1,
             "repo": str(repo),
             "repo_name": repo_name,
@@ -651,6 +663,7 @@ def build_dataset(
             **extra,
         }
         write_json_atomic(tmp / "manifest.json", manifest)
+        os.chmod(tmp / "manifest.json", 0o666 & ~_umask())  # as the shards (not 0600)
     return manifest
 
 
@@ -671,15 +684,81 @@ def _current_manifest(dataset_dir: Path, tip: str, settings: MineSettings) -> di
     return manifest
 
 
-def _safe_out_dir(out_dir: Path) -> None:
-    """`--out` replaces the folder; refuse one that holds anything but a dataset."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise MineError(f"--out {out_dir} is a file; pass a folder for the dataset")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "manifest.json").is_file():
+def is_shoptalk_manifest(manifest: object) -> bool:
+    """Whether `manifest` is the manifest of a dataset `shoptalk mine` wrote:
+    it carries DATASET_PRODUCER, or (written before that marker existed)
+    format 1 with the keys mining has always written and shard names of
+    `<kind>.<split>.jsonl`."""
+    if not isinstance(manifest, dict):
+        return False
+    if manifest.get("producer") == DATASET_PRODUCER:
+        return True
+    shards = manifest.get("shards")
+    return (
+        manifest.get("format") == 1
+        and manifest.keys() >= _LEGACY_MANIFEST_KEYS
+        and isinstance(shards, dict)
+        and all(isinstance(n, str) and _SHARD_NAME.match(n) for n in shards)
+    )
+
+
+def _safe_out_dir(out_dir: Path, chosen: bool = True) -> None:
+    """The dataset folder is replaced as a whole: refuse one that is not new,
+    empty, or a dataset ShopTalk wrote holding nothing else. `chosen`: the
+    user named it (--out), else it is the repository's folder in the data dir."""
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    fix = (
+        "pass a new or empty folder with --out"
+        if chosen
+        else "move them out of ShopTalk's data folder"
+    )
+    if not out_dir.is_dir():
+        raise MineError(f"{out_dir} is not a folder; nothing was changed: {fix}")
+    entries = sorted(p.name for p in out_dir.iterdir())
+    if not entries:
+        return
+    try:
+        manifest = json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = None
+    if not is_shoptalk_manifest(manifest):
         raise MineError(
-            f"--out {out_dir} is not empty and holds no ShopTalk dataset; "
-            "pass an empty or new folder (it is replaced as a whole)"
+            f"{out_dir} is not empty and is not a dataset ShopTalk wrote (no ShopTalk "
+            f"manifest.json); nothing was changed: {fix} (the dataset folder is replaced "
+            "as a whole)"
         )
+    others = [n for n in entries if n != "manifest.json" and not _SHARD_NAME.match(n)]
+    if others:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise MineError(
+            f"{out_dir} holds a ShopTalk dataset but also files ShopTalk did not write "
+            f"({shown}); nothing was changed: {fix} (the dataset folder is replaced "
+            "as a whole)"
+        )
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where /proc tells it
+    (setting and restoring it could give another thread's file mode 0o666)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _folder_mode(folder: Path) -> int:
+    """The mode the rebuilt dataset folder gets: the one it has now, or the
+    mode a new folder gets from the umask (never the temp folder's 0700)."""
+    try:
+        return stat.S_IMODE(folder.stat().st_mode)
+    except OSError:
+        return 0o777 & ~_umask()
 
 
 # ---- the entry point -----------------------------------------------------------------
@@ -728,6 +807,8 @@ def mine_repository(
             f"(since={settings.since}, until={settings.until}); widen the range"
         )
     store = RepoStore.for_repo(data_dir, repo)
+    if target is None:
+        _safe_out_dir(store.dataset_dir, chosen=False)
     state_dir = store.root / "mine-state" / _branch_key(branch)
     config_hash = _config_hash(settings, ignore_text, alias_file)
     state = None if full else MineState.load(state_dir)

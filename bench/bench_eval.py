@@ -38,8 +38,8 @@ def prepare_chain(repo: Path, settings: Settings, data_dir: Path, minutes: float
     as many optimizer steps as org took: the same amount of data)."""
     from shoptalk.trainer.export import export_run
     from shoptalk.trainer.mine import mine_repository
+    from shoptalk.trainer.promotion import promote_run
     from shoptalk.trainer.retention import write_general_dataset
-    from shoptalk.trainer.retrain import promote_run
     from shoptalk.trainer.train import train_adapter
 
     store = RepoStore.for_repo(data_dir, repo)

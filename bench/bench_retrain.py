@@ -55,7 +55,7 @@ def setup(source: Path, work: Path, behind: int, minutes: float) -> dict[str, An
     promotion are kept in a snapshot so that the timed part can be rerun."""
     from shoptalk.trainer.export import export_run
     from shoptalk.trainer.mine import mine_repository
-    from shoptalk.trainer.retrain import promote_run
+    from shoptalk.trainer.promotion import promote_run
     from shoptalk.trainer.train import train_adapter
 
     figures_file = work / "setup.json"

@@ -14,16 +14,8 @@ from shoptalk.models.catalog import CATALOG, DEFAULT_BASE
 from shoptalk.models.manifest import write_manifest
 from shoptalk.models.settings import Settings
 from shoptalk.models.store import RepoStore
-from shoptalk.trainer.evaluate import (
-    CompletionInstance,
-    EvalError,
-    EvalSet,
-    ModelRun,
-    ResolvedModel,
-    load_test_set,
-    parse_specs,
-    resolve_models,
-)
+from shoptalk.trainer.eval_types import CompletionInstance, EvalSet, ModelRun, ResolvedModel
+from shoptalk.trainer.evaluate import EvalError, load_test_set, parse_specs, resolve_models
 from shoptalk.trainer.metrics import exact_match, mcnemar, score_completion
 from shoptalk.trainer.report import build_report_data, summary_tables, write_report
 
@@ -322,7 +314,7 @@ def test_runs_are_found_by_purpose(tmp_path: Path) -> None:
 
 
 def test_module_lookup_top_k_per_ranking() -> None:
-    from shoptalk.trainer.evaluate import LookupRankings, ModuleLookupInstance
+    from shoptalk.trainer.eval_types import LookupRankings, ModuleLookupInstance
     from shoptalk.trainer.report import module_lookup_section
 
     queries = [

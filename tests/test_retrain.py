@@ -16,7 +16,8 @@ from shoptalk.models.jobs import JobQueue
 from shoptalk.models.settings import Settings
 from shoptalk.models.store import RepoStore
 from shoptalk.trainer.personal import PersonalError, disable, enable, match_author, train_personal
-from shoptalk.trainer.retrain import gate, incremental_dataset, run_retrain_job
+from shoptalk.trainer.promotion import gate
+from shoptalk.trainer.retrain import incremental_dataset, run_retrain_job
 
 
 def test_gate_tolerates_small_losses_only() -> None:
@@ -168,7 +169,7 @@ def test_a_worse_model_is_not_promoted_and_the_decision_is_kept(
     candidate below the current model, keeps the current one (the server
     goes on serving it) and records the decision with its figures."""
     from shoptalk.trainer.export import export_run
-    from shoptalk.trainer.retrain import promote_run
+    from shoptalk.trainer.promotion import promote_run
     from shoptalk.trainer.train import train_adapter
 
     repo_path = tmp_path / "team"

@@ -180,7 +180,7 @@ def run_demo(
     from shoptalk.trainer.evaluate import evaluate_models
     from shoptalk.trainer.export import export_run
     from shoptalk.trainer.mine import mine_repository
-    from shoptalk.trainer.retrain import completion_em, gate, promote_run
+    from shoptalk.trainer.promotion import completion_em, gate, promote_run
     from shoptalk.trainer.train import train_adapter
 
     result = DemoResult()

@@ -31,7 +31,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Protocol
@@ -40,12 +40,22 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from shoptalk.models.catalog import BaseModel, FimTemplate, resolve_base
+from shoptalk.models.catalog import BaseModel, resolve_base
 from shoptalk.models.errors import ShopTalkError
 from shoptalk.models.manifest import ModelManifest, read_manifest, verify_model_file
 from shoptalk.models.prompt import served_with_fim
 from shoptalk.models.settings import Settings
 from shoptalk.models.store import RepoStore, repo_key
+from shoptalk.trainer.eval_types import (
+    SCOPE_NEWEST,
+    SCOPES,
+    CompletionInstance,
+    EvalSet,
+    LookupRankings,
+    ModelRun,
+    ModuleLookupInstance,
+    ResolvedModel,
+)
 
 if TYPE_CHECKING:
     from shoptalk.trainer.retention import GeneralInstance, HumanEvalProblem
@@ -61,9 +71,6 @@ PARAMETRIC_SPECS = ("dev:", "org+dev:", "run:")
 # its first line end, as the server's single-line stopping rule does.
 LINE_STOP = "\n"
 
-# Which test instances: the commits after the cutoff, or the whole test split.
-SCOPE_NEWEST, SCOPE_SPLIT = "newest", "split"
-SCOPES = (SCOPE_NEWEST, SCOPE_SPLIT)
 # Module-lookup queries per run (each costs a few grammar-constrained generations).
 DEFAULT_LOOKUP_QUERIES = 20
 
@@ -73,76 +80,6 @@ class EvalError(ShopTalkError):
 
 
 # ------------------------------------------------------------------ test set
-
-
-@dataclass(frozen=True)
-class CompletionInstance:
-    id: str
-    commit: str
-    author_id: str
-    author_date: str
-    path: str
-    prefix: str
-    suffix: str
-    target: str
-    masked_tokens: int
-
-    @classmethod
-    def from_record(cls, record: dict[str, Any]) -> CompletionInstance:
-        target = str(record["target"])
-        return cls(
-            id=str(record["id"]),
-            commit=str(record.get("commit", "")),
-            author_id=str(record.get("author_id", "unknown")),
-            author_date=str(record.get("author_date", "")),
-            path=str(record.get("path", "")),
-            prefix=str(record.get("prefix", "")),
-            suffix=str(record.get("suffix", "")),
-            target=target,
-            masked_tokens=int(record.get("masked_tokens") or len(target.split())),
-        )
-
-
-@dataclass(frozen=True)
-class ModuleLookupInstance:
-    id: str
-    commit: str
-    author_id: str
-    query: str
-    modules: tuple[str, ...]
-    author_date: str = ""
-
-    @classmethod
-    def from_record(cls, record: dict[str, Any]) -> ModuleLookupInstance:
-        return cls(
-            id=str(record["id"]),
-            commit=str(record.get("commit", "")),
-            author_id=str(record.get("author_id", "unknown")),
-            query=str(record["query"]),
-            modules=tuple(str(m) for m in record.get("modules", [])),
-            author_date=str(record.get("author_date", "")),
-        )
-
-
-@dataclass
-class EvalSet:
-    """The instances every model is scored on, and where they came from."""
-
-    completion: list[CompletionInstance]
-    module_lookup: list[ModuleLookupInstance]
-    manifest: dict[str, Any]
-    available: int  # completion test instances in scope before --limit
-    scope: str = SCOPE_NEWEST
-
-    def commit_range(self) -> dict[str, Any]:
-        dates = sorted(i.author_date for i in self.completion if i.author_date)
-        return {
-            "commits": len({i.commit for i in self.completion}),
-            "first_author_date": dates[0] if dates else None,
-            "last_author_date": dates[-1] if dates else None,
-            "cutoff": self.manifest.get("cutoff"),
-            "mined_range": self.manifest.get("commit_range") or self.manifest.get("range"),
-        }
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -298,24 +235,6 @@ def _of_author(
 
 
 # ------------------------------------------------------------------ models
-
-
-@dataclass(frozen=True)
-class ResolvedModel:
-    """A model of the comparison: the GGUF (and adapter) to load, how to
-    prompt it, and what its manifests say it is."""
-
-    spec: str
-    model: Path
-    adapter: Path | None
-    use_fim: bool
-    base: BaseModel
-    run_id: str | None = None
-    manifests: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def template(self) -> FimTemplate:
-        return self.base.fim
 
 
 def parse_specs(text: str) -> list[str]:
@@ -635,15 +554,6 @@ ModuleRanking = Callable[[str, int], list[str]]
 LOOKUP_DEPTH = 3
 
 
-@dataclass
-class LookupRankings:
-    """Ranked module ids per module-lookup query, per ranking ("retrieval",
-    "<model>: hybrid", "<model>: model"); or why there are none."""
-
-    rankings: dict[str, list[list[str]]] = field(default_factory=dict)
-    reason: str | None = None
-
-
 def rank_queries(
     ranking: ModuleRanking, queries: Sequence[ModuleLookupInstance]
 ) -> list[list[str]]:
@@ -651,19 +561,6 @@ def rank_queries(
 
 
 # ------------------------------------------------------------------ running
-
-
-@dataclass
-class ModelRun:
-    """What one model produced on the test set (plain data, in instance order)."""
-
-    spec: str
-    predictions: list[str]
-    latencies: list[float]
-    general_instances: int = 0
-    general_exact: int = 0
-    humaneval_total: int = 0
-    humaneval_passed: int = 0
 
 
 @contextmanager
@@ -737,9 +634,9 @@ def evaluate_models(
 
     Module lookup runs only when `lookup_queries` > 0: it is slow on CPU, and
     gates that compare completion figures do not need it."""
-    from shoptalk.trainer import report as report_module
     from shoptalk.trainer import retention
     from shoptalk.trainer.metrics import score_completion
+    from shoptalk.trainer.report import build_report_data, write_report
 
     repo = repo.resolve()
     store = RepoStore.for_repo(data_dir, repo)
@@ -795,7 +692,7 @@ def evaluate_models(
         ]
         for run in runs
     }
-    data = report_module.build_report_data(
+    data = build_report_data(
         repo=repo,
         test_set=test_set,
         models=models,
@@ -808,7 +705,7 @@ def evaluate_models(
     )
     eval_id = time.strftime("eval-%Y%m%d-%H%M%S", time.gmtime())
     target = out_dir or store.root / "eval" / eval_id
-    report_module.write_report(target, data, test_set, runs, lookup)
+    write_report(target, data, test_set, runs, lookup)
     return EvalReport(target, data)
 
 
@@ -818,8 +715,8 @@ class ModuleLookupEval:
     under a grammar of all module ids), and the server's fusion of both."""
 
     def __init__(self, repo: Path, queries: Sequence[ModuleLookupInstance]):
-        from shoptalk.models.module_map import module_map_from_tree
         from shoptalk.models.module_lookup import ModuleIndex
+        from shoptalk.models.module_map import module_map_from_tree
 
         self.queries = list(queries)
         self.index = ModuleIndex(module_map_from_tree(repo))

@@ -546,7 +546,7 @@ def register(app: typer.Typer) -> None:
 def promote_export(run_dir: Path, model_file: Path, data_dir: Path) -> Path:
     """Make a run's exported merged model the served model of the repository
     it was trained on; returns that repository."""
-    from shoptalk.trainer.retrain import promote_run
+    from shoptalk.trainer.promotion import promote_run
 
     run = read_run(run_dir)
     repo = Path(str(run.record.get("repo") or ""))

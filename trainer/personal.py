@@ -121,7 +121,7 @@ def train_personal(repo: Path, settings: Settings, data_dir: Path, report: Repor
     from shoptalk.models.catalog import resolve_base
     from shoptalk.trainer.evaluate import base_gguf, evaluate_models
     from shoptalk.trainer.export import export_run
-    from shoptalk.trainer.retrain import JOB_VAL_LIMIT, completion_em, gate
+    from shoptalk.trainer.promotion import JOB_VAL_LIMIT, completion_em, gate
     from shoptalk.trainer.train import train_adapter
 
     store = RepoStore.for_repo(data_dir, repo)

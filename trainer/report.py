@@ -18,13 +18,14 @@ import platform
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.table import Table
 
 from shoptalk.models.errors import ShopTalkError
 from shoptalk.models.files import atomic_dir
 from shoptalk.models.settings import Settings
+from shoptalk.trainer.eval_types import EvalSet, LookupRankings, ModelRun, ResolvedModel
 from shoptalk.trainer.metrics import (
     CompletionScore,
     Interval,
@@ -34,9 +35,6 @@ from shoptalk.trainer.metrics import (
     summarize_completions,
     top_k_hit,
 )
-
-if TYPE_CHECKING:
-    from shoptalk.trainer.evaluate import EvalSet, LookupRankings, ModelRun, ResolvedModel
 
 SCHEMA_VERSION = 1
 REPORT_FILES = ("report.json", "report.html", "predictions.jsonl", "lookup.jsonl")
@@ -93,8 +91,6 @@ def build_report_data(
 ) -> dict[str, Any]:
     """Every figure of the report, as JSON-ready data."""
     if lookup is None:
-        from shoptalk.trainer.evaluate import LookupRankings
-
         lookup = LookupRankings(reason="no module ranking was given")
     resamples = settings.eval.bootstrap
     instances = test_set.completion

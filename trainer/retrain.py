@@ -31,6 +31,7 @@ from shoptalk.models.files import atomic_dir, write_json_atomic
 from shoptalk.models.jobs import Decision, Job, JobQueue
 from shoptalk.models.settings import Settings
 from shoptalk.models.store import RepoStore
+from shoptalk.trainer.promotion import JOB_VAL_LIMIT, completion_em, gate, promote_run
 
 Report = Callable[[str], None]
 console = Console(stderr=True, soft_wrap=True)
@@ -38,11 +39,6 @@ console = Console(stderr=True, soft_wrap=True)
 # Older team instances replayed per new instance, so the adapter keeps what
 # it knew while it learns the new code.
 OLD_PER_NEW = 1.0
-# Validation examples of a job's training run (before and after): the gate
-# judges on the holdout, so the validation loss is only a sanity figure, and
-# each pass over 64 examples costs about a minute with the default model on a
-# 2-core CPU.
-JOB_VAL_LIMIT = 24
 
 
 class RetrainError(ShopTalkError):
@@ -54,28 +50,6 @@ class JobOutcome:
     state: str  # done | failed
     message: str
     decision: Decision | None = None
-
-
-def completion_em(report_data: dict[str, Any], spec: str) -> float:
-    """Pooled exact match (percent) of `spec` in an evaluation report."""
-    for model in report_data.get("models", []):
-        if model.get("spec") == spec:
-            return float(model["completion"]["pooled"]["exact_match"]["value"])
-    raise RetrainError(f"the evaluation report has no result for {spec!r}")
-
-
-def gate(candidate_em: float, current_em: float, tolerance_points: float) -> tuple[bool, str]:
-    """Promote when the candidate is not worse than the current model by more
-    than the tolerance (in EM points)."""
-    if candidate_em + tolerance_points >= current_em:
-        return (
-            True,
-            f"EM {candidate_em:.1f} vs current {current_em:.1f} (tolerance {tolerance_points:.1f})",
-        )
-    return False, (
-        f"worse than the current model: EM {candidate_em:.1f} vs {current_em:.1f} "
-        f"(tolerance {tolerance_points:.1f}); current model kept"
-    )
 
 
 def _read_shard(path: Path) -> list[dict[str, Any]]:
@@ -116,48 +90,12 @@ def incremental_dataset(
     return new_total, replay_total
 
 
-def newest_train_date(dataset_dir: Path) -> str | None:
-    dates = [
-        str(r.get("author_date", ""))
-        for shard in dataset_dir.glob("*.train.jsonl")
-        for r in _read_shard(shard)
-    ]
-    return max(dates) if dates else None
-
-
 def count_new(dataset_dir: Path, since: str | None) -> int:
     return sum(
         1
         for shard in dataset_dir.glob("*.train.jsonl")
         for r in _read_shard(shard)
         if since is None or str(r.get("author_date", "")) > since
-    )
-
-
-def promote_run(
-    store: RepoStore,
-    run_id: str,
-    model_file: Path,
-    adapter_dir: Path,
-    candidate_em: float | None = None,
-    reference_em: float | None = None,
-) -> None:
-    """Make an exported run the repository's served model (the server picks
-    it up); `adapter_dir` is where the next incremental run starts from."""
-    metrics = (
-        {"exact_match": candidate_em, "reference_exact_match": reference_em}
-        if candidate_em is not None
-        else {}
-    )
-    store.promote(
-        {
-            "run_id": run_id,
-            "model": str(model_file),
-            "adapter": None,
-            "adapter_dir": str(adapter_dir),
-            "data_through": newest_train_date(store.dataset_dir),
-            "metrics": metrics,
-        }
     )
 
 

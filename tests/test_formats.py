@@ -53,7 +53,7 @@ def test_prefix_only_example_is_the_healed_prefix_then_target_and_line_break(
     head = 1 if builder.bos is not None else 0
     prefix_ids = tok.encode(PREFIX, add_special_tokens=False)
     # The prompt is the prefix less its last token: what the server keeps
-    # after backing off the cursor's partial word (server.backends.heal_split).
+    # after backing off the cursor's partial word (models.backends.heal_split).
     assert list(example.input_ids[head : example.answer_start]) == prefix_ids[:-1]
     # Prompt and answer together are the natural tokenization of the text
     # up to the end of the line; no FIM marker anywhere.

@@ -223,7 +223,7 @@ def test_client_options_keep_good_keys_and_name_bad_ones() -> None:
 def test_default_threads_is_one_per_usable_physical_core(monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
-    from shoptalk.server import backends
+    from shoptalk.models import backends
 
     usable = len(os.sched_getaffinity(0))
     assert 1 <= backends.default_threads() <= usable

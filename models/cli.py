@@ -113,7 +113,8 @@ def models_pull(
 ) -> None:
     """Provision a base model: its GGUF (sha256-verified) and, for training,
     a cached HF checkpoint converted once from it."""
-    from shoptalk.models.provision import ensure_gguf, ensure_hf_checkpoint
+    from shoptalk.models.provision import ensure_gguf
+    from shoptalk.trainer.hf_checkpoint import ensure_hf_checkpoint
 
     base = resolve_base(name)
     data_dir = settings_for().resolved_data_dir()
@@ -165,8 +166,9 @@ class _RollbackError(ShopTalkError):
 def doctor() -> None:
     """Report Python, torch device, bf16, llama.cpp build, the default model and disk."""
     from shoptalk.models.doctor import run_checks
+    from shoptalk.trainer.doctor import torch_checks
 
-    checks = run_checks(settings_for().resolved_data_dir())
+    checks = run_checks(settings_for().resolved_data_dir(), torch_checks())
     table = Table(title="shoptalk doctor")
     table.add_column("check")
     table.add_column("result")

@@ -1,10 +1,14 @@
-"""`shoptalk doctor`: what this machine can do, and what is missing."""
+"""`shoptalk doctor`: what this machine can do, and what is missing.
+
+The torch checks belong to the training half (`shoptalk.trainer.doctor`):
+nothing in the shared core imports torch."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import platform
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,46 +24,15 @@ class Check:
     ok: bool = True
 
 
-def _version(dist: str) -> str | None:
+def installed_version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
 
 
-def torch_checks() -> list[Check]:
-    if _version("torch") is None:
-        return [
-            Check("torch", "not installed (training needs: pip install 'shoptalk[train]')", False)
-        ]
-    import torch
-
-    if torch.cuda.is_available():
-        device = f"cuda ({torch.cuda.get_device_name(0)})"
-        bf16 = torch.cuda.is_bf16_supported()
-    elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        device, bf16 = "mps", True
-    else:
-        device = f"cpu ({torch.get_num_threads()} threads)"
-        bf16 = cpu_has_bf16()
-    return [
-        Check("torch", torch.__version__),
-        Check("torch device", device),
-        Check("bf16", "supported" if bf16 else "not supported (fp32 is used)"),
-    ]
-
-
-def cpu_has_bf16() -> bool:
-    """True when the CPU has native bf16 matrix instructions (AVX512-BF16/AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.machine() == "arm64" and sys.platform == "darwin"
-    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
-
-
 def llama_checks() -> list[Check]:
-    version = _version("llama_cpp_python")
+    version = installed_version("llama_cpp_python")
     if version is None:
         return [
             Check(
@@ -89,13 +62,15 @@ def model_checks(data_dir: Path) -> list[Check]:
     return checks
 
 
-def run_checks(data_dir: Path) -> list[Check]:
+def run_checks(data_dir: Path, training: Sequence[Check] = ()) -> list[Check]:
+    """The machine's checks; `training` are the training half's (torch, device,
+    bf16: `shoptalk.trainer.doctor.torch_checks`), listed after Python's."""
     checks = [
         Check(
             "python", f"{platform.python_version()} ({sys.executable})", sys.version_info >= (3, 11)
         )
     ]
-    checks += torch_checks()
+    checks += training
     checks += llama_checks()
     checks += model_checks(data_dir)
     free = free_bytes(data_dir)

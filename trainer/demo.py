@@ -176,9 +176,10 @@ def complete_through_server(repo: Path, data_dir: Path) -> tuple[str, str, float
 def run_demo(
     repo: Path, settings: Settings, data_dir: Path, train_minutes: float, eval_limit: int
 ) -> DemoResult:
-    from shoptalk.models.provision import ensure_gguf, ensure_hf_checkpoint
+    from shoptalk.models.provision import ensure_gguf
     from shoptalk.trainer.evaluate import evaluate_models
     from shoptalk.trainer.export import export_run
+    from shoptalk.trainer.hf_checkpoint import ensure_hf_checkpoint
     from shoptalk.trainer.mine import mine_repository
     from shoptalk.trainer.promotion import completion_em, gate, promote_run
     from shoptalk.trainer.train import train_adapter

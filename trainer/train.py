@@ -755,8 +755,8 @@ def _train(
 ) -> TrainResult:
     import torch
 
-    from shoptalk.models.provision import ensure_hf_checkpoint
     from shoptalk.trainer.formats import SequenceBuilder, build_examples
+    from shoptalk.trainer.hf_checkpoint import ensure_hf_checkpoint
     from shoptalk.trainer.replay import replay_records
     from shoptalk.trainer.train_data import (
         check_dataset_base,

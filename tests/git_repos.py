@@ -69,6 +69,12 @@ def git(repo: Path, *args: str, env: dict[str, str] | None = None) -> str:
     return proc.stdout
 
 
+def bytes_name(raw: bytes) -> str:
+    """A file name from raw bytes (not necessarily UTF-8), usable with `Path`
+    and `RepoBuilder.write`: the bytes reach the file system unchanged."""
+    return os.fsdecode(raw)
+
+
 class RepoBuilder:
     """A git repository grown commit by commit with chosen authors and dates."""
 

@@ -23,7 +23,9 @@ from git_repos import (
     CAROL,
     HistoryRepo,
     RepoBuilder,
+    bytes_name,
     git,
+    python_module,
 )
 
 from shoptalk.models.errors import ShopTalkError
@@ -437,7 +439,7 @@ def test_small_repo_exact_counts(repo_builder: RepoBuilder, tmp_path: Path) -> N
 def test_cli_mine_prints_a_summary_and_errors_without_traceback(
     history_repo: HistoryRepo, tmp_path: Path
 ) -> None:
-    env = {**os.environ, "SHOPTALK_DATA_DIR": str(tmp_path / "data")}
+    env = _cli_env(tmp_path / "data")
     command = [sys.executable, "-m", "shoptalk.models.cli", "mine", "--repo"]
     ok = subprocess.run(
         [*command, str(history_repo.path), "--cutoff", "2023-12-10"],
@@ -509,21 +511,20 @@ def _small_repo(repo: RepoBuilder) -> RepoBuilder:
     return repo
 
 
-def _cli_mine(repo: Path, out: Path, data: Path) -> subprocess.CompletedProcess[str]:
+def _cli_env(data: Path) -> dict[str, str]:
+    """The environment of a `shoptalk` run: its data dir, and an empty user
+    config file beside it (never the real user's)."""
+    config = data.parent / "cli-config.toml"
+    config.touch()
+    return {**os.environ, "SHOPTALK_DATA_DIR": str(data), "SHOPTALK_CONFIG": str(config)}
+
+
+def _cli_mine(repo: Path, data: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "shoptalk.models.cli",
-            "mine",
-            "--repo",
-            str(repo),
-            "--out",
-            str(out),
-        ],
+        [sys.executable, "-m", "shoptalk.models.cli", "mine", "--repo", str(repo), *args],
         capture_output=True,
         text=True,
-        env={**os.environ, "SHOPTALK_DATA_DIR": str(data)},
+        env=_cli_env(data),
         check=False,
     )
 
@@ -542,7 +543,7 @@ def test_out_never_replaces_a_folder_shoptalk_did_not_write(
     (user / "sub" / "deep.txt").write_text("y\n")
     user.chmod(0o751)
     before = sorted(str(p.relative_to(user)) for p in user.rglob("*"))
-    refused = _cli_mine(repo.path, user, data)
+    refused = _cli_mine(repo.path, data, "--out", str(user))
     assert refused.returncode == 2, refused.stderr
     assert "not a dataset ShopTalk wrote" in refused.stderr
     assert "Traceback" not in refused.stderr
@@ -554,7 +555,7 @@ def test_out_never_replaces_a_folder_shoptalk_did_not_write(
     umask = os.umask(0o022)
     os.umask(umask)
     fresh = tmp_path / "fresh"
-    assert _cli_mine(repo.path, fresh, data).returncode == 0
+    assert _cli_mine(repo.path, data, "--out", str(fresh)).returncode == 0
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o777 & ~umask
     manifest = json.loads((fresh / "manifest.json").read_text())
     assert manifest["producer"] == "shoptalk mine"
@@ -581,3 +582,81 @@ def test_out_never_replaces_a_folder_shoptalk_did_not_write(
     with pytest.raises(MineError, match=r"did not write \(mine.txt\).*move them out"):
         mine_repository(repo.path, MineSettings(), data, full=True)
     assert (store / "mine.txt").read_text() == "z\n"
+
+
+def _jsonl_records_strict(folder: Path) -> list[dict[str, Any]]:
+    """Every record of every JSONL file under `folder`, read as strict UTF-8."""
+    out: list[dict[str, Any]] = []
+    for path in sorted(folder.rglob("*.jsonl")):
+        text = path.read_bytes().decode("utf-8")  # raises on invalid UTF-8
+        out += [json.loads(line) for line in text.splitlines() if line.strip()]
+    return out
+
+
+def test_a_non_utf8_file_name_anywhere_in_history_is_skipped_and_the_rest_mined(
+    repo_builder: RepoBuilder, tmp_path: Path
+) -> None:
+    """Issue 14, defect 2: one Latin-1 byte in a file name made the whole
+    repository unminable (UnicodeEncodeError in `line_rng`)."""
+    repo = repo_builder
+    latin = bytes_name(b"app/caf\xe9_menu.py")
+    package = bytes_name(b"lib\xff/__init__.py")
+    repo.write(
+        latin, "def menu(items: list[str]) -> str:\n    return ', '.join(items) + ' today'\n"
+    )
+    repo.write(package, '"""A package with a Latin-1 name."""\n')
+    repo.write(
+        "app/orders.py",
+        "def order(item: str, count: int) -> dict:\n    return {'item': item, 'n': count * 2}\n",
+    )
+    repo.commit("Add the menu and orders", ALICE)
+    repo.move(latin, "app/menu.py")  # renamed out of the bad name later
+    repo.commit("Rename the menu module", BOB)
+    repo.write(
+        "app/orders.py",
+        "def order(item: str, count: int) -> dict:\n    return {'item': item, 'n': count * 3, 'ok': True}\n",
+    )
+    repo.commit("Orders count three times", BOB)
+    data = tmp_path / "data"
+    run = _cli_mine(repo.path, data)
+    assert run.returncode == 0, run.stderr
+    store = RepoStore.for_repo(data, repo.path)
+    manifest = json.loads((store.dataset_dir / "manifest.json").read_bytes().decode("utf-8"))
+    # caf\xe9_menu.py and lib\xff/__init__.py when added, and the rename away.
+    assert manifest["skipped_files"] == {"undecodable_path": 3}
+    records = _jsonl_records_strict(store.root)  # dataset and mining cache
+    assert {r["path"] for r in records if r["kind"] == "completion"} == {"app/orders.py"}
+    assert manifest["total"] > 0 and manifest["commit_range"]["mined_commits"] == 3
+    assert not any("\ufffd" in json.dumps(r, ensure_ascii=False) for r in records)
+
+
+def test_paths_with_spaces_tabs_quotes_and_unicode_keep_their_exact_names(
+    repo_builder: RepoBuilder, tmp_path: Path
+) -> None:
+    """Issue 14, defect 3: git ends `+++ b/with space.py` with a tab, which
+    stayed in the path, so the file was not seen as Python."""
+    repo = repo_builder
+    names = ["app/with space.py", "app/tab\there.py", 'app/quo"te.py', "app/ünï cödé.py"]
+    names += ["app/back\\slash.py", "app/new\nline.py"]
+    for index, name in enumerate(names):
+        repo.write(name, python_module(f"handler{index}", 3))
+    repo.commit("Add handlers with odd names", ALICE)
+    repo.move("app/with space.py", "app/still spaced.py")
+    text = (repo.path / "app/still spaced.py").read_text()
+    repo.write(
+        "app/still spaced.py",
+        text + "\n\ndef handler_extra(event: dict) -> int:\n    return len(event) + 9 * 11\n",
+    )
+    repo.commit("Rename and extend the spaced handler", BOB)
+    result = mine_repository(repo.path, MineSettings(test_per_author=0), tmp_path / "d")
+    assert result.manifest["skipped_files"] == {}
+    records = _jsonl_records_strict(result.dataset_dir)
+    completions = [r for r in records if r["kind"] == "completion"]
+    assert {r["path"] for r in completions} == {*names, "app/still spaced.py"}
+    assert {r["language"] for r in completions} == {"python"}
+    renamed = [r for r in completions if r["path"] == "app/still spaced.py"]
+    assert {r["symbol"] for r in renamed} == {"handler_extra"}  # only the new lines
+    message = next(r for r in records if r["target"] == "Rename and extend the spaced handler")
+    assert message["prompt"].startswith("--- a/app/with space.py\n+++ b/app/still spaced.py\n")
+    first = next(r for r in records if r["target"] == "Add handlers with odd names")
+    assert '+++ "b/app/back\\\\slash.py"\n' in first["prompt"]  # quoted as git quotes it

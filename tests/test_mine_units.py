@@ -6,13 +6,19 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 from pathlib import Path
 
 import pytest
 
 from shoptalk.trainer.authors import Alias, is_bot, merge_aliases
-from shoptalk.trainer.git_log import _parse_patch_stream
+from shoptalk.trainer.git_log import (
+    FileChange,
+    _parse_patch_stream,
+    is_text_path,
+    quote_path,
+)
 from shoptalk.trainer.hygiene import (
     SecretScrubber,
     cap_module_share,
@@ -21,7 +27,15 @@ from shoptalk.trainer.hygiene import (
     remove_test_overlap,
     top_level_module,
 )
-from shoptalk.trainer.instances import MAX_MASK, MIN_MASK, clean_message, line_rng, mask_span
+from shoptalk.trainer.instances import (
+    MAX_MASK,
+    MIN_MASK,
+    clean_message,
+    diff_text,
+    line_rng,
+    mask_span,
+    record_id,
+)
 from shoptalk.trainer.source_files import (
     SkipRules,
     decode_source,
@@ -307,6 +321,55 @@ def test_patch_parser_reads_renames_quoted_paths_and_modifications() -> None:
     assert (added.old_path, added.new_path, added.new_blob) == (None, "café.py", "333")
     assert binary.binary and binary.path == "logo.png"
     assert commits[1].files == [] and commits[1].parents == ()
+
+
+def _one_commit(files: bytes) -> list[FileChange]:
+    stream = b"\x00\x00ccc\x00\x00Al\x00a@x\x00100\x00msg\x00\n\n" + files
+    (commit,) = _parse_patch_stream(io.BytesIO(stream))
+    return commit.files
+
+
+def test_patch_parser_reads_git_path_quoting_exactly() -> None:
+    """Issue 14, defect 3: `+++ b/with space.py<TAB>` kept its tab."""
+    spaced, tabbed, octal, mixed, renamed, deleted = _one_commit(
+        b"diff --git a/with space.py b/with space.py\nnew file mode 100644\n"
+        b"index 000..111\n--- /dev/null\n+++ b/with space.py\t\n@@ -0,0 +1 @@\n+x = 1\n"
+        b'diff --git "a/tab\\there q.py" "b/tab\\there q.py"\nindex 1..2 100644\n'
+        b'--- "a/tab\\there q.py"\t\n+++ "b/tab\\there q.py"\t\n@@ -1 +1 @@\n-a\n+b\n'
+        # core.quotePath on: every byte above 0x7f as an octal escape (\351 is Latin-1 e-acute)
+        b'diff --git "a/caf\\303\\251 \\"x\\".py" "b/caf\\351.py"\nnew file mode 100644\n'
+        b'index 000..222\n--- /dev/null\n+++ "b/caf\\351.py"\n@@ -0,0 +1 @@\n+y = 2\n'
+        b'diff --git a/plain.py "b/new\\nline.py"\nnew file mode 100644\nindex 000..333\n'
+        b'Binary files /dev/null and "b/new\\nline.py" differ\n'
+        b"diff --git a/old name.py b/new  name.py\nsimilarity index 100%\n"
+        b"rename from old name.py\nrename to new  name.py\n"
+        b"diff --git a/gone x.py b/gone x.py\ndeleted file mode 100644\nindex 444..000\n"
+        b"--- a/gone x.py\t\n+++ /dev/null\n@@ -1 +0,0 @@\n-z\n"
+    )
+    assert (spaced.old_path, spaced.new_path) == (None, "with space.py")
+    assert (tabbed.old_path, tabbed.new_path) == ("tab\there q.py", "tab\there q.py")
+    assert octal.new_path == "caf\udce9.py" and not is_text_path(octal.new_path)
+    assert os.fsencode(octal.new_path) == b"caf\xe9.py"  # the bytes, unchanged
+    assert (mixed.new_path, mixed.binary) == ("new\nline.py", True)
+    assert (renamed.old_path, renamed.new_path, renamed.renamed) == (
+        "old name.py",
+        "new  name.py",
+        True,
+    )
+    assert (deleted.old_path, deleted.new_path) == ("gone x.py", None)
+    # Written back as git writes them: C-quoted only where git quotes.
+    assert diff_text([spaced, tabbed]).split("\n")[:2] == ["--- /dev/null", "+++ b/with space.py"]
+    assert '+++ "b/tab\\there q.py"' in diff_text([tabbed])
+    assert quote_path('a\\b\x01"c') == '"a\\\\b\\001\\"c"'
+
+
+def test_ids_and_masks_of_a_non_utf8_path_do_not_fail() -> None:
+    """Issue 14, defect 2: `line_rng` raised UnicodeEncodeError on such paths;
+    seeds of ordinary paths stay what they were."""
+    odd = os.fsdecode(b"caf\xe9.py")
+    assert line_rng(7, "abc", odd, 3).random() != line_rng(7, "abc", "cafe.py", 3).random()
+    assert line_rng(7, "abc", "a.py", 3).random() == random.Random("7:abc:a.py:3").random()
+    assert len(record_id("completion", "abc", odd, 3)) == 16
 
 
 def test_prefilter_passes_every_line_detect_secrets_flags() -> None:

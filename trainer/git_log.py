@@ -123,7 +123,11 @@ class CommitSummary:
 
 
 def _git_base(repo: Path, mailmap_file: Path | None) -> list[str]:
+    """git with the settings the parsers rely on, whatever the user's config
+    says: paths unquoted unless they hold control characters, quotes or
+    backslashes; messages in UTF-8; no signatures in the log."""
     args = ["git", "-C", str(repo), "-c", "core.quotepath=false", "-c", "log.showSignature=false"]
+    args += ["-c", "i18n.logOutputEncoding=UTF-8"]
     if mailmap_file is not None:
         args += ["-c", f"mailmap.file={mailmap_file}"]
     return args
@@ -196,6 +200,8 @@ def iter_commits(
         "--no-color",
         "--no-ext-diff",
         "--no-textconv",
+        "--src-prefix=a/",
+        "--dst-prefix=b/",
         "--diff-merges=off",
         "--format=%x00%x00%H%x00%P%x00%aN%x00%aE%x00%at%x00%B%x00",
     ]
@@ -220,30 +226,86 @@ def iter_commits(
         raise GitError(f"`git log -p` failed in {repo}: {stderr.decode(errors='replace').strip()}")
 
 
+_C_ESCAPES = {
+    ord("a"): 7,
+    ord("b"): 8,
+    ord("t"): 9,
+    ord("n"): 10,
+    ord("v"): 11,
+    ord("f"): 12,
+    ord("r"): 13,
+    ord('"'): 34,
+    ord("\\"): 92,
+}
+_OCTAL = frozenset(b"01234567")
+
+
+def decode_path(raw: bytes) -> str:
+    """A path's bytes as text; bytes that are not UTF-8 become lone
+    surrogates (`surrogateescape`), so nothing is lost and nothing fails here.
+    `is_text_path` tells such a path apart."""
+    return raw.decode("utf-8", errors="surrogateescape")
+
+
+def is_text_path(path: str) -> bool:
+    """Whether `path` is valid UTF-8 text (it can be written to a JSON line)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _unquote(path: bytes) -> str:
-    """A path as git prints it: C-quoted (with octal escapes for non-ASCII
-    bytes) when it holds unusual characters."""
-    if not path.startswith(b'"'):
-        return path.decode("utf-8", errors="surrogateescape")
+    """A path as git prints it: as is, or C-quoted (`"..."` with `\"`, `\\`,
+    `\t`, `\n`... and three-digit octal escapes for other bytes) when it holds
+    control characters, a quote or a backslash (or, where core.quotePath is
+    on, any byte above 0x7f)."""
+    if not (len(path) >= 2 and path.startswith(b'"') and path.endswith(b'"')):
+        return decode_path(path)
     body = path[1:-1]
     out = bytearray()
     i = 0
-    escapes = {ord("n"): 10, ord("t"): 9, ord('"'): 34, ord("\\"): 92, ord("a"): 7, ord("b"): 8}
-    escapes |= {ord("f"): 12, ord("r"): 13, ord("v"): 11}
     while i < len(body):
         c = body[i]
-        if c == 92 and i + 1 < len(body):
-            nxt = body[i + 1]
-            if 48 <= nxt <= 55:
-                out.append(int(body[i + 1 : i + 4], 8))
-                i += 4
-                continue
-            out.append(escapes.get(nxt, nxt))
-            i += 2
+        if c != 92 or i + 1 == len(body):  # not a backslash (or a stray last one)
+            out.append(c)
+            i += 1
             continue
-        out.append(c)
-        i += 1
-    return out.decode("utf-8", errors="surrogateescape")
+        digits = body[i + 1 : i + 4]
+        if len(digits) == 3 and all(d in _OCTAL for d in digits):
+            out.append(int(digits, 8) & 0xFF)
+            i += 4
+            continue
+        nxt = body[i + 1]
+        out.append(_C_ESCAPES.get(nxt, nxt))
+        i += 2
+    return decode_path(bytes(out))
+
+
+def quote_path(path: str) -> str:
+    """`path` the way git prints it with core.quotePath off: C-quoted when it
+    holds a control character, a quote or a backslash; else as is."""
+    if not any(ord(c) < 32 or c in '"\\' or ord(c) == 127 for c in path):
+        return path
+    names = {v: chr(k) for k, v in _C_ESCAPES.items()}
+    out = []
+    for char in path:
+        code = ord(char)
+        if code in names and (code < 32 or char in '"\\'):
+            out.append("\\" + names[code])
+        elif code < 32 or code == 127:
+            out.append(f"\\{code:03o}")
+        else:
+            out.append(char)
+    return '"' + "".join(out) + '"'
+
+
+def _file_line_path(field: bytes) -> str | None:
+    """The path of a `--- ` / `+++ ` line (without its `a/`/`b/` prefix), or
+    None for /dev/null. git ends the line with a tab when the name holds a
+    space; an unquoted name never holds a tab (git would quote it)."""
+    return _strip_prefix(field.removesuffix(b"\t"))
 
 
 def _strip_prefix(path: bytes) -> str | None:
@@ -253,18 +315,43 @@ def _strip_prefix(path: bytes) -> str | None:
     return name[2:] if name[:2] in ("a/", "b/") else name
 
 
+def _quoted_end(text: bytes, start: int) -> int:
+    """Index just past the C-quoted name that opens at text[start] (a `"`)."""
+    i = start + 1
+    while i < len(text):
+        if text[i] == 92:
+            i += 2
+            continue
+        if text[i] == 34:
+            return i + 1
+        i += 1
+    return len(text)
+
+
 def _paths_from_diff_line(rest: bytes) -> tuple[str, str]:
-    """Old and new path from `diff --git a/X b/Y` (only used when no ---/+++
-    or rename lines say it better: binary files, mode-only changes)."""
+    """Old and new path from `diff --git a/X b/Y`, where either may be
+    C-quoted (only used when no ---/+++ or rename lines say it better:
+    binary files, mode-only changes, pure renames)."""
     if rest.startswith(b'"'):
-        end = rest.index(b'"', 1)
-        while rest[end - 1 : end] == b"\\":
-            end = rest.index(b'"', end + 1)
-        first, second = rest[: end + 1], rest[end + 2 :]
-        return _strip_prefix(first) or "", _strip_prefix(second) or ""
-    # Unquoted and unrenamed: "a/P b/P" with the same P twice.
+        end = _quoted_end(rest, 0)
+        return _strip_prefix(rest[:end]) or "", _strip_prefix(rest[end + 1 :]) or ""
+    if rest.endswith(b'"'):
+        # Unquoted old name, quoted new one: the new one opens at the first
+        # ` "b/` whose quoted name runs to the end of the line.
+        at = rest.find(b' "b/')
+        while at >= 0 and _quoted_end(rest, at + 1) != len(rest):
+            at = rest.find(b' "b/', at + 1)
+        if at >= 0:
+            return _strip_prefix(rest[:at]) or "", _strip_prefix(rest[at + 1 :]) or ""
+    # Both unquoted: "a/P b/P", the same P twice unless renamed.
     half = (len(rest) - 1) // 2
-    return _strip_prefix(rest[:half]) or "", _strip_prefix(rest[half + 1 :]) or ""
+    old, new = rest[:half], rest[half + 1 :]
+    if len(rest) % 2 == 1 and rest[half : half + 1] == b" " and old[2:] == new[2:]:
+        return _strip_prefix(old) or "", _strip_prefix(new) or ""
+    at = rest.find(b" b/")  # a rename of names with spaces: rename lines follow
+    if at < 0:
+        return _strip_prefix(rest) or "", _strip_prefix(rest) or ""
+    return _strip_prefix(rest[:at]) or "", _strip_prefix(rest[at + 1 :]) or ""
 
 
 def _parse_hunk_header(line: bytes) -> Hunk:
@@ -331,9 +418,9 @@ def _parse_patch_stream(stream: IO[bytes]) -> Iterator[Commit]:
             hunk = _parse_hunk_header(line)
             change.hunks.append(hunk)
         elif line.startswith(b"--- "):
-            change.old_path = _strip_prefix(line[4:])
+            change.old_path = _file_line_path(line[4:])
         elif line.startswith(b"+++ "):
-            change.new_path = _strip_prefix(line[4:])
+            change.new_path = _file_line_path(line[4:])
         elif line.startswith(b"index "):
             blobs, _, mode = line[6:].partition(b" ")
             _, _, new_blob = blobs.partition(b"..")
@@ -437,5 +524,5 @@ def tree_paths(repo: Path, rev: str) -> list[str]:
         meta, _, path = entry.partition(b"\t")
         mode = meta.split(b" ", 1)[0]
         if mode in (b"100644", b"100755"):
-            paths.append(path.decode("utf-8", errors="surrogateescape"))
+            paths.append(decode_path(path))
     return paths

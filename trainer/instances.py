@@ -26,7 +26,7 @@ from typing import Any
 
 from shoptalk.models.module_map import FileSummary, Symbol, summarize_file
 from shoptalk.models.prompt import clip_context, clip_suffix
-from shoptalk.trainer.git_log import Commit, FileChange, Hunk
+from shoptalk.trainer.git_log import Commit, FileChange, Hunk, quote_path
 from shoptalk.trainer.source_files import language_of, stem_under_test
 
 MIN_MASK = 3
@@ -38,7 +38,10 @@ _WHITESPACE_TOKEN = re.compile(r"\S+")
 
 
 def record_id(*parts: object) -> str:
-    return hashlib.sha1(":".join(str(p) for p in parts).encode()).hexdigest()[:16]
+    # surrogateescape: a path holding non-UTF-8 bytes still hashes (the same
+    # way as before for every other path).
+    joined = ":".join(str(p) for p in parts).encode("utf-8", "surrogateescape")
+    return hashlib.sha1(joined).hexdigest()[:16]
 
 
 def mask_span(line: str, rng: random.Random) -> tuple[int, int, int] | None:
@@ -53,7 +56,9 @@ def mask_span(line: str, rng: random.Random) -> tuple[int, int, int] | None:
 
 
 def line_rng(seed: int, commit: str, path: str, line: int) -> random.Random:
-    return random.Random(f"{seed}:{commit}:{path}:{line}")
+    # Seeded with the UTF-8 bytes, as `Random(str)` does itself, plus
+    # surrogateescape so that a path holding non-UTF-8 bytes cannot fail.
+    return random.Random(f"{seed}:{commit}:{path}:{line}".encode("utf-8", "surrogateescape"))
 
 
 @dataclass(frozen=True)
@@ -240,8 +245,8 @@ def clean_message(message: str) -> str:
 def diff_text(files: Iterable[FileChange]) -> str:
     parts: list[str] = []
     for change in files:
-        old = f"a/{change.old_path}" if change.old_path else "/dev/null"
-        new = f"b/{change.new_path}" if change.new_path else "/dev/null"
+        old = quote_path(f"a/{change.old_path}") if change.old_path else "/dev/null"
+        new = quote_path(f"b/{change.new_path}") if change.new_path else "/dev/null"
         parts.append(f"--- {old}\n+++ {new}")
         for hunk in change.hunks:
             parts.append(

@@ -47,6 +47,7 @@ from shoptalk.trainer.git_log import (
     CommitSummary,
     FileChange,
     GitError,
+    is_text_path,
     iso_utc,
     iter_commits,
     list_commits,
@@ -84,7 +85,7 @@ from shoptalk.trainer.splits import CommitPoint, parse_cutoff, plan_splits
 log = logging.getLogger(__name__)
 
 # Bump when instance extraction changes: cached instances are then re-mined.
-EXTRACTION_VERSION = 1
+EXTRACTION_VERSION = 2  # 2: exact paths (git quoting, no trailing tab)
 STATE_VERSION = 1
 IGNORE_FILE = ".shoptalkignore"
 MIN_MASS_CHANGE_FILES = 20
@@ -339,7 +340,9 @@ def _mine_commit(commit: Commit, ctx: _Context) -> tuple[list[dict[str, Any]], d
     package_files = ctx.package_files | {
         c.new_path
         for c in commit.files
-        if c.new_path is not None and c.new_path.endswith("__init__.py")
+        if c.new_path is not None
+        and c.new_path.endswith("__init__.py")
+        and is_text_path(c.new_path)
     }
     for change in commit.files:
         reason = _change_skip_reason(change, ctx.rules)
@@ -458,6 +461,8 @@ def _mine_commit(commit: Commit, ctx: _Context) -> tuple[list[dict[str, Any]], d
 
 
 def _change_skip_reason(change: FileChange, rules: SkipRules) -> str | None:
+    if not all(is_text_path(p) for p in (change.old_path, change.new_path) if p):
+        return "undecodable_path"  # a name that is not UTF-8 cannot be written out
     if change.is_submodule:
         return "submodule"
     if change.is_symlink:
@@ -845,7 +850,7 @@ def mine_repository(
         else:
             to_read.append(summary)
     if to_read:
-        known_paths = frozenset(tree_paths(repo, tip))
+        known_paths = frozenset(p for p in tree_paths(repo, tip) if is_text_path(p))
         with BlobReader(repo) as blobs, SecretScrubber() as scrubber:
             ctx = _Context(
                 repo=repo,
@@ -957,7 +962,7 @@ def mine_command(
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
     from rich.progress import Progress as RichProgress
 
-    from shoptalk.models.cli import err, settings_for
+    from shoptalk.models.cli import err, print_warning, settings_for
     from shoptalk.models.cli import out as stdout_console
 
     mine_overrides: dict[str, Any] = {}
@@ -992,7 +997,7 @@ def mine_command(
             repo, settings.mine, data_dir, out_dir=out, full=full, progress=report
         )
     for warning in result.warnings:
-        err.print(f"[yellow]warning:[/yellow] {warning}")
+        print_warning(warning)
     stdout_console.print(summary_table(result.manifest))
     err.print(
         f"{result.new_commits} new commit(s) read, {result.new_instances} instance(s) mined"

@@ -6,7 +6,10 @@
   last prompt token is backed off and the first generated tokens are
   constrained to start with its text), stops as soon as the engine's stop
   rule says the line or block is complete, and honours a deadline and a
-  cancel flag between tokens.
+  cancel flag between tokens. A generation the deadline cut is kept and
+  continued by the next request for the same prompt. `score` gives the
+  log-probability of a given continuation (the copy channel), evaluated in
+  one batch on the cached prompt.
 - `OpenAIBackend`: any OpenAI-compatible `/v1/completions` server
   (llama-cpp-python's server, vLLM), streamed so that the same stop rule,
   deadline and cancel apply; the boundary is healed on characters with a
@@ -29,12 +32,18 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shoptalk.models.completion import (
+    ContinuationScore,
+    Generation,
+    GenerationRequest,
+    PromptPlan,
+    StopReason,
+)
 from shoptalk.models.errors import ShopTalkError
-from shoptalk.models.completion import Generation, GenerationRequest, PromptPlan, StopReason
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +163,26 @@ def _physical_cores() -> int | None:
     return len(siblings) or None
 
 
+def _log_softmax_at(logits: Any, token: int) -> float:
+    import numpy as np
+
+    top = float(np.max(logits))
+    return float(logits[token]) - top - float(np.log(np.sum(np.exp(logits - top))))
+
+
+@dataclass
+class _Decoding:
+    """A greedy generation in progress: the prompt it follows, the healed
+    bytes it must start with (what is still `required`), its tokens and text."""
+
+    prompt: list[int]
+    healed: bytes
+    required: bytes
+    ids: list[int] = field(default_factory=list)
+    out: bytes = b""
+    text: str = ""
+
+
 @dataclass(frozen=True)
 class LlamaOptions:
     context_tokens: int = 1024
@@ -214,6 +243,7 @@ class LlamaBackend:
         self._stop_ids = {t for t, piece in enumerate(self.pieces.pieces) if not piece}
         self._stop_ids.add(int(self.llm.token_eos()))
         self._adapters: Any = None
+        self._partial: _Decoding | None = None
         self.adapter = None
         if adapter is not None:
             self.set_adapter(adapter)
@@ -232,6 +262,7 @@ class LlamaBackend:
             else:
                 self._adapters.apply(adapter)
             self.adapter = adapter
+            self._partial = None
 
     def _read_pieces(self) -> list[bytes]:
         import llama_cpp
@@ -254,6 +285,11 @@ class LlamaBackend:
 
     def tokenize_plan(self, plan: PromptPlan, heal: bool) -> tuple[list[int], bytes]:
         lead = self.llm.tokenize(plan.lead.encode("utf-8"), add_bos=True, special=True)
+        context = (
+            self.llm.tokenize(plan.context.encode("utf-8", errors="replace"), False, False)
+            if plan.context
+            else []
+        )
         prefix_bytes = plan.prefix.encode("utf-8", errors="replace")
         body = self.llm.tokenize(prefix_bytes, add_bos=False, special=False)
         healed = b""
@@ -265,12 +301,15 @@ class LlamaBackend:
             else []
         )
         limit = self.options.context_tokens - 16
-        tokens = lead + body + trail
-        if len(tokens) > limit:
-            # Pathological lines (binary-looking text): keep the tokens nearest the cursor.
-            overflow = len(tokens) - limit
-            tokens = lead + body[overflow:] + trail
-        return tokens, healed
+        overflow = len(lead) + len(context) + len(body) + len(trail) - limit
+        if overflow > 0:
+            # Budgets larger than the context (or pathological, binary-looking
+            # lines): drop the repository context first, then the tokens
+            # farthest from the cursor.
+            dropped = min(overflow, len(context))
+            context = context[dropped:]
+            body = body[overflow - dropped :]
+        return lead + context + body + trail, healed
 
     def _sync(
         self,
@@ -330,7 +369,8 @@ class LlamaBackend:
                 return Generation(
                     "", "cancelled", len(tokens), 0, 0, healed.decode(errors="replace")
                 )
-            evaluated, complete = self._sync(tokens, cancelled, request.deadline)
+            state = self._resumable(tokens, healed)
+            evaluated, complete = self._sync(tokens + state.ids, cancelled, request.deadline)
             if not complete:
                 stopped: StopReason = (
                     "cancelled" if cancelled is not None and cancelled.is_set() else "budget"
@@ -344,60 +384,117 @@ class LlamaBackend:
                     healed.decode(errors="replace"),
                     time.monotonic() - started,
                 )
-            required = healed
-            out = b""
-            generated = 0
-            reason: str = "max_tokens"
-            text = ""
-            import numpy as np
-
-            while generated < request.max_tokens:
-                if cancelled is not None and cancelled.is_set():
-                    reason = "cancelled"
-                    break
-                if time.monotonic() > request.deadline:
-                    reason = "budget"
-                    break
-                logits = self._logits()
-                if required:
-                    allowed = self.pieces.candidates(required)
-                    if len(allowed) == 0:
-                        reason = "end"
-                        break
-                    token = int(allowed[int(np.argmax(logits[allowed]))])
-                else:
-                    token = int(np.argmax(logits))
-                if token in end_ids:
-                    reason = "end"
-                    break
-                piece = self.pieces.pieces[token]
-                out += piece
-                generated += 1
-                if required:
-                    required = required[len(piece) :] if required.startswith(piece) else b""
-                if not required:
-                    text = _valid_utf8_prefix(out[len(healed) :])
-                    if request.stop_at is not None:
-                        cut = request.stop_at(text)
-                        if cut is not None:
-                            text = text[:cut]
-                            reason = "stop"
-                            break
-                if len(tokens) + generated >= self.options.context_tokens:
-                    reason = "max_tokens"
-                    break
-                self.llm.eval([token])
-            if not text and not required:
-                text = _valid_utf8_prefix(out[len(healed) :])
+            reason = self._decode(request, tokens, state, end_ids, cancelled)
+            # A generation the time budget cut is kept: the next request for
+            # the same prompt goes on from it instead of starting over.
+            self._partial = state if reason == "budget" else None
+        text = state.text
+        if not text and not state.required:
+            text = _valid_utf8_prefix(state.out[len(healed) :])
         return Generation(
             text=text if reason != "cancelled" else "",
-            stop_reason=reason,  # type: ignore[arg-type]
+            stop_reason=reason,
             prompt_tokens=len(tokens),
             evaluated_tokens=evaluated,
-            generated_tokens=generated,
+            generated_tokens=len(state.ids),
             healed=healed.decode("utf-8", errors="replace"),
             elapsed_s=time.monotonic() - started,
         )
+
+    def _resumable(self, tokens: list[int], healed: bytes) -> _Decoding:
+        """The generation the budget cut last time, when it was for this very
+        prompt and its tokens are still in the KV cache; else a fresh start."""
+        partial = self._partial
+        self._partial = None
+        if partial is not None and partial.prompt == tokens and partial.healed == healed:
+            cached = self.llm.input_ids[: self.llm.n_tokens].tolist()
+            if cached[: len(tokens) + len(partial.ids)] == tokens + partial.ids:
+                return partial
+        return _Decoding(prompt=list(tokens), healed=healed, required=healed)
+
+    def _decode(
+        self,
+        request: GenerationRequest,
+        tokens: list[int],
+        state: _Decoding,
+        end_ids: set[int],
+        cancelled: threading.Event | None,
+    ) -> StopReason:
+        """Greedy tokens after the evaluated prompt (and `state`'s tokens)
+        until the stop rule, an end token, the budget or max_tokens."""
+        import numpy as np
+
+        while len(state.ids) < request.max_tokens:
+            if cancelled is not None and cancelled.is_set():
+                return "cancelled"
+            if time.monotonic() > request.deadline:
+                return "budget"
+            logits = self._logits()
+            if state.required:
+                allowed = self.pieces.candidates(state.required)
+                if len(allowed) == 0:
+                    return "end"
+                token = int(allowed[int(np.argmax(logits[allowed]))])
+            else:
+                token = int(np.argmax(logits))
+            if token in end_ids:
+                return "end"
+            piece = self.pieces.pieces[token]
+            state.out += piece
+            state.ids.append(token)
+            if state.required:
+                required = state.required
+                state.required = required[len(piece) :] if required.startswith(piece) else b""
+            if not state.required:
+                state.text = _valid_utf8_prefix(state.out[len(state.healed) :])
+                if request.stop_at is not None:
+                    cut = request.stop_at(state.text)
+                    if cut is not None:
+                        state.text = state.text[:cut]
+                        return "stop"
+            if len(tokens) + len(state.ids) >= self.options.context_tokens:
+                return "max_tokens"
+            self.llm.eval([token])
+        return "max_tokens"
+
+    def score(self, plan: PromptPlan, continuation: str) -> ContinuationScore | None:
+        """Log-probability of `continuation` after the healed prompt: the
+        prompt comes from the KV cache, the continuation's tokens are
+        evaluated in one batch and dropped again."""
+        tokens, healed = self.tokenize_plan(plan, heal=True)
+        answer = self.llm.tokenize(
+            healed + continuation.encode("utf-8", errors="replace"), add_bos=False, special=False
+        )
+        answer = answer[: self.options.batch - 1]
+        if not answer:
+            return ContinuationScore(0.0, 0)
+        if len(tokens) + len(answer) >= self.options.context_tokens:
+            return ContinuationScore(float("-inf"), len(answer))
+        with self.lock:
+            self._sync(tokens)
+            total = _log_softmax_at(self._logits(), answer[0])
+            for row, token in zip(self._batch_logits(answer[:-1]), answer[1:], strict=True):
+                total += _log_softmax_at(row, token)
+        return ContinuationScore(total, len(answer))
+
+    def _batch_logits(self, tokens: list[int]) -> list[Any]:
+        """Logits after each of `tokens`, evaluated in one batch after the
+        cached prompt without keeping them (the next sync overwrites them)."""
+        import numpy as np
+
+        if not tokens:
+            return []
+        llm = self.llm
+        n_past = llm.n_tokens
+        llm._ctx.kv_cache_seq_rm(-1, n_past, -1)
+        llm._batch.set_batch(batch=tokens, n_past=n_past, logits_all=True)
+        llm._ctx.decode(llm._batch)
+        rows = [
+            np.ctypeslib.as_array(llm._ctx.get_logits_ith(i), shape=(self.n_vocab,)).copy()
+            for i in range(len(tokens))
+        ]
+        llm._ctx.kv_cache_seq_rm(-1, n_past, -1)
+        return rows
 
     def generate_with_grammar(self, prompt: str, grammar: str, max_tokens: int) -> str:
         """Greedy text for `prompt` constrained by a GBNF grammar (module lookup).
@@ -531,7 +628,7 @@ class OpenAIBackend:
         started = time.monotonic()
         plan = request.plan
         prefix, healed = heal_text(plan.prefix) if request.heal else (plan.prefix, "")
-        prompt = plan.lead + prefix + plan.trail
+        prompt = plan.lead + plan.context + prefix + plan.trail
         remaining = max(0.1, request.deadline - started)
         text = ""
         reason: str = "max_tokens"
@@ -580,11 +677,16 @@ class OpenAIBackend:
     def prefill(self, plan: PromptPlan, cancelled: threading.Event | None = None) -> int:
         # A remote server keeps its own prompt cache; one token primes it.
         prefix, _ = heal_text(plan.prefix)
-        body = self._body(plan.lead + prefix + plan.trail, 1, "")
+        body = self._body(plan.lead + plan.context + prefix + plan.trail, 1, "")
         with contextlib.suppress(BackendError):
             for _ in self._stream(body, self.timeout_s):
                 pass
         return 0
+
+    def score(self, plan: PromptPlan, continuation: str) -> ContinuationScore | None:
+        # `/v1/completions` gives the log-probabilities of generated tokens
+        # only, not of a given text: the copy channel is off on this backend.
+        return None
 
     def generate_with_grammar(self, prompt: str, grammar: str, max_tokens: int) -> str:
         body: dict[str, Any] = {

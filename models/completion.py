@@ -6,11 +6,18 @@ prompt builder (`shoptalk.models.prompt`), asks a backend
 (`shoptalk.models.backends`) for a healed generation that stops at the end of
 the line or block, and post-filters it. Recent suggestions that still match
 what the user typed since are answered from a small cache.
+
+With a workspace (`shoptalk.models.context`) the prompt starts with a
+repository context block that stays put while the user types on a line; the
+copy channel offers continuations found verbatim in the repository when the
+model scores them above its own answer; an answer the time budget cut is not
+shown (the backend goes on from it on the next request for the same prompt).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -19,7 +26,21 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from shoptalk.models.catalog import FimTemplate
-from shoptalk.models.prompt import PREFIX_LINE_STEP, clip_context
+from shoptalk.models.context import (
+    CONTEXT_SOURCES,
+    ContextOptions,
+    Workspace,
+    build_context,
+    copy_candidates,
+)
+from shoptalk.models.prompt import (
+    PREFIX_LINE_STEP,
+    PromptParts,
+    PromptPlan,
+    clip_context,
+    layout_prompt,
+    resolve_suffix_layout,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,18 +48,6 @@ Multiline = Literal["auto", "always", "never"]
 MAX_BLOCK_LINES = 8
 CACHE_SIZE = 16
 CACHE_PREFIX_TAIL = 4000  # characters of the prefix a cache entry remembers
-
-
-@dataclass(frozen=True)
-class PromptPlan:
-    """A prompt split at the cursor. The backend tokenizes `lead` and `trail`
-    with special tokens parsed (FIM markers) and `prefix` as plain text; token
-    healing backs off the end of `prefix`."""
-
-    lead: str
-    prefix: str
-    trail: str
-    end_markers: tuple[str, ...]  # texts that end the answer (FIM end token)
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,18 @@ class Generation:
     elapsed_s: float = 0.0
 
 
+@dataclass(frozen=True)
+class ContinuationScore:
+    """Sum of the token log-probabilities of a continuation, and its tokens."""
+
+    logprob: float
+    tokens: int
+
+    @property
+    def mean(self) -> float:
+        return self.logprob / self.tokens if self.tokens else float("-inf")
+
+
 class Backend(Protocol):
     """What the engine needs from a model: llama.cpp in-process or an
     OpenAI-compatible server (`shoptalk.models.backends`)."""
@@ -74,6 +95,12 @@ class Backend(Protocol):
     ) -> Generation: ...
 
     def prefill(self, plan: PromptPlan, cancelled: threading.Event | None = None) -> int: ...
+
+    def score(self, plan: PromptPlan, continuation: str) -> ContinuationScore | None:
+        """The model's log-probability of `continuation` right after the
+        prompt (healed as generation heals it); None when the backend cannot
+        score (the copy channel is then off)."""
+        ...
 
     def describe(self) -> dict[str, object]: ...
 
@@ -145,20 +172,19 @@ def plan_prompt(
     use_fim: bool,
     prefix_chars: int,
     suffix_chars: int,
+    *,
+    layout: str | None = None,
+    context: str = "",
+    path: str | None = None,
 ) -> PromptPlan:
     """The prompt for a cursor between `prefix` and `suffix`, clipped exactly as
     mining clips instances (`clip_context`) so the model sees what it was trained
-    on. The clipped prefix starts at a stable line, so the KV cache is reused
-    while the user types."""
+    on, laid out by the shared builder (`layout_prompt`; `layout` None: FIM when
+    `use_fim`, else prefix only). The clipped prefix starts at a stable line and
+    `context` comes first, so the KV cache is reused while the user types."""
     parts = clip_context(stable_tail(prefix, prefix_chars), suffix, prefix_chars, suffix_chars)
-    if use_fim:
-        return PromptPlan(
-            lead=template.prefix,
-            prefix=parts.prefix,
-            trail=f"{template.suffix}{parts.suffix}{template.middle}",
-            end_markers=(template.end,),
-        )
-    return PromptPlan(lead="", prefix=parts.prefix, trail="", end_markers=())
+    resolved = layout or ("fim" if use_fim else "none")
+    return layout_prompt(template, PromptParts(parts.prefix, parts.suffix, context, path), resolved)
 
 
 # ---- where a suggestion ends --------------------------------------------------
@@ -329,6 +355,14 @@ class SuggestionCache:
 
 # ---- the engine -------------------------------------------------------------
 
+# Characters per prompt token assumed when sizing llama.cpp's context: code
+# runs ~3.5 on the default base's tokenizer; 3 leaves room for dense code.
+CHARS_PER_TOKEN = 3.0
+CONTEXT_TOKEN_MARGIN = 64
+# A copied line shown when the model's answer is empty must be this likely
+# per token on average (about 0.37).
+COPY_MIN_MEAN_LOGPROB = -1.0
+
 
 @dataclass(frozen=True)
 class EngineOptions:
@@ -340,18 +374,45 @@ class EngineOptions:
     prefix_chars: int = 1600
     suffix_chars: int = 400
     heal: bool = True
+    suffix_layout: str = "auto"  # auto | fim | before | none (shoptalk.models.prompt)
+    context_chars: int = 0  # repository context budget; 0 = off
+    context_sources: tuple[str, ...] = CONTEXT_SOURCES
+    copy_channel: bool = False
+
+
+def needed_context_tokens(options: EngineOptions) -> int:
+    """The llama.cpp context (tokens) the prompt budgets of `options` need:
+    prefix, suffix and repository context at CHARS_PER_TOKEN, the answer, and
+    a margin for headers and special tokens."""
+    chars = options.prefix_chars + options.suffix_chars + options.context_chars
+    return math.ceil(chars / CHARS_PER_TOKEN) + options.max_tokens + CONTEXT_TOKEN_MARGIN
+
+
+def complete_lines(text: str) -> str:
+    """The whole lines of a cut-off generation: a line the time budget cut is
+    not a suggestion (issue 19: a lone `[` was shown under load)."""
+    newline = text.rfind("\n")
+    return text[:newline] if newline != -1 else ""
 
 
 @dataclass(frozen=True)
 class Suggestion:
     text: str
-    source: Literal["model", "cache", "none"]
+    source: Literal["model", "cache", "copy", "none"]
     generation: Generation | None = None
     elapsed_s: float = 0.0
 
 
 class CompletionEngine:
-    """Suggestions for a cursor in a document, from one backend."""
+    """Suggestions for a cursor in a document, from one backend.
+
+    With a `Workspace` (and `context_chars` > 0) the prompt starts with the
+    repository context block, computed again only when the cursor moves to
+    another line or on `prefill` (idle, cursor rests), never while the user
+    types on a line, so llama.cpp's KV cache keeps it. With `copy_channel`
+    on, continuations found verbatim in the document and the workspace are
+    scored by the model on its cached prompt and replace its answer when the
+    model finds them more likely per token."""
 
     def __init__(
         self,
@@ -365,8 +426,56 @@ class CompletionEngine:
         self.use_fim = use_fim
         self.options = options or EngineOptions()
         self.cache = SuggestionCache()
+        self.last_plan: PromptPlan | None = None  # what the model saw last (debugging, tests)
+        self._context_lock = threading.Lock()
+        self._context_key: tuple[object, ...] | None = None
+        self._context_block = ""
 
-    def plan(self, text: str, offset: int) -> PromptPlan:
+    @property
+    def layout(self) -> str:
+        """Where the code after the cursor goes: fim, before or none."""
+        return resolve_suffix_layout(self.options.suffix_layout, self.use_fim)
+
+    def context_options(self) -> ContextOptions:
+        shows_suffix = self.layout in ("fim", "before")
+        return ContextOptions(
+            chars=self.options.context_chars,
+            sources=self.options.context_sources,
+            prefix_chars=self.options.prefix_chars,
+            suffix_chars=self.options.suffix_chars if shows_suffix else 0,
+        )
+
+    def context_block(
+        self,
+        text: str,
+        offset: int,
+        path: str | None,
+        workspace: Workspace | None,
+        refresh: bool = False,
+    ) -> str:
+        """The repository context for this cursor: the block last built while
+        the cursor stays on the same line, unless `refresh` asks for a new one."""
+        if workspace is None or self.options.context_chars <= 0:
+            return ""
+        line_start = text.rfind("\n", 0, offset) + 1
+        options = self.context_options()
+        key = (id(workspace), path, line_start, options)
+        with self._context_lock:
+            if not refresh and key == self._context_key:
+                return self._context_block
+        block = build_context(workspace, path, text[:offset], text[offset:], options)
+        with self._context_lock:
+            self._context_key, self._context_block = key, block
+        return block
+
+    def plan(
+        self,
+        text: str,
+        offset: int,
+        path: str | None = None,
+        workspace: Workspace | None = None,
+        refresh: bool = False,
+    ) -> PromptPlan:
         offset = max(0, min(offset, len(text)))
         return plan_prompt(
             self.template,
@@ -375,12 +484,25 @@ class CompletionEngine:
             self.use_fim,
             self.options.prefix_chars,
             self.options.suffix_chars,
+            layout=self.layout,
+            context=self.context_block(text, offset, path, workspace, refresh),
+            path=path,
         )
 
-    def prefill(self, text: str, offset: int, cancelled: threading.Event | None = None) -> int:
-        """Evaluate the prompt for this cursor ahead of the first request (stops
-        early, keeping what it evaluated, when `cancelled` is set)."""
-        return self.backend.prefill(self.plan(text, offset), cancelled)
+    def prefill(
+        self,
+        text: str,
+        offset: int,
+        cancelled: threading.Event | None = None,
+        path: str | None = None,
+        workspace: Workspace | None = None,
+    ) -> int:
+        """Evaluate the prompt for this cursor ahead of the first request, with
+        a freshly built context (stops early, keeping what it evaluated, when
+        `cancelled` is set)."""
+        return self.backend.prefill(
+            self.plan(text, offset, path, workspace, refresh=True), cancelled
+        )
 
     def complete(
         self,
@@ -389,7 +511,11 @@ class CompletionEngine:
         cancelled: threading.Event | None = None,
         budget_ms: int | None = None,
         use_cache: bool = True,
+        path: str | None = None,
+        workspace: Workspace | None = None,
     ) -> Suggestion:
+        """The suggestion at `offset` of `text`; `path` (POSIX, relative to the
+        workspace root) and `workspace` give the repository context."""
         started = time.monotonic()
         offset = max(0, min(offset, len(text)))
         prefix, suffix = text[:offset], text[offset:]
@@ -400,8 +526,10 @@ class CompletionEngine:
         multiline = allows_multiline(prefix, suffix, self.options.multiline)
         stop = stop_rule(prefix, multiline)
         budget = (budget_ms or self.options.max_latency_ms) / 1000.0
+        plan = self.plan(text, offset, path, workspace)
+        self.last_plan = plan
         request = GenerationRequest(
-            plan=self.plan(text, offset),
+            plan=plan,
             max_tokens=self.options.max_tokens,
             deadline=started + budget,
             heal=self.options.heal,
@@ -410,7 +538,17 @@ class CompletionEngine:
         generation = self.backend.generate(request, cancelled)
         if generation.stop_reason == "cancelled":
             return Suggestion("", "none", generation, time.monotonic() - started)
-        suggestion = postfilter(finish_text(generation.text, stop), prefix, suffix)
+        answer = finish_text(generation.text, stop)
+        if generation.stop_reason == "budget":
+            answer = complete_lines(answer)
+        suggestion = postfilter(answer, prefix, suffix)
+        source: Literal["model", "copy"] = "model"
+        if self.options.copy_channel and generation.stop_reason != "budget":
+            candidates = copy_candidates(workspace, path, prefix, suffix)
+            copied = self._copy_choice(plan, answer, candidates, request.deadline, cancelled)
+            copied = postfilter(copied, prefix, suffix) if copied else ""
+            if copied:
+                suggestion, source = copied, "copy"
         log.debug(
             "completion: %s after %d generated / %d evaluated of %d prompt tokens in %.0f ms",
             generation.stop_reason,
@@ -423,5 +561,36 @@ class CompletionEngine:
             # Only whole lines are worth serving again; a budget cut is partial.
             self.cache.put(prefix, suffix, suggestion)
         return Suggestion(
-            suggestion, "model" if suggestion else "none", generation, time.monotonic() - started
+            suggestion, source if suggestion else "none", generation, time.monotonic() - started
         )
+
+    def _copy_choice(
+        self,
+        plan: PromptPlan,
+        answer: str,
+        candidates: list[str],
+        deadline: float,
+        cancelled: threading.Event | None,
+    ) -> str:
+        """The candidate the model finds more likely per token than its own
+        answer's first line (or, with no answer, likely enough), else ""."""
+        first_line = answer.split("\n", 1)[0]
+        best: float | None = None
+        if first_line.strip():
+            own = self.backend.score(plan, first_line) if candidates else None
+            if own is None:
+                return ""  # nothing to compare, or a backend that cannot score
+            best = own.mean
+        chosen = ""
+        for candidate in candidates:
+            if time.monotonic() > deadline or (cancelled is not None and cancelled.is_set()):
+                break
+            if candidate == first_line:
+                continue
+            scored = self.backend.score(plan, candidate)
+            if scored is None:
+                return ""
+            floor = COPY_MIN_MEAN_LOGPROB if best is None else best
+            if scored.mean > floor:
+                best, chosen = scored.mean, candidate
+        return chosen

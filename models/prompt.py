@@ -10,6 +10,7 @@ server's KV cache then reuses the evaluated prompt).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 
 from shoptalk.models.catalog import FimTemplate
 
@@ -22,10 +23,34 @@ DEFAULT_SUFFIX_CHARS = 400
 
 @dataclass(frozen=True)
 class PromptParts:
-    """What the model is shown: the clipped prefix and suffix around the cursor."""
+    """What the model is shown: the clipped prefix and suffix around the
+    cursor, the repository context block (`shoptalk.models.context`; "" when
+    off) and the file's path (named in the prompt when there is context)."""
 
     prefix: str
     suffix: str
+    context: str = ""
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class PromptPlan:
+    """A prompt split at the cursor, in the order the model reads it:
+    `lead` and `trail` are tokenized with special tokens parsed (FIM
+    markers), `context` (repository context, the code after the cursor for
+    bases without FIM, the file's header) and `prefix` as plain text; token
+    healing backs off the end of `prefix`. `context` comes first and changes
+    rarely, so the KV cache keeps it while the user types."""
+
+    lead: str
+    prefix: str
+    trail: str
+    end_markers: tuple[str, ...]  # texts that end the answer (FIM end token)
+    context: str = ""
+
+    def text(self) -> str:
+        """The whole prompt as one string (what training and evaluation use)."""
+        return self.lead + self.context + self.prefix + self.trail
 
 
 def clip_prefix(prefix: str, max_chars: int) -> str:
@@ -69,6 +94,65 @@ def clip_context(
     return PromptParts(clip_prefix(prefix, prefix_chars), clip_suffix(suffix, suffix_chars))
 
 
+# ---- file headers and the code after the cursor for prefix-only bases ----------
+
+# Line-comment marker by file suffix (anything else: `//`).
+_HASH_COMMENT = frozenset(
+    {".py", ".pyi", ".sh", ".bash", ".rb", ".pl", ".r", ".toml", ".yaml", ".yml", ".ex", ".exs"}
+)
+_DASH_COMMENT = frozenset({".lua", ".sql", ".hs", ".elm"})
+
+
+def comment_marker(path: str) -> str:
+    """The line-comment marker of a file's language (`#`, `--` or `//`)."""
+    suffix = PurePosixPath(path).suffix.lower()
+    if suffix in _HASH_COMMENT:
+        return "#"
+    if suffix in _DASH_COMMENT:
+        return "--"
+    return "//"
+
+
+def file_header(path: str) -> str:
+    """The line that names a file in a prompt (`# billing/taxes.py`), as code
+    models see files concatenated in pre-training."""
+    return f"{comment_marker(path)} {path}\n"
+
+
+# Where the code after the cursor goes: `fim` (the base's FIM template),
+# `before` (for bases without FIM: in plain text ahead of the code before
+# the cursor), `none` (not shown); `auto` = fim for FIM models, else
+# AUTO_PLAIN_LAYOUT.
+SUFFIX_LAYOUTS = ("auto", "fim", "before", "none")
+AUTO_PLAIN_LAYOUT = "none"
+
+
+def resolve_suffix_layout(setting: str, use_fim: bool) -> str:
+    """The layout a prompt uses: `fim`, `before` or `none`."""
+    if setting == "auto":
+        return "fim" if use_fim else AUTO_PLAIN_LAYOUT
+    if setting not in SUFFIX_LAYOUTS:
+        raise ValueError(f"unknown suffix layout {setting!r}; use one of {SUFFIX_LAYOUTS}")
+    return setting
+
+
+def suffix_block(suffix: str, path: str | None) -> str:
+    """The code after the cursor's line, shown before the prefix to a model
+    without FIM: the file's header marked as the part that follows, then the
+    lines themselves as plain code (no comment markers, so the model reads
+    them as code), then a blank line. The rest of the cursor's line is left
+    out: typing never changes the block, and the post-filter already trims
+    closing characters the line has. Empty when nothing follows."""
+    newline = suffix.find("\n")
+    following = suffix[newline + 1 :] if newline != -1 else ""
+    if not following.strip():
+        return ""
+    name = path or "this file"
+    marker = comment_marker(path or "")
+    body = following if following.endswith("\n") else following + "\n"
+    return f"{marker} {name} (the code that follows)\n{body}\n"
+
+
 def fim_prompt(template: FimTemplate, prefix: str, suffix: str) -> str:
     """PSM fill-in-the-middle prompt; the model's answer follows it, then `template.end`."""
     return f"{template.prefix}{prefix}{template.suffix}{suffix}{template.middle}"
@@ -79,10 +163,34 @@ def prefix_prompt(prefix: str) -> str:
     return prefix
 
 
-def completion_prompt(template: FimTemplate, parts: PromptParts, use_fim: bool) -> str:
-    return (
-        fim_prompt(template, parts.prefix, parts.suffix) if use_fim else prefix_prompt(parts.prefix)
-    )
+def layout_prompt(template: FimTemplate, parts: PromptParts, layout: str) -> PromptPlan:
+    """The prompt of clipped `parts` in a resolved suffix layout (`fim`,
+    `before`, `none`; see `resolve_suffix_layout`): [context block][code after
+    the cursor, `before` only][file header][prefix], inside the FIM template
+    for `fim`. With no context and no block this is exactly the plain FIM or
+    prefix-only prompt."""
+    block = suffix_block(parts.suffix, parts.path) if layout == "before" else ""
+    context = parts.context + block
+    if context and parts.path:
+        context += file_header(parts.path)
+    if layout == "fim":
+        return PromptPlan(
+            lead=template.prefix,
+            prefix=parts.prefix,
+            trail=f"{template.suffix}{parts.suffix}{template.middle}",
+            end_markers=(template.end,),
+            context=context,
+        )
+    return PromptPlan(lead="", prefix=parts.prefix, trail="", end_markers=(), context=context)
+
+
+def completion_prompt(
+    template: FimTemplate, parts: PromptParts, use_fim: bool, suffix_layout: str = "auto"
+) -> str:
+    """The prompt string of `parts` (training and evaluation); the server
+    builds the same through `layout_prompt`."""
+    layout = resolve_suffix_layout(suffix_layout, use_fim)
+    return layout_prompt(template, parts, layout).text()
 
 
 # How completions are prompted: fill-in-the-middle with the base's template,

@@ -27,7 +27,12 @@ from shoptalk.models.provision import base_paths, ensure_gguf, gguf_status
 from shoptalk.models.settings import ServeSettings, Settings
 from shoptalk.models.store import RepoStore
 from shoptalk.models.backends import LlamaBackend, LlamaOptions, OpenAIBackend
-from shoptalk.models.completion import Backend, CompletionEngine, EngineOptions
+from shoptalk.models.completion import (
+    Backend,
+    CompletionEngine,
+    EngineOptions,
+    needed_context_tokens,
+)
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +200,17 @@ def engine_options(serve: ServeSettings) -> EngineOptions:
         multiline=serve.multiline,
         prefix_chars=serve.prefix_chars,
         suffix_chars=serve.suffix_chars,
+        suffix_layout=serve.suffix_layout,
+        context_chars=serve.context_chars,
+        context_sources=tuple(serve.context_sources),
+        copy_channel=serve.copy_channel,
     )
+
+
+def llama_context_tokens(serve: ServeSettings) -> int:
+    """llama.cpp's context size: `context_tokens`, raised to what the prompt
+    budgets need (`needed_context_tokens`)."""
+    return max(serve.context_tokens, needed_context_tokens(engine_options(serve)))
 
 
 def build_backend(choice: ModelChoice, serve: ServeSettings) -> Backend:
@@ -207,7 +222,9 @@ def build_backend(choice: ModelChoice, serve: ServeSettings) -> Backend:
             )
         return OpenAIBackend(serve.openai_url, serve.openai_model)
     options = LlamaOptions(
-        context_tokens=serve.context_tokens, threads=serve.threads, gpu_layers=serve.gpu_layers
+        context_tokens=llama_context_tokens(serve),
+        threads=serve.threads,
+        gpu_layers=serve.gpu_layers,
     )
     return LlamaBackend(choice.model, options, adapter=choice.adapter)
 
@@ -375,7 +392,8 @@ class ModelRegistry:
             "threads",
             "gpu_layers",
         )
-        return any(getattr(old, key) != getattr(new, key) for key in reload_keys)
+        resized = llama_context_tokens(old) != llama_context_tokens(new)
+        return resized or any(getattr(old, key) != getattr(new, key) for key in reload_keys)
 
     def status(self) -> dict[str, Any]:
         loaded = self.loaded()

@@ -107,9 +107,21 @@ class ServeSettings(_Section):
     max_latency_ms: int = Field(1500, gt=0)
     max_tokens: int = Field(48, gt=0)
     multiline: Literal["auto", "always", "never"] = "auto"
+    # llama.cpp's context; raised to what the budgets below need (~3 chars/token).
     context_tokens: int = Field(1024, ge=256)
     prefix_chars: int = Field(1600, gt=0)
     suffix_chars: int = Field(400, ge=0)
+    # Where the code after the cursor goes: auto (FIM for FIM models, else
+    # none), fim, before (plain text ahead of the prefix, for bases without
+    # FIM) or none.
+    suffix_layout: Literal["auto", "fim", "before", "none"] = "auto"
+    context_chars: int = Field(0, ge=0)  # repository context block; 0 = off
+    context_sources: list[Literal["snippets", "imports", "recent"]] = [
+        "snippets",
+        "imports",
+        "recent",
+    ]
+    copy_channel: bool = False  # offer continuations copied from the repository
     threads: int | None = Field(None, gt=0)
     gpu_layers: int = -1  # -1: all, when llama.cpp was built with GPU offload
     idle_prefill_ms: int = Field(300, ge=0)

@@ -145,17 +145,17 @@ def models_rollback(
 ) -> None:
     """Restore the previously promoted model of a repository (instant; a
     running server picks it up like any promotion)."""
-    from shoptalk.models.store import RepoStore
+    from shoptalk.models.store import RepoStore, rollback_or_repair
 
     store = RepoStore.for_repo(settings_for(repo).resolved_data_dir(), repo)
     try:
-        record = store.rollback()
+        message = rollback_or_repair(store)
     except LookupError:
         raise _RollbackError(
             f"{repo.resolve()} has no earlier promoted model to roll back to "
             "(see `shoptalk status --repo ...`)"
         ) from None
-    err.print(f"rolled back: now serving {record.get('run_id')} ({record.get('model')})")
+    err.print(escape(message))
 
 
 class _RollbackError(ShopTalkError):

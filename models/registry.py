@@ -1,9 +1,10 @@
 """Which model the server runs, and swapping it while the server runs.
 
-The repository's promoted model (`RepoStore.current()`: a merged GGUF, or a
+The repository's promoted model (`RepoStore.promotion()`: a merged GGUF, or a
 LoRA adapter GGUF on its base) is verified against its manifest before it is
-loaded; without one (or when it fails the check) the default base GGUF from
-`shoptalk.models.provision` is served and the reason is reported once. The
+loaded; without one (or when it fails the check, or `current.json` is damaged)
+the default base GGUF from `shoptalk.models.provision` is served, the reason is
+reported once and kept as the status's `error`. The
 registry notices a new promotion (or a rollback) and loads the new model on a
 background thread while the old one keeps answering; requests in flight finish
 on the engine they started with.
@@ -11,7 +12,7 @@ on the engine they started with.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable
@@ -19,19 +20,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shoptalk.models.catalog import CATALOG, DEFAULT_BASE, BaseModel, FimTemplate, resolve_base
-from shoptalk.models.errors import ShopTalkError
-from shoptalk.models.manifest import ManifestError, manifest_path, verify_model_file
-from shoptalk.models.prompt import served_with_fim
-from shoptalk.models.provision import base_paths, ensure_gguf, gguf_status
-from shoptalk.models.settings import ServeSettings, Settings
-from shoptalk.models.store import RepoStore
 from shoptalk.models.backends import LlamaBackend, LlamaOptions, OpenAIBackend
+from shoptalk.models.catalog import CATALOG, DEFAULT_BASE, BaseModel, FimTemplate, resolve_base
 from shoptalk.models.completion import (
     Backend,
     CompletionEngine,
     EngineOptions,
     needed_context_tokens,
+)
+from shoptalk.models.errors import ShopTalkError
+from shoptalk.models.manifest import ManifestError, manifest_path, verify_model_file
+from shoptalk.models.prompt import served_with_fim
+from shoptalk.models.provision import base_paths, ensure_gguf, gguf_status
+from shoptalk.models.settings import ServeSettings, Settings
+from shoptalk.models.store import (
+    DamagedPointer,
+    InvalidPromotion,
+    Promotion,
+    RepoStore,
+    load_promotion,
 )
 
 log = logging.getLogger(__name__)
@@ -53,6 +60,7 @@ class ModelChoice:
     use_fim: bool
     run_id: str | None
     source: str  # "promoted" | "default base" | "openai"
+    problem: str | None = None  # why the promoted model is not the one served
 
     @property
     def template(self) -> FimTemplate:
@@ -95,14 +103,20 @@ def _verify_host(path: Path, data_dir: Path) -> None:
     )
 
 
-def promoted_choice(record: dict[str, Any], settings: Settings, data_dir: Path) -> ModelChoice:
-    """The verified model of a `current.json` record; ManifestError when a file
-    is missing, damaged or replaced."""
-    adapter_value = record.get("adapter")
-    model_value = record.get("model")
-    if adapter_value:
-        adapter = Path(str(adapter_value))
-        host = Path(str(record.get("base_model") or model_value or ""))
+def promoted_choice(
+    record: Promotion | dict[str, Any], settings: Settings, data_dir: Path
+) -> ModelChoice:
+    """The verified model of a promotion (or its `current.json` record);
+    ManifestError when a file is missing, damaged or replaced."""
+    try:
+        promotion = record if isinstance(record, Promotion) else Promotion.from_record(record)
+    except InvalidPromotion as exc:
+        raise ManifestError(
+            f"the promotion record is unusable ({exc}); promote a run again"
+        ) from None
+    if promotion.adapter:
+        adapter = Path(promotion.adapter)
+        host = Path(promotion.host or "")
         manifest = verify_model_file(adapter)
         _verify_host(host, data_dir)
         return ModelChoice(
@@ -110,19 +124,17 @@ def promoted_choice(record: dict[str, Any], settings: Settings, data_dir: Path) 
             adapter,
             _base_for(manifest.base, settings),
             served_with_fim(manifest.extra.get("prompt_format")),
-            record.get("run_id"),
+            promotion.run_id,
             "promoted",
         )
-    if not model_value:
-        raise ManifestError("current.json names no model; promote a run again")
-    model = Path(str(model_value))
+    model = Path(promotion.model or "")
     manifest = verify_model_file(model)
     return ModelChoice(
         model,
         None,
         _base_for(manifest.base, settings),
         served_with_fim(manifest.extra.get("prompt_format")),
-        record.get("run_id"),
+        promotion.run_id,
         "promoted",
     )
 
@@ -163,26 +175,41 @@ def choose_model(
     fallback: Path | None = None,
 ) -> ModelChoice:
     """The promoted model of `repo`, or else `fallback` (a GGUF) or the default
-    base, after telling `notify` why the promoted one cannot be used."""
+    base, after telling `notify` why the promoted one cannot be used (the
+    choice's `problem` says it too)."""
     data_dir = settings.resolved_data_dir()
-    if repo is not None:
-        record = RepoStore.for_repo(data_dir, repo).current()
-        if record is not None:
-            try:
-                return promoted_choice(record, settings, data_dir)
-            except ManifestError as exc:
-                if notify is not None:
-                    fallback_name = fallback.name if fallback else "the base model"
-                    notify(
-                        f"ShopTalk: the promoted model cannot be used: {exc}. "
-                        f"Serving {fallback_name}."
-                    )
+    promoted, problem = _promoted(repo, settings, data_dir)
+    if promoted is not None:
+        return promoted
+    if problem is not None:
+        fallback_name = fallback.name if fallback else "the base model"
+        problem = f"the promoted model cannot be used: {problem}. Serving {fallback_name}."
+        if notify is not None:
+            notify(f"ShopTalk: {problem}")
     if fallback is not None:
         try:
-            return explicit_choice(fallback, settings)
+            choice = explicit_choice(fallback, settings)
         except ManifestError as exc:
             raise ModelUnavailable(f"cannot serve {fallback}: {exc}") from None
-    return default_choice(settings, data_dir)
+    else:
+        choice = default_choice(settings, data_dir)
+    return dataclasses.replace(choice, problem=problem)
+
+
+def _promoted(
+    repo: Path | None, settings: Settings, data_dir: Path
+) -> tuple[ModelChoice | None, str | None]:
+    """The verified promoted model of `repo`, or why it cannot be served
+    ((None, None): nothing is promoted)."""
+    if repo is None:
+        return None, None
+    try:
+        promotion = RepoStore.for_repo(data_dir, repo).promotion()
+        if promotion is None:
+            return None, None
+        return promoted_choice(promotion, settings, data_dir), None
+    except (DamagedPointer, ManifestError) as exc:
+        return None, str(exc)
 
 
 def remote_choice(settings: Settings) -> ModelChoice:
@@ -266,7 +293,8 @@ class ModelRegistry:
         self._lock = threading.Lock()
         self._loaded: Loaded | None = None
         self._error: str | None = None
-        self._current_stamp: str | None = None
+        self._problem: str | None = None
+        self._current_stamp: bytes | None = None
         self._reload_thread: threading.Thread | None = None
         self.swaps = 0
 
@@ -276,12 +304,13 @@ class ModelRegistry:
             return None
         return RepoStore.for_repo(self.settings.resolved_data_dir(), self.repo).current_file
 
-    def _stamp(self) -> str | None:
+    def _stamp(self) -> bytes | None:
+        """The pointer's bytes, whatever they are (a change means: load again)."""
         path = self.current_file
         if path is None:
             return None
         try:
-            return path.read_text()
+            return path.read_bytes()
         except OSError:
             return None
 
@@ -313,6 +342,7 @@ class ModelRegistry:
                 choice = remote_choice(self.settings)
             else:
                 choice = choose_model(self.repo, self.settings, self.notify, self.fallback)
+            self._problem = choice.problem
             current = self.loaded()
             if current is not None and current.choice.key() == choice.key():
                 self._current_stamp = stamp
@@ -410,21 +440,25 @@ class ModelRegistry:
                 base=loaded.choice.base.key,
                 fim=loaded.choice.use_fim,
             )
-        info["error"] = self._error
+        info["error"] = self._error or self._problem
         info["swaps"] = self.swaps
         info["promoted"] = _promoted_summary(self.current_file)
         return info
 
 
 def _promoted_summary(path: Path | None) -> dict[str, Any] | None:
+    """The promotion's run, time and figures; None when there is none or it is
+    damaged (the status's `error` says so)."""
     if path is None:
         return None
     try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
+        promotion = load_promotion(path)
+    except DamagedPointer:
+        return None
+    if promotion is None:
         return None
     return {
-        "run_id": record.get("run_id"),
-        "promoted_at": record.get("promoted_at"),
-        "metrics": record.get("metrics"),
+        "run_id": promotion.run_id,
+        "promoted_at": promotion.promoted_at,
+        "metrics": promotion.metrics,
     }

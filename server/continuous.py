@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from shoptalk.models.jobs import Job, JobQueue
-from shoptalk.models.store import RepoStore
+from shoptalk.models.store import DamagedPointer, Promotion, RepoStore
 
 if TYPE_CHECKING:  # watchdog is imported only when watching starts
     from shoptalk.server.watcher import HeadChange
@@ -138,14 +139,42 @@ def status_table(data_dir: Path, repo: Path | None) -> Table:
         progress = f"{job.progress:.0%}" if job.progress is not None else ""
         table.add_row(
             str(job.id),
-            Path(job.repo).name,
+            escape(Path(job.repo).name),
             job.state,
-            job.step or "",
+            escape(job.step or ""),
             progress,
             (job.head or "")[:10],
-            job.message or "",
+            escape(job.message or ""),
         )
     return table
+
+
+def print_promotion(console: Console, store: RepoStore) -> None:
+    """The promoted model and its lineage; a damaged pointer is named, with
+    what is served instead and how to repair it."""
+    try:
+        current = store.promotion()
+    except DamagedPointer as exc:
+        console.print(
+            f"promoted model: [red]unusable[/red] — {escape(str(exc))}; "
+            "the default base is served until then",
+            highlight=False,
+        )
+        return
+    if current is None:
+        console.print("promoted model: none yet (the default base is served)")
+        return
+    console.print(
+        f"promoted model: {escape(_served(current))}",
+        highlight=False,
+    )
+    for entry in reversed(current.history):
+        console.print(f"  earlier: {escape(_served(entry))}", highlight=False)
+
+
+def _served(promotion: Promotion) -> str:
+    what = promotion.model if not promotion.adapter else f"{promotion.adapter} on {promotion.host}"
+    return f"{promotion.run_id} → {what}"
 
 
 def register(app: typer.Typer) -> None:
@@ -190,15 +219,12 @@ def register(app: typer.Typer) -> None:
         console.print(status_table(data_dir, repo.resolve() if repo else None))
         if repo is None:
             return
-        current = RepoStore.for_repo(data_dir, repo).current()
-        if current is None:
-            console.print("promoted model: none yet (the default base is served)")
-            return
-        console.print(f"promoted model: {current.get('run_id')} → {current.get('model')}")
-        for entry in reversed(current.get("history", [])):
-            console.print(f"  earlier: {entry.get('run_id')} → {entry.get('model')}")
+        print_promotion(console, RepoStore.for_repo(data_dir, repo))
         for decision in JobQueue(data_dir).decisions(repo.resolve(), limit=10):
             verdict = "promoted" if decision.promoted else "kept current"
             console.print(
-                f"  decision {decision.run_id}: {verdict} — {decision.reason} {decision.figures}"
+                escape(
+                    f"  decision {decision.run_id}: {verdict} — {decision.reason} {decision.figures}"
+                ),
+                highlight=False,
             )

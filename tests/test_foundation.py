@@ -120,7 +120,7 @@ def test_promote_and_rollback(tmp_path: Path) -> None:
     store.promote({"run_id": "a", "model": "a.gguf"})
     store.promote({"run_id": "b", "model": "b.gguf"})
     assert store.current()["run_id"] == "b"  # type: ignore[index]
-    assert store.rollback()["run_id"] == "a"
+    assert store.rollback().run_id == "a"
     with pytest.raises(LookupError):
         store.rollback()
 

@@ -471,7 +471,10 @@ async def test_hot_swap_to_a_newly_promoted_model(
         await session.inline(uri, 5, 4)
         assert time.monotonic() < deadline + 30, session.stderr.decode()[-2000:]
         await asyncio.sleep(0.1)
-    assert (await session.status())["error"] is None
+    # The status says why the promoted model is not the one served.
+    error = (await session.status())["error"]
+    assert "promoted model cannot be used" in error and "manifest" in error
+    assert "Serving model-a.gguf" in error
 
 
 # ---- faults ------------------------------------------------------------------------

@@ -1,0 +1,184 @@
+"""Regression tests for the server defects of issue 14, each with real parts:
+real files in a real data dir, the real `shoptalk` CLI, the real server over
+stdio (and over TCP where the defect is about TCP)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_server_e2e import SOURCE, Session, _make_workspace, start_session, stop_session
+
+from shoptalk.models.manifest import write_manifest
+from shoptalk.models.store import DamagedPointer, RepoStore
+
+pytestmark = pytest.mark.e2e
+
+
+def run_cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "SHOPTALK_DATA_DIR": str(data_dir)}
+    return subprocess.run(
+        [sys.executable, "-m", "shoptalk.models.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    return _make_workspace(tmp_path)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "data"
+    path.mkdir()
+    return path
+
+
+def exported(tiny_gguf: Callable[..., Path], folder: Path, run_id: str) -> Path:
+    """A tiny GGUF with its manifest, as `shoptalk export` leaves it."""
+    target = folder / run_id / "model-q8_0.gguf"
+    target.parent.mkdir(parents=True)
+    shutil.copy(tiny_gguf("gemma3"), target)
+    write_manifest(target, kind="model", base="gemma3-270m", run_id=run_id)
+    return target
+
+
+@pytest.fixture
+def model_file(tiny_gguf: Callable[..., Path], tmp_path: Path) -> Path:
+    return exported(tiny_gguf, tmp_path / "models", "run-a")
+
+
+# ---- 5. a damaged promotion pointer --------------------------------------------------
+
+GOOD = {"run_id": "run-p", "model": "/models/p.gguf", "adapter": None, "metrics": {}}
+
+# (what current.json holds, what the message says is wrong)
+DAMAGED_POINTERS = [
+    (b'{"run_id": "run-p", "model": ', "not JSON"),
+    (b"", "not JSON"),
+    (json.dumps([GOOD]).encode(), "JSON list, not an object"),
+    (b"null", "JSON null, not an object"),
+    (b'"current"', "JSON string, not an object"),
+    (b'{"run_id": "run-p", "metrics": {}}', "names no model"),
+    (json.dumps({**GOOD, "model": 5}).encode(), "'model' is a number, not a string"),
+    (json.dumps({**GOOD, "run_id": ["a"]}).encode(), "'run_id' is a list, not a string"),
+    (json.dumps({**GOOD, "metrics": "high"}).encode(), "'metrics' is a string, not an object"),
+    (json.dumps({**GOOD, "promoted_at": "today"}).encode(), "'promoted_at' is a string"),
+    (b'{"model": "\xff\xfe.gguf"}', "not UTF-8"),
+]
+
+
+@pytest.mark.parametrize(("content", "reason"), DAMAGED_POINTERS)
+def test_a_damaged_pointer_is_named_by_its_one_loader(
+    content: bytes, reason: str, tmp_path: Path
+) -> None:
+    store = RepoStore.for_repo(tmp_path, tmp_path / "repo")
+    store.current_file.parent.mkdir(parents=True)
+    store.current_file.write_bytes(content)
+    with pytest.raises(DamagedPointer, match="models rollback") as raised:
+        store.promotion()
+    assert reason in raised.value.reason
+    with pytest.raises(DamagedPointer):
+        store.current()  # the record view goes through the same loader
+
+
+def test_promoting_over_a_damaged_pointer_keeps_it_and_its_history(tmp_path: Path) -> None:
+    store = RepoStore.for_repo(tmp_path, tmp_path / "repo")
+    store.promote({"run_id": "one", "model": "one.gguf"})
+    store.promote({"run_id": "two", "model": "two.gguf"})
+    damaged = json.loads(store.current_file.read_text())
+    damaged["model"] = {"oops": True}
+    store.current_file.write_text(json.dumps(damaged))
+    promoted = store.promote({"run_id": "three", "model": "three.gguf"})
+    assert promoted.run_id == "three"
+    assert [entry.run_id for entry in promoted.history] == ["one"]  # what was readable
+    assert json.loads(store.damaged_file.read_text())["model"] == {"oops": True}
+    assert store.rollback().run_id == "one"
+
+
+def test_status_and_rollback_on_a_damaged_pointer(tmp_path: Path) -> None:
+    """`shoptalk status` says what is wrong instead of crashing; `models
+    rollback` restores the newest readable earlier model, or else removes the
+    pointer (kept aside) so that the base is served."""
+    data_dir = tmp_path / "data"
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    store = RepoStore.for_repo(data_dir, repo)
+    store.promote({"run_id": "one", "model": "one.gguf"})
+    store.promote({"run_id": "two", "model": "two.gguf"})
+    record = json.loads(store.current_file.read_text())
+    store.current_file.write_text(json.dumps({**record, "model": 7}))
+
+    status = run_cli("status", "--repo", str(repo), data_dir=data_dir)
+    assert status.returncode == 0, status.stderr
+    assert "Traceback" not in status.stderr
+    assert "'model' is a number" in status.stdout and "models rollback" in status.stdout
+
+    repaired = run_cli("models", "rollback", "--repo", str(repo), data_dir=data_dir)
+    assert repaired.returncode == 0, repaired.stderr
+    assert "restored" in repaired.stderr and "one" in repaired.stderr
+    assert store.promotion() is not None and store.promotion().run_id == "one"  # type: ignore[union-attr]
+
+    store.current_file.write_text(json.dumps([record]))  # nothing readable in it
+    repaired = run_cli("models", "rollback", "--repo", str(repo), data_dir=data_dir)
+    assert repaired.returncode == 0, repaired.stderr
+    assert "base model is served" in repaired.stderr
+    assert store.promotion() is None
+    assert json.loads(store.damaged_file.read_text()) == [record]
+    status = run_cli("status", "--repo", str(repo), data_dir=data_dir)
+    assert status.returncode == 0 and "none yet" in status.stdout
+
+
+async def wait_status(session: Session, predicate: Callable[[dict[str, Any]], bool]) -> dict:
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:
+        status = await session.status()
+        if predicate(status):
+            return status
+        assert asyncio.get_running_loop().time() < deadline, (status["error"], status["run_id"])
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.asyncio
+async def test_the_server_serves_the_fallback_on_a_damaged_pointer_and_says_so(
+    workspace: Path, data_dir: Path, model_file: Path, tiny_gguf: Callable[..., Path]
+) -> None:
+    store = RepoStore.for_repo(data_dir, workspace)
+    promoted = exported(tiny_gguf, data_dir.parent / "runs", "run-p")
+    store.promote({"run_id": "run-p", "model": str(promoted)})
+    store.promote({"run_id": "run-q", "model": str(promoted)})
+    record = json.loads(store.current_file.read_text())
+    store.current_file.write_text(json.dumps([record]))  # a JSON list
+    session = await start_session(workspace, data_dir, model_file)
+    try:
+        status = await session.wait_loaded()
+        assert status["model"] == str(model_file) and status["source"] == "--model"
+        assert "JSON list" in status["error"] and "models rollback" in status["error"]
+        await session.wait_for(lambda: any("JSON list" in m.message for m in session.messages))
+        uri = await session.open("billing/invoices.py", SOURCE)
+        await session.inline(uri, 5, 4)  # completions still answer, from the fallback
+        # Each other damage is named too, and the status keeps answering.
+        for content, reason in DAMAGED_POINTERS:
+            store.current_file.write_bytes(content)
+            await wait_status(session, lambda s, r=reason: r in (s["error"] or ""))
+        # `models rollback` repairs it from the history; the server swaps to it.
+        store.current_file.write_text(json.dumps({**record, "model": 5}))
+        repaired = run_cli("models", "rollback", "--repo", str(workspace), data_dir=data_dir)
+        assert repaired.returncode == 0, repaired.stderr
+        status = await wait_status(session, lambda s: s["run_id"] == "run-p")
+        assert status["error"] is None and status["model"] == str(promoted)
+        assert b"Traceback" not in session.stderr
+    finally:
+        await stop_session(session)

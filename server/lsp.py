@@ -33,7 +33,9 @@ from shoptalk.models.errors import ShopTalkError
 from shoptalk.models.jobs import Job
 from shoptalk.models.module_map import ModuleMap, language_for, module_map_from_tree
 from shoptalk.models.settings import PersonalSettings, ServeSettings, Settings
-from shoptalk.models.completion import offset_to_utf16, utf16_to_offset
+from shoptalk.models.completion import Suggestion, offset_to_utf16, utf16_to_offset
+from shoptalk.models.context import Workspace
+from shoptalk.models.prompt import PromptPlan
 from shoptalk.models.registry import ModelChoice, ModelRegistry, build_backend
 from shoptalk.models.module_lookup import (
     BASE_MODEL_WEIGHT,
@@ -41,6 +43,7 @@ from shoptalk.models.module_lookup import (
     ModuleIndex,
     find_modules,
 )
+from shoptalk.server.workspace_sync import WorkspaceSync, relative_path
 
 if TYPE_CHECKING:
     from shoptalk.server.continuous import ContinuousLearner
@@ -53,6 +56,7 @@ FIND_MODULE_METHOD = "shoptalk/findModule"
 FIND_MODULE_COMMAND = "shoptalk.findModule"
 STATUS_METHOD = "shoptalk/status"
 PREFILL_METHOD = "shoptalk/prefill"
+LAST_PROMPT_METHOD = "shoptalk/lastPrompt"
 PROMOTION_POLL_S = 2.0
 
 T = TypeVar("T")
@@ -148,6 +152,8 @@ class ShopTalkServer(LanguageServer):
         self.module_map: ModuleMap | None = None
         self.module_index: ModuleIndex | None = None
         self.workspace_root: Path | None = None
+        self.workspace_sync: WorkspaceSync | None = None  # the index for prompt context
+        self.last_completion: dict[str, Any] | None = None  # `shoptalk/lastPrompt`
         self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shoptalk-infer")
         self._background = concurrent.futures.ThreadPoolExecutor(
             2, thread_name_prefix="shoptalk-bg"
@@ -216,6 +222,7 @@ class ShopTalkServer(LanguageServer):
         self._background.submit(self._load_model)
         if root is not None:
             self._background.submit(self._build_module_map, root)
+        self.sync_workspace(root)
         if repo is not None and self.config.poll_s > 0:
             self._poll_task = asyncio.ensure_future(self._poll_promotions())
         if repo is not None and self.settings.serve.watch:
@@ -360,6 +367,29 @@ class ShopTalkServer(LanguageServer):
         self.module_map = updated
         self.module_index = ModuleIndex(updated)
 
+    # -- prompt context ----------------------------------------------------------
+
+    def sync_workspace(self, root: Path | None) -> None:
+        """Index the workspace in the background once a setting needs it
+        (`context_chars` > 0 or `copy_channel`)."""
+        serve = self.settings.serve
+        wanted = serve.context_chars > 0 or serve.copy_channel
+        if root is None or self.workspace_sync is not None or not wanted:
+            return
+        self.workspace_sync = sync = WorkspaceSync(root, self.settings)
+        self._background.submit(sync.build, self.module_map)
+
+    def completion_context(self, uri: str) -> tuple[str | None, Workspace | None]:
+        """The document's path relative to the workspace, and the workspace
+        the engine builds the prompt's context from (None: not indexed)."""
+        root = self.workspace_root
+        path = relative_path(root, uri) if root is not None else None
+        sync = self.workspace_sync
+        workspace = sync.workspace if sync is not None else None
+        if workspace is not None:
+            workspace.module_map = self.module_map
+        return path, workspace
+
     # -- completions -----------------------------------------------------------
 
     def document_text(self, uri: str) -> str | None:
@@ -406,6 +436,9 @@ class ShopTalkServer(LanguageServer):
         engine = registry.engine()
         if engine is None:
             return None
+        if self.workspace_sync is not None and self.workspace_sync.excludes(uri):
+            return None  # an excluded file never enters a prompt
+        path, workspace = self.completion_context(uri)
         offset = utf16_to_offset(text, position.line, position.character)
         prefix, suffix = text[:offset], text[offset:]
         cached = engine.cache.get(prefix, suffix)
@@ -421,8 +454,14 @@ class ShopTalkServer(LanguageServer):
                 return ""
             try:
                 suggestion = engine.complete(
-                    text, offset, cancelled=request.cancelled, budget_ms=remaining
+                    text,
+                    offset,
+                    cancelled=request.cancelled,
+                    budget_ms=remaining,
+                    path=path,
+                    workspace=workspace,
                 )
+                self.last_completion = _last_completion(engine.last_plan, path, suggestion)
             except ShopTalkError as exc:
                 self.show_once(f"ShopTalk: {exc}", types.MessageType.Error)
                 return ""
@@ -457,6 +496,9 @@ class ShopTalkServer(LanguageServer):
         text = self.document_text(uri)
         if registry is None or text is None:
             return
+        if self.workspace_sync is not None and self.workspace_sync.excludes(uri):
+            return
+        path, workspace = self.completion_context(uri)
         self._prefill_cancel.set()  # an older prefill (another cursor) is moot now
         self._prefill_cancel = cancel = threading.Event()
 
@@ -466,7 +508,7 @@ class ShopTalkServer(LanguageServer):
                 return  # a request came in meanwhile: it evaluates the prompt itself
             where = len(text) if offset is None else max(0, min(offset, len(text)))
             try:
-                engine.prefill(text, where, cancel)
+                engine.prefill(text, where, cancel, path=path, workspace=workspace)
             except Exception:
                 log.exception("prefill failed")
 
@@ -486,6 +528,8 @@ class ShopTalkServer(LanguageServer):
             self._poll_task.cancel()
         if self.learner is not None:
             self.learner.stop()
+        if self.workspace_sync is not None:
+            self.workspace_sync.close()
         self.worker.shutdown(wait=False, cancel_futures=True)
         self._background.shutdown(wait=False, cancel_futures=True)
         registry = self.registry
@@ -543,9 +587,12 @@ def create_server(config: ServerConfig) -> ShopTalkServer:
         registry = ls.registry
         if registry is not None and registry.update_settings(settings):
             ls._background.submit(registry.load)
+        ls.sync_workspace(ls.workspace_root)
 
     @server.feature(types.TEXT_DOCUMENT_DID_OPEN)
     def did_open(ls: ShopTalkServer, params: types.DidOpenTextDocumentParams) -> None:
+        if ls.workspace_sync is not None:
+            ls.workspace_sync.document(params.text_document.uri, params.text_document.text)
         ls.schedule_prefill(params.text_document.uri, None, 0.0)
 
     @server.feature(types.TEXT_DOCUMENT_DID_CHANGE)
@@ -562,16 +609,35 @@ def create_server(config: ServerConfig) -> ShopTalkServer:
                 change.range.start.character + len(lines[0]) if len(lines) == 1 else len(lines[-1])
             )
             offset = utf16_to_offset(text, end_line, end_char)
+        if ls.workspace_sync is not None:
+            ls.workspace_sync.document(params.text_document.uri, text, debounce=True)
         delay = ls.settings.serve.idle_prefill_ms / 1000.0
         ls.schedule_prefill(params.text_document.uri, offset, delay)
 
     @server.feature(types.TEXT_DOCUMENT_DID_SAVE)
     def did_save(ls: ShopTalkServer, params: types.DidSaveTextDocumentParams) -> None:
         ls.update_module(params.text_document.uri, ls.document_text(params.text_document.uri))
+        if ls.workspace_sync is not None:
+            text = ls.document_text(params.text_document.uri)
+            ls.workspace_sync.document(params.text_document.uri, text)
 
     @server.feature(types.TEXT_DOCUMENT_DID_CLOSE)
     def did_close(ls: ShopTalkServer, params: types.DidCloseTextDocumentParams) -> None:
-        return None
+        if ls.workspace_sync is not None:  # unsaved edits are gone: the file on disk counts
+            ls.workspace_sync.document(params.text_document.uri, None)
+
+    @server.feature(types.WORKSPACE_DID_CHANGE_WATCHED_FILES)
+    def did_change_watched_files(
+        ls: ShopTalkServer, params: types.DidChangeWatchedFilesParams
+    ) -> None:
+        if ls.workspace_sync is not None:
+            ls.workspace_sync.files_changed([change.uri for change in params.changes])
+
+    @server.feature(LAST_PROMPT_METHOD)
+    def last_prompt(ls: ShopTalkServer, params: Any) -> dict[str, Any] | None:
+        """The prompt of the last completion the model answered, its context
+        block and token counts (for tests, benchmarks and debugging)."""
+        return ls.last_completion
 
     @server.feature(PREFILL_METHOD)
     def prefill(ls: ShopTalkServer, params: Any) -> None:
@@ -714,6 +780,7 @@ def create_server(config: ServerConfig) -> ShopTalkServer:
         info: dict[str, Any] = registry.status() if registry else {"model": None}
         info["loading"] = not ls._ready.is_set()
         info["modules"] = len(ls.module_map) if ls.module_map is not None else None
+        info["index"] = ls.workspace_sync.stats() if ls.workspace_sync is not None else None
         info["counters"] = dict(ls.counters)
         info.update(_training_status(ls))
         return info
@@ -723,6 +790,22 @@ def create_server(config: ServerConfig) -> ShopTalkServer:
         ls.shutdown_workers()
 
     return server
+
+
+def _last_completion(
+    plan: PromptPlan | None, path: str | None, suggestion: Suggestion
+) -> dict[str, Any]:
+    generation = suggestion.generation
+    return {
+        "path": path,
+        "prompt": plan.text() if plan is not None else None,
+        "context": plan.context if plan is not None else None,
+        "suggestion": suggestion.text,
+        "source": suggestion.source,
+        "stop_reason": generation.stop_reason if generation else None,
+        "prompt_tokens": generation.prompt_tokens if generation else None,
+        "evaluated_tokens": generation.evaluated_tokens if generation else None,
+    }
 
 
 def _percent(progress: float | None) -> int:

@@ -22,7 +22,6 @@ continuous learning); the CLI is a thin wrapper around it.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shlex
@@ -46,6 +45,7 @@ from shoptalk.models.manifest import ModelManifest, read_manifest, verify_model_
 from shoptalk.models.prompt import served_with_fim
 from shoptalk.models.settings import Settings
 from shoptalk.models.store import RepoStore, repo_key
+from shoptalk.trainer.dataset_folder import DatasetError, load_manifest, read_shard, shard_path
 from shoptalk.trainer.eval_types import (
     SCOPE_NEWEST,
     SCOPES,
@@ -56,6 +56,7 @@ from shoptalk.trainer.eval_types import (
     ModuleLookupInstance,
     ResolvedModel,
 )
+from shoptalk.trainer.run_record import RunFolder, RunRecordError, run_folders
 
 if TYPE_CHECKING:
     from shoptalk.trainer.retention import GeneralInstance, HumanEvalProblem
@@ -80,24 +81,6 @@ class EvalError(ShopTalkError):
 
 
 # ------------------------------------------------------------------ test set
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    records: list[dict[str, Any]] = []
-    try:
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except ValueError:
-                        raise EvalError(
-                            f"{path}:{number} is not valid JSON: the dataset is damaged; "
-                            "mine it again with `shoptalk mine`"
-                        ) from None
-    except FileNotFoundError:
-        return []
-    return records
 
 
 def _interleave_by_author(
@@ -152,35 +135,26 @@ def load_test_set(
     Scope "newest" keeps the commits at or after the cutoff (the paper's
     test set); "split" adds the older commits the miner moved to the test
     split so that every author has a few instances (per-developer figures)."""
-    manifest_file = store.dataset_dir / "manifest.json"
-    if not manifest_file.is_file():
-        raise EvalError(
-            f"no mined dataset in {store.dataset_dir}: run `shoptalk mine --repo REPO` first"
-        )
     try:
-        manifest = json.loads(manifest_file.read_text())
-    except ValueError as exc:
-        raise EvalError(
-            f"{manifest_file} is not valid JSON ({exc}); mine the repository again"
-        ) from None
-    completion = [
-        CompletionInstance.from_record(r)
-        for r in _read_jsonl(store.dataset_dir / "completion.test.jsonl")
-    ]
+        manifest = load_manifest(store.dataset_dir)
+        completion_records = read_shard(shard_path(store.dataset_dir, "completion", "test"))
+        lookup_records = read_shard(shard_path(store.dataset_dir, "module_lookup", "test"))
+    except DatasetError as exc:
+        raise EvalError(str(exc)) from None
+    completion = [CompletionInstance.from_record(r) for r in completion_records]
     if completion and scope == SCOPE_NEWEST:
-        recent = _at_or_after(manifest.get("cutoff"))
+        recent = _at_or_after(manifest.cutoff)
         completion = [i for i in completion if recent(i.author_date)]
         if not completion:
             raise EvalError(
-                f"no test instances at or after the cutoff ({manifest.get('cutoff')}); the "
+                f"no test instances at or after the cutoff ({manifest.cutoff}); the "
                 "test split only holds older commits of some authors: use --scope split, "
                 "or mine again with a later mine.cutoff"
             )
     if not completion:
         share = settings.mine.test_share
         needed = math.ceil(2 / share)
-        span = manifest.get("commit_range")
-        counted = span.get("mined_commits") if isinstance(span, dict) else None
+        counted = manifest.mined_commits
         have = f" (the mined history has {counted} usable commits)" if counted else ""
         raise EvalError(
             f"the mined dataset has no completion test instances{have}: the test split is "
@@ -193,18 +167,18 @@ def load_test_set(
         completion = _of_author(completion, author, scope)
     lookup = [
         ModuleLookupInstance.from_record(r)
-        for r in _read_jsonl(store.dataset_dir / "module_lookup.test.jsonl")
+        for r in lookup_records
         if r.get("source", "commit_message") == "commit_message" and r.get("modules")
     ]
     if scope == SCOPE_NEWEST:
-        recent = _at_or_after(manifest.get("cutoff"))
+        recent = _at_or_after(manifest.cutoff)
         lookup = [i for i in lookup if recent(i.author_date)]
     lookup.sort(key=lambda i: (i.author_date, i.id), reverse=True)
     chosen = _interleave_by_author(completion, limit)
     return EvalSet(
         completion=chosen,
         module_lookup=lookup[:limit] if limit else lookup,
-        manifest=manifest,
+        manifest=manifest.data,
         available=len(completion),
         scope=scope,
     )
@@ -313,39 +287,31 @@ def base_gguf(base: BaseModel, data_dir: Path, report: Callable[[str], None]) ->
     return path
 
 
-def _run_files(run_dir: Path, quant: str) -> tuple[Path | None, Path | None]:
+def _run_files(run: RunFolder, quant: str) -> tuple[Path | None, Path | None]:
     """The run's exported full model (preferring `quant`) and adapter GGUF."""
-    export = run_dir / "export"
-    models = sorted(export.glob("model-*.gguf"))
+    models = run.exported_models()
     preferred = [m for m in models if m.name == f"model-{quant}.gguf"]
-    adapters = sorted(export.glob("adapter-*.gguf"))
+    adapters = run.exported_adapters()
     candidates = preferred or models
     return (candidates[0] if candidates else None), (adapters[0] if adapters else None)
-
-
-def _run_record(run_dir: Path) -> dict[str, Any]:
-    try:
-        data: dict[str, Any] = json.loads((run_dir / "record.json").read_text())
-        return data
-    except (OSError, ValueError):
-        return {}
 
 
 def _find_run(store: RepoStore, purpose: str, developer: str | None) -> Path | None:
     """The newest complete run of `purpose` (see docs/architecture.md, run
     record) that has an export; None if there is none."""
-    if not store.runs_dir.is_dir():
-        return None
     found: list[tuple[float, Path]] = []
-    for run_dir in store.runs_dir.iterdir():
-        record = _run_record(run_dir)
-        if record.get("status") != "complete" or record.get("purpose", "org") != purpose:
+    for run in run_folders(store.runs_dir):
+        try:
+            record = run.load_record()
+        except RunRecordError:
             continue
-        if developer is not None and str(record.get("developer")) != developer:
+        if not record.complete or record.purpose != purpose:
             continue
-        model, adapter = _run_files(run_dir, "")
+        if developer is not None and str(record.developer) != developer:
+            continue
+        model, adapter = _run_files(run, "")
         if model or adapter:
-            found.append((run_dir.stat().st_mtime, run_dir))
+            found.append((run.root.stat().st_mtime, run.root))
     return max(found)[1] if found else None
 
 
@@ -373,7 +339,7 @@ def resolve_models(
 
     def from_run(spec: str, run_dir: Path) -> ResolvedModel:
         """A run's merged GGUF, or else its adapter GGUF on the base."""
-        model, adapter = _run_files(run_dir, quant)
+        model, adapter = _run_files(RunFolder(run_dir), quant)
         manifests: dict[str, Any] = {}
         if model is not None:
             manifests["model"] = _verify(spec, model, repo, base)

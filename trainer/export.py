@@ -33,6 +33,7 @@ from shoptalk.models.errors import ShopTalkError
 from shoptalk.models.files import free_bytes, sha256_file
 from shoptalk.models.manifest import ModelManifest, write_manifest
 from shoptalk.models.store import RepoStore
+from shoptalk.trainer.run_record import RunFolder, RunRecordError
 
 if TYPE_CHECKING:
     import torch
@@ -43,7 +44,6 @@ log = logging.getLogger(__name__)
 
 QUANTS = ("q8_0", "q4_k_m", "q5_k_m", "f16", "f32")
 FLOAT_QUANTS = ("f16", "f32")
-EXPORT_DIR = "export"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 HF_MARKER = "shoptalk-checkpoint.json"  # written by models.provision beside a converted base
 
@@ -78,7 +78,7 @@ class ExportableRun:
 
     @property
     def export_dir(self) -> Path:
-        return self.root / EXPORT_DIR
+        return RunFolder(self.root).export_dir
 
     @property
     def source_gguf(self) -> Path | None:
@@ -117,24 +117,18 @@ def read_run(run_dir: Path) -> ExportableRun:
     """Check that `run_dir` holds a complete run with a usable adapter."""
     if not run_dir.is_dir():
         raise ExportError(f"run folder {run_dir} does not exist")
-    record_file = run_dir / "record.json"
+    folder = RunFolder(run_dir)
     try:
-        record: dict[str, Any] = json.loads(record_file.read_text())
-    except FileNotFoundError:
-        raise ExportError(
-            f"{run_dir} has no record.json: it is not a training run folder"
-        ) from None
-    except ValueError as exc:
-        raise ExportError(
-            f"{record_file} is not valid JSON ({exc}); the run folder is damaged"
-        ) from None
+        record = folder.load_record().data
+    except RunRecordError as exc:
+        raise ExportError(str(exc)) from None
     status = record.get("status")
     if status != "complete":
         raise ExportError(
             f"run {run_dir.name} is {status or 'of unknown status'}, not complete: "
             "wait for training to finish (or `shoptalk train --resume`) before exporting"
         )
-    adapter_dir = run_dir / "adapter"
+    adapter_dir = folder.adapter_dir
     config_file = adapter_dir / "adapter_config.json"
     if not config_file.is_file() or not (adapter_dir / ADAPTER_WEIGHTS).is_file():
         raise ExportError(
@@ -555,5 +549,5 @@ def promote_export(run_dir: Path, model_file: Path, data_dir: Path) -> Path:
             f"run {run.run_id} names no existing repository ({repo}); it cannot be promoted"
         )
     store = RepoStore.for_repo(data_dir, repo)
-    promote_run(store, run.run_id, model_file, run_dir / "adapter")
+    promote_run(store, run.run_id, model_file, run.adapter_dir)
     return repo

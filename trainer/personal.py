@@ -24,6 +24,7 @@ from shoptalk.models.errors import ShopTalkError
 from shoptalk.models.files import write_json_atomic
 from shoptalk.models.settings import Settings
 from shoptalk.models.store import RepoStore
+from shoptalk.trainer.run_record import RunRecordError, run_folders
 
 Report = Callable[[str], None]
 console = Console(stderr=True, soft_wrap=True)
@@ -84,17 +85,15 @@ def enable(repo: Path, identity: list[str], settings: Settings, data_dir: Path) 
 
 def _personal_runs(store: RepoStore, author_id: str | None) -> list[Path]:
     runs: list[Path] = []
-    if not store.runs_dir.is_dir():
-        return runs
-    for run_dir in store.runs_dir.iterdir():
-        record_file = run_dir / "record.json"
-        if not record_file.is_file():
+    for run in run_folders(store.runs_dir):
+        try:
+            record = run.load_record()
+        except RunRecordError:
             continue
-        record = json.loads(record_file.read_text())
-        if record.get("purpose") in ("dev", PURPOSE) and (
-            author_id is None or record.get("developer") == author_id
+        if record.purpose in ("dev", PURPOSE) and (
+            author_id is None or record.developer == author_id
         ):
-            runs.append(run_dir)
+            runs.append(run.root)
     return runs
 
 

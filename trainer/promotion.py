@@ -12,12 +12,12 @@ demo; it imports none of them.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from shoptalk.models.errors import ShopTalkError
 from shoptalk.models.store import RepoStore
+from shoptalk.trainer.dataset_folder import read_split
 
 # Validation examples of a job's training run (team or personal, before and
 # after): the gate judges on the holdout, so the validation loss is only a
@@ -52,20 +52,9 @@ def gate(candidate_em: float, current_em: float, tolerance_points: float) -> tup
     )
 
 
-def _read_shard(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    with path.open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
 def newest_train_date(dataset_dir: Path) -> str | None:
     """The newest author date of the dataset's training instances."""
-    dates = [
-        str(r.get("author_date", ""))
-        for shard in dataset_dir.glob("*.train.jsonl")
-        for r in _read_shard(shard)
-    ]
+    dates = [str(r.get("author_date", "")) for r in read_split(dataset_dir, "train")]
     return max(dates) if dates else None
 
 

@@ -31,6 +31,13 @@ from shoptalk.models.files import atomic_dir, write_json_atomic
 from shoptalk.models.jobs import Decision, Job, JobQueue
 from shoptalk.models.settings import Settings
 from shoptalk.models.store import RepoStore
+from shoptalk.trainer.dataset_folder import (
+    MANIFEST_FILE,
+    load_manifest,
+    read_shard,
+    read_split,
+    shard_files,
+)
 from shoptalk.trainer.promotion import JOB_VAL_LIMIT, completion_em, gate, promote_run
 
 Report = Callable[[str], None]
@@ -52,26 +59,18 @@ class JobOutcome:
     decision: Decision | None = None
 
 
-def _read_shard(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    with path.open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
 def incremental_dataset(
     dataset_dir: Path, target: Path, since: str | None, seed: int
 ) -> tuple[int, int]:
     """Write a dataset of the training instances newer than `since` (ISO
     date) plus a seeded replay sample of older ones, with the validation
     split unchanged; returns (new, replayed) counts. `since` None: all."""
-    manifest = json.loads((dataset_dir / "manifest.json").read_text())
+    manifest = load_manifest(dataset_dir)
     rng = random.Random(seed)
     new_total = replay_total = 0
     with atomic_dir(target) as tmp:
-        for shard in sorted(dataset_dir.glob("*.jsonl")):
-            split = shard.name.split(".")[1]
-            records = _read_shard(shard)
+        for _kind, split, shard in shard_files(dataset_dir):
+            records = read_shard(shard)
             if split == "train" and since is not None:
                 new = [r for r in records if str(r.get("author_date", "")) > since]
                 old = [r for r in records if str(r.get("author_date", "")) <= since]
@@ -86,15 +85,14 @@ def incremental_dataset(
                 with (tmp / shard.name).open("w", encoding="utf-8") as out:
                     for record in records:
                         out.write(json.dumps(record) + "\n")
-        write_json_atomic(tmp / "manifest.json", {**manifest, "incremental_since": since})
+        write_json_atomic(tmp / MANIFEST_FILE, {**manifest.data, "incremental_since": since})
     return new_total, replay_total
 
 
 def count_new(dataset_dir: Path, since: str | None) -> int:
     return sum(
         1
-        for shard in dataset_dir.glob("*.train.jsonl")
-        for r in _read_shard(shard)
+        for r in read_split(dataset_dir, "train")
         if since is None or str(r.get("author_date", "")) > since
     )
 
@@ -150,11 +148,7 @@ def run_retrain_job(
     incremental = store.root / "incremental" / f"job-{job.id}"
     train_seconds: float | None = None
     best_val_loss: float | None = None
-    if (
-        run is not None
-        and run.record_file.is_file()
-        and run.read_record().get("status") == "complete"
-    ):
+    if run is not None and run.is_complete():
         report(f"run {run.run_id} finished training before the job stopped; going on from it")
     else:
         resumable = run is not None and run.latest_file.is_file()

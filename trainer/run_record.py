@@ -8,9 +8,13 @@
         loss.csv, loss.png the loss curve (train and validation)
         checkpoints/       step-N/ folders and latest.json (resumable)
         adapter/           the PEFT adapter, present only when complete
+        export/            model-<quant>.gguf, adapter-<type>.gguf (`shoptalk export`)
 
-Every file is written atomically; `record.json` says `complete` only after
-the adapter is in place and validated.
+`RunFolder` owns these paths: no other module spells them out. Every file
+is written atomically; `record.json` says `complete` only after the adapter
+is in place and validated. `RunFolder.load_record` is the one reader of
+`record.json` (a typed `RunRecord`); training writes the record as a dict
+(its keys: docs/architecture.md, Runs) and reads it back with `read_record`.
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ import io
 import json
 import platform
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shoptalk.models.errors import ShopTalkError
 from shoptalk.models.files import write_json_atomic, write_text_atomic
 
 STATUS_RUNNING = "running"
@@ -32,6 +37,10 @@ STATUS_COMPLETE = "complete"
 STATUS_FAILED = "failed"
 # Stopped by the user (Ctrl-C) after saving a checkpoint; `--resume` goes on.
 STATUS_INTERRUPTED = "interrupted"
+
+# Runs trained before `purpose` was recorded are the team's.
+DEFAULT_PURPOSE = "org"
+EXPORT_DIR = "export"
 
 LOSS_COLUMNS = ("phase", "step", "tokens", "elapsed_s", "lr", "train_loss", "val_loss")
 
@@ -97,6 +106,44 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+class RunRecordError(ShopTalkError):
+    pass
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A run's `record.json` as read: the fields other stages decide on, and
+    the whole record as written (`data`, unchanged, for everything else)."""
+
+    run_id: str
+    status: str | None
+    purpose: str
+    developer: str | None
+    repo: str | None
+    data: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], run_id: str) -> RunRecord:
+        """`run_id`: the folder's name, used when the record names none."""
+
+        def text(key: str) -> str | None:
+            value = data.get(key)
+            return None if value is None else str(value)
+
+        return cls(
+            run_id=text("run_id") or run_id,
+            status=text("status"),
+            purpose=text("purpose") or DEFAULT_PURPOSE,
+            developer=text("developer"),
+            repo=text("repo"),
+            data=data,
+        )
+
+    @property
+    def complete(self) -> bool:
+        return self.status == STATUS_COMPLETE
+
+
 @dataclass(frozen=True)
 class RunFolder:
     root: Path
@@ -133,12 +180,49 @@ class RunFolder:
     def latest_file(self) -> Path:
         return self.checkpoints_dir / "latest.json"
 
-    def read_record(self) -> dict[str, Any]:
+    @property
+    def export_dir(self) -> Path:
+        return self.root / EXPORT_DIR
+
+    def exported_models(self) -> list[Path]:
+        """The merged models `shoptalk export` wrote (`model-<quant>.gguf`), by name."""
+        return sorted(self.export_dir.glob("model-*.gguf"))
+
+    def exported_adapters(self) -> list[Path]:
+        """The run-time adapters `shoptalk export --adapter-only` wrote, by name."""
+        return sorted(self.export_dir.glob("adapter-*.gguf"))
+
+    def load_record(self) -> RunRecord:
+        """The run's record; `RunRecordError` (saying what to do) when the
+        folder has none or it is not a JSON object."""
         try:
-            data: dict[str, Any] = json.loads(self.record_file.read_text())
-        except (FileNotFoundError, ValueError):
+            data = json.loads(self.record_file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise RunRecordError(
+                f"{self.root} has no record.json: it is not a training run folder"
+            ) from None
+        except ValueError as exc:
+            raise RunRecordError(
+                f"{self.record_file} is not valid JSON ({exc}); the run folder is damaged"
+            ) from None
+        if not isinstance(data, dict):
+            raise RunRecordError(
+                f"{self.record_file} holds no run record; the run folder is damaged"
+            )
+        return RunRecord.from_dict(data, self.run_id)
+
+    def read_record(self) -> dict[str, Any]:
+        """The record as written, to update it; {} when there is none (yet)."""
+        try:
+            return self.load_record().data
+        except RunRecordError:
             return {}
-        return data
+
+    def is_complete(self) -> bool:
+        try:
+            return self.load_record().complete
+        except RunRecordError:
+            return False
 
     def write_config(self, config: dict[str, Any]) -> None:
         write_json_atomic(self.config_file, config)
@@ -155,6 +239,13 @@ class RunFolder:
             writer.writerow(row.as_list())
         write_text_atomic(self.loss_csv, buffer.getvalue())
         plot_losses(rows, self.loss_png)
+
+
+def run_folders(runs_dir: Path) -> list[RunFolder]:
+    """Every run folder of a store's `runs/` (none when it does not exist)."""
+    if not runs_dir.is_dir():
+        return []
+    return [RunFolder(path) for path in sorted(runs_dir.iterdir()) if path.is_dir()]
 
 
 def read_losses(path: Path) -> list[LossRow]:

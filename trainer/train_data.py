@@ -7,18 +7,20 @@ the batches the killed run would have seen next.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shoptalk.models.errors import ShopTalkError
-from shoptalk.models.files import sha256_file
+from shoptalk.trainer.dataset_folder import (
+    SPLITS,
+    DatasetError,
+    load_manifest,
+    read_shard,
+    shard_files,
+)
 from shoptalk.trainer.formats import INSTANCE_KINDS, Example
-
-SPLITS = ("train", "validation", "test")
 
 # Fewer training instances than this cannot teach anything measurable.
 MIN_TRAIN_INSTANCES = 8
@@ -38,10 +40,6 @@ DEFAULT_KIND_WEIGHTS: dict[str, float] = {
 BUCKET_BATCHES = 32
 
 
-class DatasetError(ShopTalkError):
-    pass
-
-
 @dataclass
 class Dataset:
     directory: Path
@@ -56,41 +54,15 @@ class Dataset:
 def load_dataset(directory: Path, repo: Path | None = None) -> Dataset:
     """Read `manifest.json` and the `<kind>.<split>.jsonl` shards; check that
     the dataset belongs to `repo` (when given)."""
-    manifest_file = directory / "manifest.json"
-    if not manifest_file.is_file():
-        where = f" of {repo}" if repo is not None else ""
-        raise DatasetError(
-            f"no mined dataset{where} at {directory}: run `shoptalk mine --repo "
-            f"{repo or 'PATH'}` first"
-        )
-    try:
-        manifest = json.loads(manifest_file.read_text())
-    except ValueError as exc:
-        raise DatasetError(
-            f"{manifest_file} is not valid JSON ({exc}); mine the repository again"
-        ) from None
+    manifest = load_manifest(directory, repo)
     if repo is not None:
-        check_dataset_repo(manifest, repo, directory)
+        check_dataset_repo(manifest.data, repo, directory)
     records: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
-    for shard in sorted(directory.glob("*.jsonl")):
-        parts = shard.name.split(".")
-        if len(parts) != 3 or parts[1] not in SPLITS:
-            continue
-        kind, split = parts[0], parts[1]
-        with shard.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    raise DatasetError(
-                        f"{shard}:{number} is not valid JSON; the dataset is damaged — "
-                        "mine the repository again"
-                    ) from None
-                record.setdefault("kind", kind)
-                records[split].append(record)
-    return Dataset(directory, manifest, sha256_file(manifest_file), records)
+    for kind, split, shard in shard_files(directory):
+        for record in read_shard(shard):
+            record.setdefault("kind", kind)
+            records[split].append(record)
+    return Dataset(directory, manifest.data, manifest.sha256, records)
 
 
 def check_dataset_repo(manifest: Mapping[str, Any], repo: Path, directory: Path) -> None:

@@ -121,6 +121,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-editor-") as tmp:
         workdir = Path(tmp)
         os.environ["SHOPTALK_DATA_DIR"] = str(workdir / "data")
+        (workdir / "config.toml").touch()
         os.environ["SHOPTALK_CONFIG"] = str(workdir / "config.toml")
         ensure_gguf(workdir / "data", CATALOG[DEFAULT_BASE], lambda _m: None)
         print(

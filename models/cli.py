@@ -12,11 +12,12 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from shoptalk.models.catalog import CATALOG, DEFAULT_BASE, resolve_base
 from shoptalk.models.errors import ShopTalkError
+from shoptalk.models.files import is_disk_full, write_failure
 from shoptalk.models.settings import Settings, load_settings
 
 app = typer.Typer(
@@ -41,10 +42,14 @@ COMMAND_MODULES: list[str] = [
     "shoptalk.trainer.retrain",
     "shoptalk.trainer.personal",
     "shoptalk.trainer.demo",
+    "shoptalk.trainer.runs",
 ]
 
-err = Console(stderr=True, soft_wrap=True)
-out = Console()
+# No console markup: messages hold user text ("[train]" of a settings file, a
+# path, a branch name) that rich would otherwise take for a style and drop.
+# Style a part with `rich.text.Text` instead.
+err = Console(stderr=True, soft_wrap=True, markup=False)
+out = Console(markup=False)
 
 
 class _State:
@@ -55,16 +60,34 @@ class _State:
 state = _State()
 
 
-def settings_for(repo: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
-    """Settings for a command, with --data-dir from the root options applied."""
+def settings_for(
+    repo: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    check_data_dir: bool = True,
+) -> Settings:
+    """Settings for a command, with --data-dir from the root options applied;
+    the data dir is created, and refused with a message when it cannot be."""
     merged = dict(overrides or {})
     if state.data_dir is not None:
         merged["data_dir"] = str(state.data_dir)
-    return load_settings(repo=repo, overrides=merged)
+    settings = load_settings(repo=repo, overrides=merged)
+    if check_data_dir:
+        settings.writable_data_dir()
+    return settings
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        import importlib.metadata
+
+        print(f"shoptalk {importlib.metadata.version('shoptalk')}")
+        raise typer.Exit()
 
 
 @app.callback()
 def root(
+    ctx: typer.Context,
     data_dir: Annotated[
         Path | None,
         typer.Option(help="Where models, datasets and runs are kept.", envvar="SHOPTALK_DATA_DIR"),
@@ -72,8 +95,18 @@ def root(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Debug logging to stderr.")
     ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
 ) -> None:
-    state.data_dir = data_dir
+    # From SHOPTALK_DATA_DIR, the settings read it themselves (as "environment").
+    # (typer carries its own copy of click: compare the source by name.)
+    source = ctx.get_parameter_source("data_dir")
+    from_env = getattr(source, "name", None) == "ENVIRONMENT"
+    state.data_dir = None if from_env else data_dir
     state.verbose = verbose
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -155,7 +188,7 @@ def models_rollback(
             f"{repo.resolve()} has no earlier promoted model to roll back to "
             "(see `shoptalk status --repo ...`)"
         ) from None
-    err.print(escape(message))
+    err.print(message)
 
 
 class _RollbackError(ShopTalkError):
@@ -165,19 +198,23 @@ class _RollbackError(ShopTalkError):
 @app.command()
 def doctor() -> None:
     """Report Python, torch device, bf16, llama.cpp build, the default model and disk."""
-    from shoptalk.models.doctor import run_checks
+    from shoptalk.models.doctor import Check, run_checks
+    from shoptalk.models.settings import data_dir_problem
     from shoptalk.trainer.doctor import torch_checks
 
-    checks = run_checks(settings_for().resolved_data_dir(), torch_checks())
+    data_dir = settings_for(check_data_dir=False).resolved_data_dir()
+    checks = run_checks(data_dir, torch_checks())
+    problem = data_dir_problem(data_dir)
+    if problem is not None:
+        checks.append(Check("data dir writable", problem, False))
     table = Table(title="shoptalk doctor")
     table.add_column("check")
     table.add_column("result")
     for check in checks:
-        value = escape(check.value)  # values hold brackets, e.g. shoptalk[train]
-        table.add_row(check.name, value if check.ok else f"[red]{value}[/red]")
+        table.add_row(check.name, Text(check.value, style="" if check.ok else "red"))
     out.print(table)
     if not all(c.ok for c in checks):
-        err.print("[yellow]Some checks need attention (in red above).[/yellow]")
+        err.print("Some checks need attention (in red above).", style="yellow")
 
 
 def _register_commands() -> None:
@@ -191,18 +228,51 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=True)
     except ShopTalkError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        print_error(str(exc))
         raise SystemExit(exc.exit_code) from None
     except KeyboardInterrupt:
         err.print("interrupted")
         raise SystemExit(130) from None
     except ModuleNotFoundError as exc:
-        err.print(
-            f"[red]error:[/red] this command needs {exc.name!r}, which is not installed. "
+        print_error(
+            f"this command needs {exc.name!r}, which is not installed. "
             "Install the extra it belongs to: pip install 'shoptalk[train]' (mine, train, export, eval) "
             "or 'shoptalk[serve]' (serve, watch)."
         )
         raise SystemExit(3) from None
+    except Exception as exc:
+        message = _write_failure_message(exc)
+        if message is None or state.verbose:
+            raise
+        print_error(message)
+        raise SystemExit(1) from None
+
+
+def print_error(message: str) -> None:
+    """`error: <message>` on stderr, the message exactly as given (no markup)."""
+    err.print(Text.assemble(("error:", "red"), " ", message))
+
+
+def print_warning(message: str) -> None:
+    """`warning: <message>` on stderr, the message exactly as given (no markup)."""
+    err.print(Text.assemble(("warning:", "yellow"), " ", message))
+
+
+def _write_failure_message(exc: BaseException) -> str | None:
+    """The message for a write that a full disk failed where no stage caught
+    it (the dataset, a report, the promoted pointer); None for any other
+    error, which keeps its traceback."""
+    reason = write_failure(exc)
+    if reason is None or not is_disk_full(exc):
+        return None
+    where = getattr(exc, "filename", None)
+    target = f" {where}" if where else " a file"
+    return (
+        f"could not write{target}: {reason}. Nothing was half-written: ShopTalk writes every "
+        "file under a temporary name and renames it into place only when it is whole, so "
+        "the earlier version (if any) is intact. Free some space and run the command again "
+        "(--verbose shows the traceback)."
+    )
 
 
 if __name__ == "__main__":

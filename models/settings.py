@@ -5,23 +5,27 @@ Every source is validated on its own so that an error names the file (or
 variable) and key it came from, and all problems are reported at once.
 
 Environment variables: `SHOPTALK_<SECTION>__<KEY>` (e.g.
-`SHOPTALK_TRAIN__LORA_RANK=8`) and `SHOPTALK_DATA_DIR`.
+`SHOPTALK_TRAIN__LORA_RANK=8`) and `SHOPTALK_DATA_DIR`; an empty value counts
+as unset. `SHOPTALK_CONFIG` names the user's config file instead of the
+platform's default (then it must exist).
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from shoptalk.models.errors import ShopTalkError
 
 REPO_CONFIG_NAME = "shoptalk.toml"
 ENV_PREFIX = "SHOPTALK_"
+CONFIG_ENV = "SHOPTALK_CONFIG"
 
 
 class _Section(BaseModel):
@@ -161,11 +165,42 @@ class Settings(_Section):
     eval: EvalSettings = EvalSettings()
     watch: WatchSettings = WatchSettings()
     personal: PersonalSettings = PersonalSettings()
+    # Where `data_dir` was set (a file, "environment", "command line"), for messages.
+    _data_dir_source: str = PrivateAttr("default")
 
     def resolved_data_dir(self) -> Path:
         if self.data_dir is not None:
             return self.data_dir.expanduser()
         return Path(platformdirs.user_data_dir("shoptalk", appauthor=False))
+
+    def writable_data_dir(self) -> Path:
+        """The data dir, created if missing; SettingsError (naming where the
+        setting came from) when it cannot be a folder ShopTalk writes into."""
+        path = self.resolved_data_dir()
+        problem = data_dir_problem(path)
+        if problem is not None:
+            source = self._data_dir_source
+            name = {"environment": "SHOPTALK_DATA_DIR", "command line": "--data-dir"}.get(source)
+            raise SettingsError([f"{source}: {name or 'data_dir'}: {problem}"])
+        return path
+
+
+def data_dir_problem(path: Path) -> str | None:
+    """Why `path` cannot serve as the data dir (None: it can, and now exists)."""
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        where = "" if blocker == path else f" ({blocker} is a file)"
+        return f"{path} is not a folder{where}; point it at a folder"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        return (
+            f"cannot create or write {path} ({exc.strerror or exc}); "
+            "point it at a folder you can write to"
+        )
+    return None
 
 
 class SettingsError(ShopTalkError):
@@ -180,8 +215,8 @@ class SettingsError(ShopTalkError):
         )
 
 
-def user_config_path() -> Path:
-    override = os.environ.get("SHOPTALK_CONFIG")
+def user_config_path(environ: dict[str, str] | None = None) -> Path:
+    override = (os.environ if environ is None else environ).get(CONFIG_ENV)
     if override:
         return Path(override)
     return Path(platformdirs.user_config_dir("shoptalk", appauthor=False)) / "config.toml"
@@ -203,28 +238,59 @@ def _check(source: str, data: dict[str, Any], problems: list[str]) -> None:
         problems.extend(f"{source}: {_describe(e)}" for e in exc.errors())  # type: ignore[arg-type]
 
 
-def _read_toml(path: Path, problems: list[str]) -> dict[str, Any]:
+def _read_toml(path: Path, problems: list[str], named_by: str | None = None) -> dict[str, Any]:
+    """A settings file's table; {} (and a problem) when it cannot be read.
+    A file named by a variable (`named_by`) must exist; an optional one may not."""
+    if not path.exists() and not path.is_symlink():
+        if named_by is not None:
+            problems.append(
+                f"{path}: does not exist (named by {named_by}); create it, or unset {named_by}"
+            )
+        return {}
+    if path.is_dir():
+        fix = f"point {named_by} at a file" if named_by else "remove or rename that folder"
+        problems.append(f"{path}: is a folder, not a settings file; {fix}")
+        return {}
     try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
+        raw = path.read_bytes()
+    except OSError as exc:
+        problems.append(f"{path}: cannot read: {exc.strerror or exc}")
+        return {}
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        problems.append(
+            f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+            "save it as UTF-8"
+        )
+        return {}
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         problems.append(f"{path}: not valid TOML: {exc}")
-    except OSError as exc:
-        problems.append(f"{path}: cannot read: {exc.strerror}")
     return {}
 
 
-def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+def _env_overrides(environ: dict[str, str], problems: list[str]) -> dict[str, Any]:
     data: dict[str, Any] = {}
-    for name, value in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == "SHOPTALK_CONFIG":
-            continue
+    sections = set(Settings.model_fields) - {"data_dir"}
+    for name, value in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV or value == "":
+            continue  # an empty value means unset (`SHOPTALK_DATA_DIR= shoptalk ...`)
         key = name[len(ENV_PREFIX) :].lower()
         if key == "data_dir":
             data["data_dir"] = value
         elif "__" in key:
             section, field = key.split("__", 1)
             data.setdefault(section, {})[field] = _parse_env_value(value)
+        elif key.split("_", 1)[0] in sections:
+            # Other SHOPTALK_ variables (the editor plugins' SHOPTALK_PYTHON) are not settings.
+            section, _, field = key.partition("_")
+            example = f"{ENV_PREFIX}{section.upper()}__{(field or '<key>').upper()}"
+            problems.append(
+                f"environment: {name}: not a setting; a setting is SHOPTALK_<SECTION>__<KEY> "
+                f"with two underscores, e.g. {example}"
+            )
     return data
 
 
@@ -255,21 +321,25 @@ def load_settings(
     """Resolve settings from every source; raise SettingsError listing all problems."""
     problems: list[str] = []
     merged: dict[str, Any] = {}
+    env = dict(os.environ if environ is None else environ)
     sources: list[tuple[str, dict[str, Any]]] = []
-    user_file = user_config if user_config is not None else user_config_path()
-    if user_file.is_file():
-        sources.append((str(user_file), _read_toml(user_file, problems)))
-    if repo is not None and (repo / REPO_CONFIG_NAME).is_file():
+    user_file = user_config if user_config is not None else user_config_path(env)
+    named_by = CONFIG_ENV if user_config is None and env.get(CONFIG_ENV) else None
+    sources.append((str(user_file), _read_toml(user_file, problems, named_by)))
+    if repo is not None:
         repo_file = repo / REPO_CONFIG_NAME
         sources.append((str(repo_file), _read_toml(repo_file, problems)))
-    sources.append(
-        ("environment", _env_overrides(dict(os.environ if environ is None else environ)))
-    )
+    sources.append(("environment", _env_overrides(env, problems)))
     if overrides:
         sources.append(("command line", overrides))
+    data_dir_source = "default"
     for source, data in sources:
         _check(source, data, problems)
         _merge(merged, data)
+        if "data_dir" in data:
+            data_dir_source = source
     if problems:
         raise SettingsError(problems)
-    return Settings.model_validate(merged)
+    settings = Settings.model_validate(merged)
+    settings._data_dir_source = data_dir_source
+    return settings

@@ -17,6 +17,7 @@ def _isolated_user_dirs(
 ) -> None:
     """Tests never read or write the real user's config or data dir."""
     home = tmp_path_factory.mktemp("home")
+    (home / "config.toml").touch()  # a SHOPTALK_CONFIG that names no file is an error
     monkeypatch.setenv("SHOPTALK_CONFIG", str(home / "config.toml"))
     monkeypatch.setenv("SHOPTALK_DATA_DIR", str(home / "data"))
     for name in list(os.environ):

@@ -169,7 +169,9 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(
 
     monkeypatch.setattr(safetensors.torch, "save_file", save_until_full)
     with pytest.raises(
-        TrainError, match=r"disk is full; the last complete checkpoint \(sft-000004\) is kept"
+        TrainError,
+        match=r"the disk is full\. Nothing is lost: .*the last complete checkpoint \(sft-000004\) "
+        r"is kept\. Free some space and resume with `shoptalk train --repo .* --resume",
     ):
         train_adapter(
             repo,

@@ -30,7 +30,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from shoptalk.models.errors import ShopTalkError
-from shoptalk.models.files import free_bytes, sha256_file
+from shoptalk.models.files import (
+    fault_point,
+    free_bytes,
+    partial_name,
+    remove_stale_partials,
+    sha256_file,
+)
 from shoptalk.models.manifest import ModelManifest, write_manifest
 from shoptalk.models.store import RepoStore
 from shoptalk.trainer.run_record import RunFolder, RunRecordError
@@ -94,12 +100,14 @@ class ExportableRun:
 
 
 def find_run(run: str, repo: Path | None, data_dir: Path) -> Path:
-    """A run folder from a path, or from a run id in the repository's store."""
+    """A run folder from a path, or from a run id (or `latest`) in the repository's store."""
+    from shoptalk.trainer.runs import resolve_run_id
+
     as_path = Path(run).expanduser()
     if as_path.is_dir():
         return as_path.resolve()
     store = RepoStore.for_repo(data_dir, (repo or Path.cwd()))
-    candidate = store.run_dir(run)
+    candidate = store.run_dir(resolve_run_id(store, run))
     if candidate.is_dir():
         return candidate
     known = sorted(p.name for p in store.runs_dir.iterdir()) if store.runs_dir.is_dir() else []
@@ -303,18 +311,20 @@ def quantize(source: Path, target: Path, quant: str, threads: int | None = None)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftypes[quant]
     params.nthread = threads or max(1, (os.cpu_count() or 1))
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    fault_point(target, "begin")
+    tmp = partial_name(target)
     try:
         status = llama_cpp.llama_model_quantize(
             str(source).encode("utf-8"), str(tmp).encode("utf-8"), params
         )
         if status != 0 or not tmp.is_file():
             raise ExportError(
-                f"llama.cpp could not quantize {source.name} to {quant} (status {status}); "
+                f"llama.cpp could not quantize {target.name} to {quant} (status {status}); "
                 "check free disk space, or export --quant f16"
             )
         with tmp.open("rb") as handle:
             os.fsync(handle.fileno())
+        fault_point(target, "commit")
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -390,6 +400,11 @@ def export_run(
     adapter_sha = sha256_file(run.adapter_dir / ADAPTER_WEIGHTS)
     out_dir = run.export_dir
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Temp files of exports that were killed (`kill -9`, power loss): as big
+    # as the model, and nothing else removes them.
+    stale = remove_stale_partials(out_dir)
+    if stale:
+        report(f"removed {len(stale)} unfinished file(s) of an interrupted export")
     result = ExportResult(run_id=run.run_id)
     config = json.loads((run.base_path / "config.json").read_text())
     try:
@@ -411,11 +426,7 @@ def export_run(
             report(f"merging the LoRA of run {run.run_id} into {run.base_key} (fp32)")
             model = merged_model(run)
             float_type = quant if quant in FLOAT_QUANTS else "f32"
-            staging = (
-                target
-                if quant in FLOAT_QUANTS
-                else out_dir / f".model-{run.run_id}-f32.staging.gguf"
-            )
+            staging = target if quant in FLOAT_QUANTS else partial_name(target, "f32")
             try:
                 write_gguf(
                     staging,
@@ -506,7 +517,7 @@ def register(app: typer.Typer) -> None:
         run_dir = find_run(run, repo, settings.resolved_data_dir())
         with Progress(
             SpinnerColumn(),
-            TextColumn("{task.description}"),
+            TextColumn("{task.description}", markup=False),
             TimeElapsedColumn(),
             console=err,
             transient=True,

@@ -35,7 +35,7 @@ import numpy as np
 
 from shoptalk.models.catalog import SUPPORTED_ARCHITECTURES, hf_architecture
 from shoptalk.models.errors import ShopTalkError
-from shoptalk.models.files import free_bytes
+from shoptalk.models.files import fault_point, final_name, free_bytes, partial_name
 
 if TYPE_CHECKING:
     import torch
@@ -552,10 +552,11 @@ def _write_file(
     available = free_bytes(out_path.parent)
     if available < needed:
         raise GGUFWriteError(
-            f"not enough disk space for {out_path.name}: needs {needed / 1e6:.1f} MB, "
+            f"not enough disk space for {final_name(out_path)}: needs {needed / 1e6:.1f} MB, "
             f"{available / 1e6:.1f} MB free in {out_path.parent}; free some space and run again"
         )
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.partial")
+    fault_point(out_path, "begin")
+    tmp = partial_name(out_path)
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[GGUF_ARCH[arch]])
     try:
         for key, (value, kind, sub) in metadata.items():
@@ -570,22 +571,32 @@ def _write_file(
         writer.close()
         with tmp.open("rb") as handle:
             os.fsync(handle.fileno())
+        fault_point(out_path, "commit")
         os.replace(tmp, out_path)
     except OSError as exc:
-        writer.close()
-        tmp.unlink(missing_ok=True)
+        _discard(writer, tmp)
         # numpy's tofile reports a short write (fwrite on a full disk) without errno.
         if exc.errno in (None, errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             raise GGUFWriteError(
-                f"the disk filled up while writing {out_path.name}; nothing was kept. "
+                f"the disk filled up while writing {final_name(out_path)}; nothing was kept. "
                 "Free some space and run again"
             ) from None
         raise
     except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
+        _discard(writer, tmp)
         raise
     return out_path
+
+
+def _discard(writer: gguf.GGUFWriter, tmp: Path) -> None:
+    """Remove a failed write's temp file. Closing flushes what is buffered,
+    which fails again on a full disk: the file goes either way."""
+    try:
+        writer.close()
+    except OSError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_gguf(

@@ -26,11 +26,12 @@ the main process writes. A single process never needs a launcher.
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import json
 import logging
 import math
 import random
+import shlex
 import shutil
 import signal
 import time
@@ -45,7 +46,7 @@ from rich.console import Console
 
 from shoptalk.models.catalog import BaseModel, resolve_base
 from shoptalk.models.errors import ShopTalkError
-from shoptalk.models.files import atomic_dir, write_json_atomic
+from shoptalk.models.files import atomic_dir, write_failure, write_json_atomic
 from shoptalk.models.module_map import language_for
 from shoptalk.models.settings import Settings
 from shoptalk.models.store import RepoStore
@@ -268,31 +269,22 @@ def save_checkpoint(
         f"{state.phase}-{state.pretrain_steps if state.phase == PHASE_PRETRAIN else state.step:06d}"
     )
     final = run.checkpoints_dir / name
-    try:
-        with atomic_dir(final) as tmp:
-            save_file(_trainable_state(model), str(tmp / "adapter.safetensors"))
-            if best is not None:
-                save_file(best, str(tmp / "best.safetensors"))
-            torch.save(
-                {
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "torch_rng": torch.get_rng_state(),
-                    "python_rng": random.getstate(),
-                },
-                tmp / "optimizer.pt",
-            )
-            write_json_atomic(tmp / "state.json", state.as_dict())
-            write_json_atomic(tmp / "losses.json", [r.__dict__ for r in losses])
-        write_json_atomic(run.latest_file, {"checkpoint": name, **state.as_dict()})
-    except OSError as exc:
-        latest = _latest_name(run)
-        kept = f"the last complete checkpoint ({latest}) is kept" if latest else "no checkpoint yet"
-        reason = "the disk is full" if exc.errno == errno.ENOSPC else f"{exc.strerror or exc}"
-        raise TrainError(
-            f"could not write a checkpoint to {run.checkpoints_dir}: {reason}; {kept}. "
-            f"Free some space and resume with `shoptalk train --resume --run-id {run.run_id}`"
-        ) from None
+    with atomic_dir(final) as tmp:
+        save_file(_trainable_state(model), str(tmp / "adapter.safetensors"))
+        if best is not None:
+            save_file(best, str(tmp / "best.safetensors"))
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "torch_rng": torch.get_rng_state(),
+                "python_rng": random.getstate(),
+            },
+            tmp / "optimizer.pt",
+        )
+        write_json_atomic(tmp / "state.json", state.as_dict())
+        write_json_atomic(tmp / "losses.json", [r.__dict__ for r in losses])
+    write_json_atomic(run.latest_file, {"checkpoint": name, **state.as_dict()})
     for old in sorted(p for p in run.checkpoints_dir.iterdir() if p.is_dir())[:-KEEP_CHECKPOINTS]:
         if old.name != name and not old.name.startswith("."):
             shutil.rmtree(old, ignore_errors=True)
@@ -589,14 +581,55 @@ def _run_phase(
 
 def _checkpoint(loop: _Loop) -> None:
     if loop.dist.is_main:
-        save_checkpoint(
-            loop.run, loop.model, loop.optimizer, loop.scaler, loop.state, loop.best, loop.losses
-        )
-        loop.run.write_losses(loop.losses)
-        record = loop.run.read_record()
-        record.update(_progress_fields(loop.state))
-        loop.run.write_record(record)
+        try:
+            save_checkpoint(
+                loop.run,
+                loop.model,
+                loop.optimizer,
+                loop.scaler,
+                loop.state,
+                loop.best,
+                loop.losses,
+            )
+            loop.run.write_losses(loop.losses)
+            record = loop.run.read_record()
+            record.update(_progress_fields(loop.state))
+            loop.run.write_record(record)
+        except Exception as exc:
+            reason = write_failure(exc)  # None: not a failed write, a bug
+            if reason is None:
+                raise
+            latest = _latest_name(loop.run)
+            safe = (
+                f"the last complete checkpoint ({latest}) is kept. Free some space and "
+                f"resume with {_resume_command(loop.run)}"
+                if latest
+                else "no checkpoint was complete yet. Free some space and start the run again"
+            )
+            raise TrainError(
+                f"could not write a checkpoint to {loop.run.checkpoints_dir}: {reason}. "
+                f"Nothing is lost: the dataset and earlier runs are untouched, and {safe}"
+            ) from None
     loop.dist.wait()
+
+
+def _finishing_error(run: RunFolder, exc: Exception) -> Exception:
+    """The message for a failed write of the finished adapter or its record
+    (`exc` itself when it is not a failed write)."""
+    reason = write_failure(exc)
+    if reason is None:
+        return exc
+    return TrainError(
+        f"could not write the finished adapter to {run.adapter_dir}: {reason}. Nothing is "
+        f"lost: the trained weights are in the last checkpoint in {run.checkpoints_dir}. "
+        f"Free some space and finish with {_resume_command(run)}"
+    )
+
+
+def _resume_command(run: RunFolder) -> str:
+    repo = run.read_record().get("repo")
+    where = f" --repo {shlex.quote(str(repo))}" if repo else ""
+    return f"`shoptalk train{where} --resume --run-id {run.run_id}`"
 
 
 def _progress_fields(state: _State) -> dict[str, Any]:
@@ -717,7 +750,9 @@ def train_adapter(
             if record.get("status") == STATUS_RUNNING:
                 record["status"] = STATUS_FAILED
                 record["error"] = str(exc) or type(exc).__name__
-                run.write_record(record)
+                # On a full disk this write fails too: the error at hand is the one to report.
+                with contextlib.suppress(OSError):
+                    run.write_record(record)
         raise
 
 
@@ -1002,13 +1037,8 @@ def _train(
     if dist.is_main:
         try:
             adapter = _write_adapter(loop, identity.path)
-        except OSError as exc:
-            reason = "the disk is full" if exc.errno == errno.ENOSPC else f"{exc.strerror or exc}"
-            raise TrainError(
-                f"could not write the adapter to {run.adapter_dir}: {reason}. Training itself "
-                f"is saved in {run.checkpoints_dir}: free some space and finish with "
-                f"`shoptalk train --repo {repo} --resume --run-id {run.run_id}`"
-            ) from None
+        except Exception as exc:
+            raise _finishing_error(run, exc) from None
         seconds = state.train_seconds + state.pretrain_seconds
         record.update(_progress_fields(state))
         record.update(
@@ -1030,8 +1060,11 @@ def _train(
                 },
             }
         )
-        run.write_losses(loop.losses)
-        run.write_record(record)
+        try:
+            run.write_losses(loop.losses)
+            run.write_record(record)
+        except OSError as exc:
+            raise _finishing_error(run, exc) from None
         shutil.rmtree(run.checkpoints_dir, ignore_errors=True)
     dist.wait()
     seconds = state.train_seconds + state.pretrain_seconds

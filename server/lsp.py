@@ -9,39 +9,58 @@ user is typing through are answered from the engine's cache on the loop
 itself. Problems the user must act on (a bad setting, a damaged model) are
 shown once with `window/showMessage`; everything else goes to the log
 (stderr or a file), never to stdout, which carries the protocol.
+
+The bytes under the handlers are read by `shoptalk.server.protocol` (framing
+that survives a hostile client, one answer per request, the protocol's
+order). One process loads one model: `initialize` is accepted once, and a
+TCP server serves one client (a second connection is refused, the first
+keeps working).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import logging
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from lsprotocol import types
 from pydantic import ValidationError
+from pygls.io_ import StdoutWriter
 from pygls.lsp.server import LanguageServer
 from pygls.uris import to_fs_path
 
-from shoptalk.models.errors import ShopTalkError
-from shoptalk.models.jobs import Job
-from shoptalk.models.module_map import ModuleMap, language_for, module_map_from_tree
-from shoptalk.models.settings import PersonalSettings, ServeSettings, Settings
 from shoptalk.models.completion import Suggestion, offset_to_utf16, utf16_to_offset
 from shoptalk.models.context import Workspace
+from shoptalk.models.errors import ShopTalkError
+from shoptalk.models.jobs import Job
+from shoptalk.models.module_lookup import (
+    LookupAnswer,
+    ModuleIndex,
+    lookup_modules,
+    retriever_changed,
+    served_module_index,
+)
+from shoptalk.models.module_map import ModuleMap, language_for, module_map_from_tree
 from shoptalk.models.prompt import PromptPlan
 from shoptalk.models.registry import ModelChoice, ModelRegistry, build_backend
-from shoptalk.models.module_lookup import (
-    BASE_MODEL_WEIGHT,
-    TUNED_MODEL_WEIGHT,
-    ModuleIndex,
-    find_modules,
+from shoptalk.models.settings import PersonalSettings, ServeSettings, Settings
+from shoptalk.server.protocol import (
+    CHUNK_BYTES,
+    FrameReader,
+    ListenError,
+    Message,
+    ShopTalkProtocol,
+    serve_frames,
+    stdin_chunks,
 )
 from shoptalk.server.workspace_sync import WorkspaceSync, relative_path
 
@@ -144,8 +163,10 @@ def parse_client_options(options: Any, base: Settings) -> tuple[Settings, list[s
 class ShopTalkServer(LanguageServer):
     """The pygls server and the state behind its handlers."""
 
+    protocol: ShopTalkProtocol
+
     def __init__(self, config: ServerConfig) -> None:
-        super().__init__(SERVER_NAME, SERVER_VERSION)
+        super().__init__(SERVER_NAME, SERVER_VERSION, protocol_cls=ShopTalkProtocol)
         self.config = config
         self.settings = config.settings
         self.registry: ModelRegistry | None = None
@@ -168,6 +189,7 @@ class ShopTalkServer(LanguageServer):
         self._ready = threading.Event()
         self.learner: ContinuousLearner | None = None
         self._job_tokens: dict[int, str] = {}
+        self._has_client = False
         self.counters: dict[str, int] = {
             "requests": 0,
             "cache_hits": 0,
@@ -175,6 +197,74 @@ class ShopTalkServer(LanguageServer):
             "cancelled": 0,
             "answered": 0,
         }
+
+    # -- transports ----------------------------------------------------------
+
+    @property
+    def exit_code(self) -> int:
+        """0, or 1 when the client sent `exit` without `shutdown` first."""
+        return self.protocol.exit_code
+
+    def start_io(self, stdin: BinaryIO | None = None, stdout: BinaryIO | None = None) -> None:
+        """Serve one client over a pair of pipes until `exit` or the end of input."""
+        self._stop_event = stop_event = threading.Event()
+        self.protocol.set_writer(StdoutWriter(stdout or sys.stdout.buffer))
+        source = stdin or sys.stdin.buffer
+
+        async def serve() -> None:
+            await serve_frames(stdin_chunks(source), self.protocol, stop_event)
+
+        try:
+            asyncio.run(serve())
+        except BrokenPipeError:
+            log.error("the client closed its end of the connection; shutting down")
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.shutdown()
+
+    def start_tcp(self, host: str, port: int) -> None:
+        """Serve one client over TCP; the server ends when that client leaves.
+        Another connection meanwhile is answered with an error and closed."""
+        self._stop_event = stop_event = threading.Event()
+
+        async def serve() -> None:
+            done = asyncio.Event()
+
+            async def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                if self._has_client:
+                    await _refuse_client(reader, writer)
+                    return
+                self._has_client = True
+                log.info("a client connected from %s", writer.get_extra_info("peername"))
+                self.protocol.set_writer(writer)
+                try:
+                    await serve_frames(lambda: reader.read(CHUNK_BYTES), self.protocol, stop_event)
+                except ConnectionError as exc:
+                    log.error("the client's connection broke: %s", exc)
+                finally:
+                    writer.close()
+                    done.set()
+
+            try:
+                tcp = await asyncio.start_server(connected, host, port)
+            except OSError as exc:
+                raise ListenError(
+                    f"cannot listen on {host}:{port}: {exc.strerror or exc}; "
+                    "choose a free --port (1-65535) and an address of this machine for --host"
+                ) from None
+            self._server = tcp
+            addresses = ", ".join(str(sock.getsockname()) for sock in tcp.sockets)
+            log.info("Serving on %s", addresses)
+            async with tcp:
+                await done.wait()
+
+        try:
+            asyncio.run(serve())
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.shutdown()
 
     # -- messages ------------------------------------------------------------
 
@@ -209,6 +299,9 @@ class ShopTalkServer(LanguageServer):
     # -- model loading -------------------------------------------------------
 
     def start_loading(self, root: Path | None) -> None:
+        if self.registry is not None:
+            log.warning("the model is loaded already; one model per process")
+            return
         self._loop = asyncio.get_running_loop()
         self.workspace_root = root
         repo = self.config.repo or root
@@ -348,7 +441,8 @@ class ShopTalkServer(LanguageServer):
             log.exception("could not build the module map of %s", root)
             return
         self.module_map = module_map
-        self.module_index = ModuleIndex(module_map)
+        self.module_index = ModuleIndex(module_map)  # BM25 answers while the retriever loads
+        self.module_index = served_module_index(module_map, self._lookup_store(), self._data_dir())
         log.info("module map: %d modules in %.1fs", len(module_map), time.monotonic() - started)
 
     def update_module(self, uri: str, text: str | None) -> None:
@@ -365,7 +459,18 @@ class ShopTalkServer(LanguageServer):
             return
         updated = module_map.with_file(relative, text)
         self.module_map = updated
-        self.module_index = ModuleIndex(updated)
+        index = self.module_index
+        self.module_index = index.with_map(updated) if index else ModuleIndex(updated)
+
+    def _lookup_store(self) -> Path | None:
+        """The repository's artifact folder (its module history and served retriever)."""
+        from shoptalk.models.store import RepoStore
+
+        repo = self.config.repo or self.workspace_root
+        return RepoStore.for_repo(self._data_dir(), repo).root if repo is not None else None
+
+    def _data_dir(self) -> Path:
+        return self.settings.resolved_data_dir()
 
     # -- prompt context ----------------------------------------------------------
 
@@ -536,6 +641,44 @@ class ShopTalkServer(LanguageServer):
         loaded = registry.loaded() if registry else None
         if loaded is not None:
             loaded.engine.backend.close()
+
+
+SECOND_CLIENT = (
+    "this ShopTalk server already serves a client (one client per server); "
+    "start another `shoptalk serve --tcp --port N` for this one"
+)
+REFUSE_WAIT_S = 5.0
+
+
+async def _refuse_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answer a second TCP client's first request with an error and hang up,
+    without touching the first client's session."""
+    log.warning("refused a second client from %s", writer.get_extra_info("peername"))
+    frames = FrameReader(lambda: reader.read(CHUNK_BYTES))
+    try:
+        frame = await asyncio.wait_for(frames.next(), REFUSE_WAIT_S)
+    except (TimeoutError, ConnectionError):
+        frame = None
+    msg_id = None
+    if isinstance(frame, Message) and isinstance(frame.value, dict):
+        msg_id = frame.value.get("id")
+    if msg_id is not None:
+        error = {"code": types.LSPErrorCodes.RequestFailed.value, "message": SECOND_CLIENT}
+        answer: dict[str, Any] = {"jsonrpc": "2.0", "id": msg_id, "error": error}
+    else:
+        answer = {
+            "jsonrpc": "2.0",
+            "method": types.WINDOW_SHOW_MESSAGE,
+            "params": {"type": types.MessageType.Error.value, "message": SECOND_CLIENT},
+        }
+    body = json.dumps(answer).encode()
+    try:
+        writer.write(b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+    except ConnectionError:
+        pass
 
 
 def _root_of(params: types.InitializeParams) -> Path | None:
@@ -715,20 +858,15 @@ def create_server(config: ServerConfig) -> ShopTalkServer:
             index = ls.module_index
             if index is None:
                 return {"modules": [], "error": "the module map could not be built; see the log"}
-        registry = ls.registry
-        engine = registry.engine() if registry else None
-        loaded = registry.loaded() if registry else None
-        backend = engine.backend if engine else None
-        generate = getattr(backend, "generate_with_grammar", None)
-        weight = (
-            TUNED_MODEL_WEIGHT if loaded is not None and loaded.choice.run_id else BASE_MODEL_WEIGHT
+        if retriever_changed(index, ls._lookup_store()) and ls.workspace_root is not None:
+            ls._background.submit(ls._build_module_map, ls.workspace_root)  # a new one was promoted
+        # BM25 + the retriever (numpy, tens of ms): off the model's worker, so a
+        # running completion never delays it; the language model is left out
+        # (35-80 s per query on CPU for no gain, docs/benchmarks.md).
+        answer: LookupAnswer = await asyncio.get_running_loop().run_in_executor(
+            None, lookup_modules, query, index, None, limit
         )
-        request = _Request()  # lookups are not keystrokes: they do not make completions stale
-
-        def job() -> list[Any]:
-            return find_modules(query, index, generate, limit, model_weight=weight)
-
-        hits = await ls.run_inference(request, job) or []
+        hits = answer.hits
         root = ls.workspace_root
         modules = []
         for hit in hits:
@@ -743,9 +881,11 @@ def create_server(config: ServerConfig) -> ShopTalkServer:
                     },
                     "score": hit.score,
                     "reason": hit.reason,
+                    "confidence": hit.confidence,
                 }
             )
-        return {"modules": modules}
+        verdict = {"confidence": answer.confidence, "abstained": answer.abstained}
+        return {"modules": modules, **verdict, "message": answer.message}
 
     def _query_args(query: Any, limit: Any) -> tuple[str, int]:
         text = query if isinstance(query, str) else ""

@@ -29,8 +29,14 @@ class ServeError(ShopTalkError):
 def _configure_logging(log_file: Path | None, verbose: bool) -> None:
     handler: logging.Handler
     if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(log_file, encoding="utf-8")
+        try:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(log_file, encoding="utf-8")
+        except OSError as exc:
+            raise ServeError(
+                f"cannot write the log file {log_file}: {exc.strerror or exc}; "
+                "give --log-file a file in a folder you can write to"
+            ) from None
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -61,7 +67,7 @@ def register(app: typer.Typer) -> None:
         tcp: Annotated[
             bool, typer.Option("--tcp", help="Listen for one LSP client over TCP.")
         ] = False,
-        port: Annotated[int, typer.Option(help="TCP port.")] = 2087,
+        port: Annotated[int, typer.Option(help="TCP port.", min=1, max=65535)] = 2087,
         host: Annotated[
             str,
             typer.Option(
@@ -90,8 +96,7 @@ def register(app: typer.Typer) -> None:
 
         if stdio and tcp:
             raise ServeError("choose one of --stdio and --tcp")
-        if model is not None and not model.is_file():
-            raise ServeError(f"--model {model} does not exist; give the path of a .gguf file")
+        _check_model(model)
         settings = settings_for(repo)
         # The root command set the level from --verbose (read it here: under
         # `python -m` the CLI module's globals are a second copy).
@@ -115,6 +120,20 @@ def register(app: typer.Typer) -> None:
                     port,
                 )
             server.start_tcp(host, port)
-            return
-        stdin, stdout = _protocol_streams()
-        server.start_io(stdin, stdout)
+        else:
+            stdin, stdout = _protocol_streams()
+            server.start_io(stdin, stdout)
+        if server.exit_code:
+            # `exit` came without `shutdown` (the protocol's exit code 1).
+            raise typer.Exit(server.exit_code)
+
+
+def _check_model(model: Path | None) -> None:
+    if model is None or model.is_file():
+        return
+    if model.is_dir():
+        raise ServeError(
+            f"--model {model} is a folder; give the path of a .gguf file "
+            "(an export writes <run>/export/model-<quant>.gguf)"
+        )
+    raise ServeError(f"--model {model} does not exist; give the path of a .gguf file")

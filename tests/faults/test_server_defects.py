@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lsprotocol import types
 from test_server_e2e import SOURCE, Session, _make_workspace, start_session, stop_session
 
 from shoptalk.models.manifest import write_manifest
@@ -182,3 +183,165 @@ async def test_the_server_serves_the_fallback_on_a_damaged_pointer_and_says_so(
         assert b"Traceback" not in session.stderr
     finally:
         await stop_session(session)
+
+
+# ---- 6. one model per process, one client per TCP server ----------------------------
+
+
+@pytest.mark.asyncio
+async def test_initialize_again_is_refused_and_loads_nothing(
+    workspace: Path, data_dir: Path, model_file: Path
+) -> None:
+    session = await start_session(workspace, data_dir, model_file)
+    try:
+        await session.wait_loaded()
+        params = types.InitializeParams(
+            capabilities=types.ClientCapabilities(), root_uri=workspace.as_uri()
+        )
+        for _ in range(3):
+            with pytest.raises(Exception, match="already initialized"):
+                await session.request("initialize", params)
+        uri = await session.open("billing/invoices.py", SOURCE)
+        await session.inline(uri, 5, 4)
+        status = await session.status()
+        assert status["swaps"] == 0 and status["model"] == str(model_file)
+        assert session.stderr.count(b"model: loading") == 1, session.stderr.decode()[-3000:]
+    finally:
+        await stop_session(session)
+
+
+async def send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
+    body = json.dumps(message).encode()
+    writer.write(b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    await writer.drain()
+
+
+async def answer(reader: asyncio.StreamReader, msg_id: int) -> dict[str, Any]:
+    """The response to `msg_id` (notifications and server requests skipped)."""
+    while True:
+        header = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 60)
+        length = int(header.split(b"Content-Length:")[1].split(b"\r\n")[0])
+        message: dict[str, Any] = json.loads(await reader.readexactly(length))
+        if message.get("id") == msg_id and "method" not in message:
+            return message
+
+
+async def tcp_call(
+    connection: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    msg_id: int,
+    method: str,
+    params: Any,
+) -> dict[str, Any]:
+    reader, writer = connection
+    await send(writer, {"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params})
+    return await answer(reader, msg_id)
+
+
+async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:
+        try:
+            return await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            assert asyncio.get_running_loop().time() < deadline, "the TCP server did not start"
+            await asyncio.sleep(0.2)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.asyncio
+async def test_a_second_tcp_client_is_refused_and_the_first_keeps_working(
+    workspace: Path, data_dir: Path, model_file: Path
+) -> None:
+    port = free_port()
+    env = {**os.environ, "SHOPTALK_DATA_DIR": str(data_dir), "SHOPTALK_SERVE__THREADS": "1"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "shoptalk.models.cli", "serve", "--tcp", "--port", str(port)),
+        *("--model", str(model_file), "--poll-seconds", "0"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    init = {"processId": None, "rootUri": workspace.as_uri(), "capabilities": {}}
+    uri = (workspace / "billing" / "invoices.py").as_uri()
+    inline = {
+        "textDocument": {"uri": uri},
+        "position": {"line": 5, "character": 4},
+        "context": {"triggerKind": 2},
+    }
+    try:
+        first = await connect(port)
+        assert "capabilities" in (await tcp_call(first, 1, "initialize", init))["result"]
+        item = {"uri": uri, "languageId": "python", "version": 0, "text": SOURCE}
+        await send(first[1], {"jsonrpc": "2.0", "method": "initialized", "params": {}})
+        await send(
+            first[1],
+            {"jsonrpc": "2.0", "method": "textDocument/didOpen", "params": {"textDocument": item}},
+        )
+        for msg_id in range(2, 600):
+            if not (await tcp_call(first, msg_id, "shoptalk/status", {}))["result"]["loading"]:
+                break
+            await asyncio.sleep(0.1)
+        # A second client is told why and hung up on; it loads nothing.
+        second = await connect(port)
+        refused = await tcp_call(second, 1, "initialize", init)
+        assert "already serves a client" in refused["error"]["message"]
+        assert await asyncio.wait_for(second[0].read(), 10) == b""  # closed by the server
+        second[1].close()
+        # The first client keeps working after the second one has gone.
+        await asyncio.sleep(0.5)
+        assert "result" in await tcp_call(first, 1000, "textDocument/inlineCompletion", inline)
+        status = (await tcp_call(first, 1001, "shoptalk/status", {}))["result"]
+        assert status["swaps"] == 0 and status["error"] is None
+        assert (await tcp_call(first, 1002, "shutdown", None))["result"] is None
+        await send(first[1], {"jsonrpc": "2.0", "method": "exit", "params": None})
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        log = (await process.stderr.read()).decode() if process.stderr else ""
+    assert log.count("model: loading") == 1, log[-3000:]
+    assert "refused a second client" in log and "Traceback" not in log
+
+
+# ---- serve's command line: clear messages, no tracebacks --------------------------
+
+
+def _serve_error_cases(tmp_path: Path, busy_port: int) -> list[tuple[list[str], str]]:
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    free = str(free_port())
+    return [
+        (["--tcp", "--port", "99999"], "Invalid value for '--port'"),
+        (["--tcp", "--port", "-1"], "Invalid value for '--port'"),
+        (["--tcp", "--port", "0"], "Invalid value for '--port'"),
+        (["--tcp", "--port", str(busy_port)], f"cannot listen on 127.0.0.1:{busy_port}"),
+        (["--tcp", "--host", "999.1.1.1", "--port", free], "cannot listen on 999.1.1.1"),
+        (["--log-file", str(folder)], f"cannot write the log file {folder}"),
+        (["--log-file", str(a_file / "serve.log")], "cannot write the log file"),
+        (["--model", str(folder)], f"--model {folder} is a folder; give the path of a .gguf"),
+        (["--model", str(tmp_path / "nope.gguf")], "nope.gguf does not exist"),
+    ]
+
+
+def test_serve_refuses_bad_options_with_a_message(tmp_path: Path, data_dir: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        for args, message in _serve_error_cases(tmp_path, busy.getsockname()[1]):
+            result = run_cli("serve", *args, data_dir=data_dir)
+            assert result.returncode != 0, (args, result.stderr)
+            assert message in result.stderr, (args, result.stderr)
+            assert "Traceback" not in result.stderr, (args, result.stderr)

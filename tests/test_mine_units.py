@@ -119,6 +119,70 @@ def test_scrubber_leaves_ordinary_code_alone() -> None:
     assert clean == code and not counts
 
 
+# (line, file it is in, the secret) for credentials found by their context
+# (shoptalk.trainer.secret_rules), issue 14's leaked forms first.
+CONTEXT_LINES = [
+    ('    conn = psycopg2.connect("prod-db", "admin", "Sup3rQ9vz!")', "db.py", "Sup3rQ9vz!"),
+    ("mysql -u root -pMx0ijT4kq app < dump.sql", "README.md", "Mx0ijT4kq"),
+    ("Send mail with key-3ax6xnjp29jd6fds4gc373sgvjxteol0", "COMMIT_EDITMSG", "3ax6xnjp29jd6"),
+    ("credentials/AKIAQ7CANARY4Z2L9MBX.py", "credentials/AKIAQ7CANARY4Z2L9MBX.py", "Q7CANARY"),
+    ("ghp_Canary0Tok3nZx9Qm2Lk7Vb4Nc8Rt5Yw3P@users.example", "AUTHORS", "Canary0Tok3n"),
+    ("PASSWORD=hunter2x", "scripts/run.sh", "hunter2x"),
+    ("  password: Zq8hunter", "deploy/values.yaml", "Zq8hunter"),
+    ('{"password": "Zq8hunter"}', "config/app.json", "Zq8hunter"),
+    ("docker login -u ci -p Zq8hunter registry.example.com", "ci.sh", "Zq8hunter"),
+    ("pg_dump --password Zq8hunter app", "Makefile", "Zq8hunter"),
+    ("mysqldump --password=Zq8hunter app", "backup.sh", "Zq8hunter"),
+    ("curl -u admin:Zq8hunter https://x.example.com", "README.md", "Zq8hunter"),
+    ('C = "Server=db;User Id=sa;Password=Zq8hunter;"', "Db.cs", "Zq8hunter"),
+    ('dsn = "app:Zq8hunter@tcp(db:3306)/app"', "db.go", "Zq8hunter"),
+    ("CREATE USER app IDENTIFIED BY 'Zq8hunter';", "001.sql", "Zq8hunter"),
+    ("<password>Zq8hunter</password>", "settings.xml", "Zq8hunter"),
+    ("machine x.example.com login bot password Zq8hunter", ".netrc", "Zq8hunter"),
+    ("Rotate the staging password to Zq8hunter today", "COMMIT_EDITMSG", "Zq8hunter"),
+    ('r = requests.get(u, auth=("svc", "Zq8hunter"))', "fetch.py", "Zq8hunter"),
+    ('AUTH = HTTPBasicAuth("svc", "Zq8hunter")', "client.py", "Zq8hunter"),
+    ('h = {"Authorization": "Bearer abcDEF0123456789xyzUVW"}', "api.py", "abcDEF0123456789"),
+    ('KEY = "AIzaSyA1b2C3d4E5f6G7h8I9j0KlMnOpQrStUvW"', "maps.py", "SyA1b2C3d4E5f6"),
+    (
+        'T = "github_pat_11ABCDEFG0123456789abc_defghijklmnopqrstuvwxyz0123456789"',
+        "gh.py",
+        "11ABCDEFG0",
+    ),
+    ('T = "hf_AbCdEfGhIjKlMnOpQrStUvWxYzAbCdEfGh"', "hub.py", "AbCdEfGhIjKlMnOp"),
+]
+
+
+@pytest.mark.parametrize(("line", "filename", "secret"), CONTEXT_LINES)
+def test_context_rules_find_credentials_by_where_they_stand(
+    line: str, filename: str, secret: str
+) -> None:
+    """Issue 14: these forms passed pattern and entropy detection."""
+    from shoptalk.trainer.secret_rules import CONTEXT_HINT
+
+    assert CONTEXT_HINT.search(line)  # the prefilter lets every rule's line through
+    with SecretScrubber() as scrubber:
+        clean, counts = scrubber.scrub(line, filename)
+    assert secret not in clean and has_placeholder(clean) and sum(counts.values()) >= 1
+
+
+def test_a_password_passed_across_lines_is_found_and_repeats_are_replaced() -> None:
+    diff = '+    conn = pymysql.connect(\n+        "db",\n+        "root",\n+        "Zq8hunter",\n+    )\n'
+    with SecretScrubber() as scrubber:
+        clean, counts = scrubber.scrub(diff, "db.py")
+        assert "Zq8hunter" not in clean and counts["Password"] == 1
+        # The same password elsewhere in the commit (a message) goes too...
+        assert scrubber.scrub_value("use Zq8hunter for root", "COMMIT_EDITMSG") == (
+            "use <SECRET_PASSWORD> for root"
+        )
+        scrubber.forget()  # ...but not in the next commit's text.
+        assert scrubber.scrub_value("Zq8hunter", "x.txt") == "Zq8hunter"
+        assert scrubber.scrub_value(["a", {"k": os.fsdecode(b"caf\xe9")}]) == [
+            "a",
+            {"k": "caf\ufffd"},
+        ]
+
+
 def _completion(split: str, target: str, prefix: str = "x = 1\n") -> dict[str, object]:
     return {
         "kind": "completion",

@@ -2,9 +2,13 @@
 
 - Secrets: `detect-secrets` (its detectors only run inside a settings
   context, which `SecretScrubber` holds open) plus ShopTalk's own rules for
-  private-key blocks, high-entropy tokens and password assignments in config
-  files. A found secret is replaced by a typed placeholder (`<SECRET_…>`), and
-  the caller drops or keeps the instance per the `secrets` setting.
+  private-key blocks, high-entropy tokens, password assignments, and
+  credentials recognised by their context (`shoptalk.trainer.secret_rules`:
+  connect/login call arguments, `-p<password>` and `--password x` flags,
+  `password` in any syntax, vendor token shapes). A found secret is replaced
+  by a typed placeholder (`<SECRET_…>`) — in code, paths, messages, author
+  names and emails alike — and the caller drops or keeps the instance per
+  the `secrets` setting.
 - Dedup: test instances are removed from train and validation when an
   instance is the same up to whitespace, or nearly the same (MinHash LSH).
 - Balance: no single top-level module may fill more than a share of the
@@ -13,6 +17,7 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import math
@@ -24,6 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from types import TracebackType
 from typing import Any
+
+from shoptalk.trainer.secret_rules import (
+    call_findings,
+    is_distinctive,
+    is_placeholder,
+    line_findings,
+)
+from shoptalk.trainer.source_files import LANGUAGES
 
 PLACEHOLDER_PREFIX = "<SECRET_"
 _PLACEHOLDER = re.compile(r"<SECRET_[A-Z0-9_]+>")
@@ -41,11 +54,12 @@ _SECRET_NAME = (
 _QUOTED_ASSIGNMENT = re.compile(
     rf"(?i)\b{_SECRET_NAME}[\"']?\s*(?:=|:=|:|=>|==)\s*[rbuf]?([\"'])([^\"'\s]{{3,}})\1"
 )
-# (a diff's +/- marker may stand first)
-_CONFIG_ASSIGNMENT = re.compile(
-    rf"(?i)^[+-]?\s*(?:export\s+)?{_SECRET_NAME}\s*[=:]\s*([^\s#\"']{{3,}})"
-)
 _CONFIG_SUFFIXES = {".env", ".ini", ".cfg", ".conf", ".properties", ".yaml", ".yml", ".toml"}
+# Where `name: value` assigns too (secret_rules), beyond the files above.
+_KEY_VALUE_SUFFIXES = _CONFIG_SUFFIXES | {".json", ".cnf", ".npmrc", ".pypirc", ".netrc", ".pgpass"}
+# Program text: an unquoted value there is a name or a call unless it looks
+# like a literal (shell scripts and SQL are not counted as such programs).
+_CODE_SUFFIXES = frozenset(LANGUAGES) - {".sh", ".sql"}
 # Values that are obviously not secrets: templates, references, placeholders.
 _NOT_A_SECRET = re.compile(
     r"(?i)^(?:<.*>|\$\{?.*|.*\{.*\}.*|%\(.*|.*%s.*|none|null|nil|true|false|x+|\*+)$"
@@ -112,8 +126,14 @@ def placeholder_for(secret_type: str) -> str:
 
 @dataclass(frozen=True)
 class Finding:
+    """A secret on a line: `value` is replaced wherever it occurs on the
+    line (widened to its token), or — when `start` >= 0 — exactly at
+    line[start:end] (context rules know where a value begins and ends)."""
+
     type: str
     value: str
+    start: int = -1
+    end: int = -1
 
 
 class SecretScrubber:
@@ -125,6 +145,7 @@ class SecretScrubber:
     def __init__(self) -> None:
         self._stack = contextlib.ExitStack()
         self._cache: dict[tuple[str, str], tuple[Finding, ...]] = {}
+        self._known: dict[str, str] = {}  # secret text replaced since `forget` -> type
         self._detect: Callable[[list[tuple[int, str]], str], Iterable[Any]] | None = None
 
     def __enter__(self) -> SecretScrubber:
@@ -152,13 +173,22 @@ class SecretScrubber:
         if self._detect is None:
             raise RuntimeError("SecretScrubber must be used inside `with`")
         found: list[Finding] = []
+        if line.strip():
+            # (on the line as it is: the spans they give are replaced there)
+            context = line_findings(
+                line,
+                code=suffix in _CODE_SUFFIXES,
+                config=suffix in _KEY_VALUE_SUFFIXES or suffix.startswith(".env"),
+                filename=suffix,
+            )
+            found += (Finding(kind, line[a:b], a, b) for kind, a, b in context)
         # Placeholders from an earlier pass are not secrets themselves.
         line = _PLACEHOLDER.sub("<>", line) if PLACEHOLDER_PREFIX in line else line
         if line.strip() and may_hold_secret(line):
             scan_name = f"snippet{suffix}" if suffix.startswith(".") else filename
             for secret in self._detect([(1, line)], scan_name):
                 value = secret.secret_value
-                if value:
+                if value and not (secret.type == "Secret Keyword" and is_placeholder(value)):
                     found.append(Finding(secret.type, value))
             for match in _TOKEN.finditer(line):
                 if is_high_entropy_token(match.group(0)):
@@ -166,10 +196,6 @@ class SecretScrubber:
             for match in _QUOTED_ASSIGNMENT.finditer(line):
                 if not _NOT_A_SECRET.match(match.group(2)):
                     found.append(Finding("Password", match.group(2)))
-            if suffix in _CONFIG_SUFFIXES or suffix.startswith(".env"):
-                config = _CONFIG_ASSIGNMENT.match(line)
-                if config and not _NOT_A_SECRET.match(config.group(1)):
-                    found.append(Finding("Password", config.group(1)))
         result = tuple(found)
         if len(self._cache) > 200_000:
             self._cache.clear()
@@ -204,29 +230,114 @@ class SecretScrubber:
         if pure.name.lower().startswith(".env"):
             suffix = ".env"
         lines = text.split("\n")
+        calls = _call_findings_by_line(text, lines)
         changed = False
         for index, line in enumerate(lines):
-            findings = self._line_findings(line, filename, suffix)
+            findings = self._line_findings(line, filename, suffix) + calls.get(index, ())
             if not findings:
                 continue
-            new_line = line
-            for finding in findings:
-                new_line, replaced = _replace_secret(new_line, finding)
-                if replaced and counted(index + 1):
-                    counts[finding.type] += 1
+            new_line, hits = _replace_findings(line, findings)
+            for kind, secrets in hits:
+                if counted(index + 1):
+                    counts[kind] += 1
+                for secret in secrets:
+                    if is_distinctive(secret):
+                        self._known[secret] = kind
             if new_line != line:
                 lines[index] = new_line
                 changed = True
         return ("\n".join(lines) if changed else text), counts
 
+    def forget(self) -> None:
+        """Forget the secrets replaced so far (`scrub_known` no longer
+        replaces them): called between commits."""
+        self._known.clear()
 
-def _replace_secret(line: str, finding: Finding) -> tuple[str, bool]:
+    def scrub_known(self, text: str) -> str:
+        """`text` with every secret replaced since `forget` replaced here too,
+        wherever it stands (a password found in a config file and also typed
+        into the commit message, or into a path)."""
+        for secret, kind in self._known.items():
+            if secret in text:
+                text = text.replace(secret, placeholder_for(kind))
+        return text
+
+    def scrub_value(self, value: Any, filename: str = "") -> Any:
+        """`value` with every string in it scrubbed (lists and dicts are walked,
+        their keys included) — placeholders replace the secrets — and made
+        valid UTF-8 (a stray undecodable byte becomes U+FFFD)."""
+        if isinstance(value, str):
+            clean, _ = self.scrub(value, filename, count_lines=set())
+            return _valid_utf8(self.scrub_known(clean))
+        if isinstance(value, list | tuple):
+            return [self.scrub_value(item, filename) for item in value]
+        if isinstance(value, dict):
+            return {
+                self.scrub_value(key, filename): self.scrub_value(item, filename)
+                for key, item in value.items()
+            }
+        return value
+
+
+def _call_findings_by_line(text: str, lines: list[str]) -> dict[int, tuple[Finding, ...]]:
+    """Password arguments of connect/login calls (which may span lines, so
+    they are found on the whole text), as findings of the lines they are on."""
+    spans = call_findings(text)
+    if not spans:
+        return {}
+    starts = [0]
+    for line in lines[:-1]:
+        starts.append(starts[-1] + len(line) + 1)
+    by_line: dict[int, tuple[Finding, ...]] = {}
+    for kind, start, end in spans:
+        index = bisect.bisect_right(starts, start) - 1
+        a, b = start - starts[index], end - starts[index]
+        by_line[index] = (*by_line.get(index, ()), Finding(kind, lines[index][a:b], a, b))
+    return by_line
+
+
+def _replace_findings(
+    line: str, findings: Iterable[Finding]
+) -> tuple[str, list[tuple[str, list[str]]]]:
+    """`line` with its findings replaced — those with a place exactly there
+    (right to left; one overlapping another is skipped), the others wherever
+    their value occurs — and, per finding that replaced anything, its type
+    and the texts it replaced."""
+    hits: list[tuple[str, list[str]]] = []
+    placed = sorted((f for f in findings if f.start >= 0), key=lambda f: (-f.start, f.end))
+    limit = len(line)
+    for finding in placed:
+        if finding.end > limit or finding.start >= finding.end:
+            continue
+        hits.append((finding.type, [line[finding.start : finding.end]]))
+        line = line[: finding.start] + placeholder_for(finding.type) + line[finding.end :]
+        limit = finding.start
+    for finding in findings:
+        if finding.start < 0:
+            line, secrets = _replace_secret(line, finding)
+            if secrets:
+                hits.append((finding.type, secrets))
+    return line, hits
+
+
+def _valid_utf8(text: str) -> str:
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return text
+
+
+def _replace_secret(line: str, finding: Finding) -> tuple[str, list[str]]:
     """Replace each occurrence of the finding, widened to the whole token it
     sits in (detect-secrets reports only the prefix of some tokens, e.g.
-    `ghp` for a GitHub token)."""
+    `ghp` for a GitHub token); also returns the texts replaced."""
     start = line.find(finding.value)
+    replaced: list[str] = []
     if start < 0:
-        return line, False
+        return line, replaced
     placeholder = placeholder_for(finding.type)
     while start >= 0:
         end = start + len(finding.value)
@@ -234,9 +345,10 @@ def _replace_secret(line: str, finding: Finding) -> tuple[str, bool]:
             start -= 1
         while end < len(line) and _TOKEN_CHAR.match(line[end]):
             end += 1
+        replaced.append(line[start:end])
         line = line[:start] + placeholder + line[end:]
         start = line.find(finding.value, start + len(placeholder))
-    return line, True
+    return line, replaced
 
 
 def has_placeholder(text: str) -> bool:

@@ -10,8 +10,9 @@
 - test_pair: code under test → the test code added beside it;
 - doc_modules: documentation text → the modules it mentions.
 
-Records carry `author_name`/`author_email`/`author_time` until the dataset is
-built, when they are replaced by the merged author id.
+Records carry `author_time` until the dataset is built; the author is
+identified by the commit (its merged author id is set then). Author names and
+emails are never part of a record.
 """
 
 from __future__ import annotations
@@ -144,8 +145,6 @@ def base_record(kind: str, commit: Commit, path: str, language: str | None) -> d
     return {
         "kind": kind,
         "commit": commit.sha,
-        "author_name": commit.author_name,
-        "author_email": commit.author_email,
         "author_time": commit.author_time,
         "author_date": commit.author_date,
         "path": path,

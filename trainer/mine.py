@@ -19,6 +19,7 @@ Entry point for other stages (the watcher calls it after each commit):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -85,7 +86,8 @@ from shoptalk.trainer.splits import CommitPoint, parse_cutoff, plan_splits
 log = logging.getLogger(__name__)
 
 # Bump when instance extraction changes: cached instances are then re-mined.
-EXTRACTION_VERSION = 2  # 2: exact paths (git quoting, no trailing tab)
+# 2: exact paths (git quoting, no trailing tab); 3: secrets scrubbed in every field
+EXTRACTION_VERSION = 3
 STATE_VERSION = 1
 IGNORE_FILE = ".shoptalkignore"
 MIN_MASS_CHANGE_FILES = 20
@@ -93,7 +95,12 @@ KINDS = ("completion", "module_lookup", "commit_message", "test_pair", "doc_modu
 SPLIT_NAMES = ("train", "validation", "test")
 # Fields a record carries only until the dataset is built.
 _INTERNAL = ("author_name", "author_email", "author_time")
-_TEXT_FIELDS = ("prefix", "target", "suffix", "prompt", "query")
+# Fields of an instance that hold no text from the repository (everything
+# else — texts, path, module ids, symbol — is scrubbed for secrets).
+_STRUCTURAL_FIELDS = frozenset(
+    {"id", "kind", "split", "commit", "author_id", "author_time", "author_date", "language"}
+    | {"source", "line", "masked_tokens", "modification"}
+)
 # The manifest names its producer, so that only a folder ShopTalk wrote is
 # ever replaced (`--out`); older datasets are known by the keys they hold.
 DATASET_PRODUCER = "shoptalk mine"
@@ -232,8 +239,10 @@ def mass_change_threshold(counts: list[int], factor: float) -> float:
 # ---- state: what was mined already ------------------------------------------------
 
 
-def _branch_key(branch: str) -> str:
-    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in branch)[:60]
+def _branch_key(branch: str, label: str) -> str:
+    """The state folder's name: readable from `label` (the branch name with
+    any secret replaced), unique by a hash of the name itself."""
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in label)[:60]
     return f"{safe}-{hashlib.sha1(branch.encode()).hexdigest()[:8]}"
 
 
@@ -320,8 +329,34 @@ class _Context:
     module_of_path: dict[str, str]
 
 
-def _text_fields(record: dict[str, Any]) -> list[str]:
-    return [f for f in _TEXT_FIELDS if isinstance(record.get(f), str)]
+def _holds_placeholder(value: Any) -> bool:
+    if isinstance(value, str):
+        return has_placeholder(value)
+    return isinstance(value, list) and any(_holds_placeholder(v) for v in value)
+
+
+def _scrub_record(record: dict[str, Any], scrubber: SecretScrubber) -> bool:
+    """Scrub every field of an instance but its structural ones (ids, shas,
+    dates, numbers): texts, path, module ids, symbol — and replace there any
+    secret found elsewhere in the commit. True when it holds a placeholder."""
+    context = str(record.get("path", ""))
+    touched = False
+    for name, value in record.items():
+        if name in _STRUCTURAL_FIELDS or not isinstance(value, str | list):
+            continue
+        record[name] = scrubber.scrub_value(value, context)
+        touched = touched or _holds_placeholder(record[name])
+    return touched
+
+
+def _path_secrets(changes: list[FileChange], scrubber: SecretScrubber) -> Counter[str]:
+    """Secrets in the names of files a commit adds or renames (counted once,
+    by that commit; the names are replaced in every field later)."""
+    found: Counter[str] = Counter()
+    for change in changes:
+        if change.new_path is not None and (change.old_path is None or change.renamed):
+            found.update(scrubber.scrub(change.new_path, change.new_path)[1])
+    return found
 
 
 def _mine_commit(commit: Commit, ctx: _Context) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -329,7 +364,8 @@ def _mine_commit(commit: Commit, ctx: _Context) -> tuple[list[dict[str, Any]], d
     settings = ctx.settings
     kinds = set(settings.kinds)
     skipped: Counter[str] = Counter()
-    secrets: Counter[str] = Counter()
+    ctx.scrubber.forget()  # secrets of earlier commits are not looked for here
+    secrets: Counter[str] = _path_secrets(commit.files, ctx.scrubber)
     sources: list[SourceFile] = []
     docs: list[SourceFile] = []
     diff_changes: list[FileChange] = []
@@ -436,13 +472,10 @@ def _mine_commit(commit: Commit, ctx: _Context) -> tuple[list[dict[str, Any]], d
     kept: list[dict[str, Any]] = []
     dropped = scrubbed = 0
     for record in records:
-        # Last line of defence: every text field of every instance is scanned
-        # again (contexts were cut from scrubbed text, so this rarely finds more).
-        touched = False
-        for name in _text_fields(record):
-            clean, _ = ctx.scrubber.scrub(record[name], record["path"], count_lines=set())
-            record[name] = clean
-            touched = touched or has_placeholder(record[name])
+        # Every field of every instance is scanned again: contexts were cut
+        # from scrubbed text, but paths, module ids and symbols were not, and a
+        # secret found in one file is replaced wherever the commit repeats it.
+        touched = _scrub_record(record, ctx.scrubber)
         if touched and settings.secrets == "drop":
             dropped += 1
             continue
@@ -667,9 +700,29 @@ def build_dataset(
             "shards": shards,
             **extra,
         }
+        manifest = _scrub_manifest(manifest)
         write_json_atomic(tmp / "manifest.json", manifest)
         os.chmod(tmp / "manifest.json", 0o666 & ~_umask())  # as the shards (not 0600)
     return manifest
+
+
+# Manifest entries that hold no text from the repository's history: the
+# user's own path and settings, hashes, dates and numbers (kept as they are:
+# they identify the dataset).
+_MANIFEST_AS_IS = frozenset(
+    {"producer", "format", "repo", "head", "created_at", "commit_range", "cutoff"}
+    | {"validation_from", "total", "mass_change_threshold", "config", "shards"}
+)
+
+
+def _scrub_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Every other entry (branch, authors, warnings, module names...) with any
+    secret replaced, keys included."""
+    with SecretScrubber() as scrubber:
+        return {
+            key: value if key in _MANIFEST_AS_IS else scrubber.scrub_value(value, "manifest.json")
+            for key, value in manifest.items()
+        }
 
 
 def _current_manifest(dataset_dir: Path, tip: str, settings: MineSettings) -> dict[str, Any] | None:
@@ -766,6 +819,37 @@ def _folder_mode(folder: Path) -> int:
         return 0o777 & ~_umask()
 
 
+def _scrub_history_labels(
+    summaries: list[CommitSummary], branch: str
+) -> tuple[list[CommitSummary], str]:
+    """Author names and emails, and the branch name, with any secret replaced:
+    they reach the manifest, the alias cache and folder names (a token typed
+    as an email address is a secret like any other)."""
+    clean: dict[tuple[str, str], tuple[str, str]] = {}
+    with SecretScrubber() as scrubber:
+        for summary in summaries:
+            key = (summary.author_name, summary.author_email)
+            if key not in clean:
+                clean[key] = (
+                    scrubber.scrub_value(summary.author_name, "AUTHORS"),
+                    scrubber.scrub_value(summary.author_email, "AUTHORS"),
+                )
+        label = scrubber.scrub_value(branch, "BRANCH")
+    scrubbed: list[CommitSummary] = []
+    for summary in summaries:
+        name, email = clean[(summary.author_name, summary.author_email)]
+        scrubbed.append(dataclasses.replace(summary, author_name=name, author_email=email))
+    return scrubbed, label
+
+
+def _scrub_texts(texts: list[str]) -> list[str]:
+    """Messages for the user (warnings) with any secret replaced."""
+    if not texts:
+        return texts
+    with SecretScrubber() as scrubber:
+        return [scrubber.scrub_value(text, "WARNING") for text in texts]
+
+
 # ---- the entry point -----------------------------------------------------------------
 
 Progress = Callable[[int, int], None]
@@ -806,6 +890,7 @@ def mine_repository(
         max_line_chars=settings.max_line_chars,
     )
     summaries = list_commits(repo, tip, settings.since, settings.until, alias_file)
+    summaries, branch_label = _scrub_history_labels(summaries, branch)
     if not summaries:
         raise MineError(
             f"no commits to mine on {branch} of {repo} in the range asked "
@@ -814,7 +899,7 @@ def mine_repository(
     store = RepoStore.for_repo(data_dir, repo)
     if target is None:
         _safe_out_dir(store.dataset_dir, chosen=False)
-    state_dir = store.root / "mine-state" / _branch_key(branch)
+    state_dir = store.root / "mine-state" / _branch_key(branch, branch_label)
     config_hash = _config_hash(settings, ignore_text, alias_file)
     state = None if full else MineState.load(state_dir)
     fresh = state is None or state.config_hash != config_hash
@@ -880,8 +965,9 @@ def mine_repository(
         state.batches.append(state.write_batch(new_records))
     # The state names its batches; it is saved only after they are complete,
     # then files it no longer names (replaced, or left by a killed run) go.
-    state.save(repo, branch)
+    state.save(repo, branch_label)
     state.remove_stray_batches()
+    warnings = _scrub_texts(warnings)
     dataset_dir = target or store.dataset_dir
     up_to_date = _current_manifest(dataset_dir, tip, settings)
     if up_to_date is not None and not todo and not removed and not fresh:
@@ -905,7 +991,7 @@ def mine_repository(
         state,
         settings,
         repo=repo,
-        branch=branch,
+        branch=branch_label,
         tip=tip,
         extra=extra,
     )

@@ -7,21 +7,55 @@ does. A `kill -9`, a file size limit or a crash hits only that child, and the
 test sees its exit status (-9 when killed) and its output (stdout and stderr
 together, through a pipe: a file size limit does not apply to pipes).
 
+Every child also reports each attempt to reach another machine (an audit
+hook on socket connects, sends and name look-ups; loopback and Unix sockets
+are fine): a line starting with `NETWORK` in its output.
+
 Fork safety: the server process computes nothing before forking, so no
 thread pool (OpenMP, llama.cpp) exists yet that a child could inherit.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import traceback
 from pathlib import Path
 from typing import Any
+
+NETWORK = "NETWORK"
+_NETWORK_EVENTS = ("socket.connect", "socket.sendto", "socket.sendmsg", "socket.getaddrinfo")
+
+
+def _is_local(address: Any) -> bool:
+    if isinstance(address, str | bytes):  # a Unix socket path
+        return True
+    host = str(address[0]) if isinstance(address, tuple) and address else str(address)
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _report_network(event: str, args: tuple[Any, ...]) -> None:
+    if event not in _NETWORK_EVENTS:
+        return
+    if event == "socket.getaddrinfo":
+        address: Any = (args[0],)
+    else:
+        sock, address = args[0], args[1]
+        if getattr(sock, "family", None) == socket.AF_UNIX:
+            return
+    if not _is_local(address):
+        os.write(2, f"{NETWORK} {event} {address!r}\n".encode())
 
 
 class ForkedCli:
@@ -80,6 +114,7 @@ def _child(job: dict[str, Any], write: int) -> None:
         _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
         resource.setrlimit(resource.RLIMIT_FSIZE, (job["file_limit"], hard))
     signal.alarm(job["timeout"])  # a hung command ends (SIGALRM) instead of the test
+    sys.addaudithook(_report_network)
     from shoptalk.models.cli import main
 
     code = 0

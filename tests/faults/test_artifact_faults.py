@@ -7,7 +7,8 @@ or the process is killed (`kill -9`), while ShopTalk writes
 - the evaluation report (`shoptalk eval`),
 - the promoted-model pointer `current.json` (`shoptalk models rollback`).
 
-Every fault is real and hits the real CLI, run as a subprocess. The
+Every fault is real and hits the real CLI, each command its own process
+(forked from one that has imported torch once: `forked_cli.py`). The
 `SHOPTALK_FAULT_INJECT` hook of `shoptalk.models.files` SIGKILLs the process
 at the chosen moment of a write, or sets its file size limit to 0 bytes
 there (RLIMIT_FSIZE: from then on the kernel fails every write with EFBIG, as
@@ -15,7 +16,8 @@ on a full disk); one case sets a size limit from the start instead, so that
 torch's own writer is the one that fails. After each fault: every file under
 a final name is whole (it parses), the user's repository is untouched, a
 full disk gets a message without a traceback, and the next run completes and
-removes what killed runs left behind.
+removes what killed runs left behind. And no command, faulted or not, tries
+to reach another machine (`forked_cli` reports any socket that would).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from forked_cli import ForkedCli
+from forked_cli import NETWORK, ForkedCli
 from test_train import memorisable
 from tiny_models import place_base_gguf
 
@@ -68,7 +70,10 @@ def shoptalk(
     env = {k: v for k, v in os.environ.items() if k != FAULT_ENV}
     if fault is not None:
         env[FAULT_ENV] = fault
-    return cli.run(["--data-dir", str(data_dir), *args], env, file_limit=file_limit)
+    done = cli.run(["--data-dir", str(data_dir), *args], env, file_limit=file_limit)
+    # Whatever happens, nothing is sent anywhere.
+    assert NETWORK not in done.stderr, done.stderr[-3000:]
+    return done
 
 
 def tree_state(root: Path) -> dict[str, tuple[int, str]]:

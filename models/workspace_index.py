@@ -22,7 +22,6 @@ one lock guards updates and queries.
 
 from __future__ import annotations
 
-import heapq
 import logging
 import math
 import os
@@ -33,6 +32,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from shoptalk.models.exclusion import (
     Exclusion,
@@ -49,7 +49,7 @@ CHUNK_LINES = 16
 CHUNK_STRIDE = 8
 # Postings read per query at most (rarest identifiers first: the common ones,
 # whose postings are long, weigh little anyway).
-MAX_POSTINGS_VISITED = 200_000
+MAX_POSTINGS_VISITED = 2_000_000
 RECENT_FILES = 32
 # Postings are rebuilt once dead windows pass this and the live ones.
 COMPACT_MIN_DEAD = 4096
@@ -110,7 +110,7 @@ class IndexLimits:
     as `cap` and left out)."""
 
     max_files: int = 20_000
-    max_bytes: int = 48_000_000
+    max_bytes: int = 32_000_000
     max_file_bytes: int = 1_000_000
     max_line_chars: int = 1000
 
@@ -158,6 +158,7 @@ class WorkspaceIndex:
         self._chunks: list[_Chunk | None] = []
         self._live = 0
         self._total_size = 0
+        self._sizes = array("I")  # identifiers per window (0: dead), for BM25
         self._recent: OrderedDict[str, None] = OrderedDict()
         self._lines: OrderedDict[str, list[str]] = OrderedDict()
 
@@ -313,6 +314,7 @@ class WorkspaceIndex:
             return None
         chunk_id = len(self._chunks)
         self._chunks.append(_Chunk(path, start, end, array("I", tokens)))
+        self._sizes.append(len(tokens))
         for token in tokens:
             self._df[token] += 1
             self._postings[token].append(chunk_id)
@@ -333,6 +335,7 @@ class WorkspaceIndex:
             self._live -= 1
             self._total_size -= len(chunk.tokens)
             self._chunks[chunk_id] = None
+            self._sizes[chunk_id] = 0
         entry.chunks = []
 
     def _maybe_compact(self) -> None:
@@ -347,6 +350,7 @@ class WorkspaceIndex:
                 old_to_new[old_id] = len(chunks)
                 chunks.append(chunk)
         self._chunks = chunks
+        self._sizes = array("I", (len(c.tokens) for c in chunks if c is not None))
         self._postings = [array("I") for _ in self._df]
         for chunk_id, chunk in enumerate(chunks):
             assert chunk is not None
@@ -425,11 +429,6 @@ class WorkspaceIndex:
             chunk.path, chunk.start, chunk.end, "\n".join(lines[chunk.start : chunk.end]), score
         )
 
-    def _norm(self, chunk: _Chunk) -> float:
-        average = self._total_size / self._live if self._live else 1.0
-        length = len(chunk.tokens) / average if average else 1.0
-        return (BM25_K1 + 1.0) / (1.0 + BM25_K1 * (1.0 - BM25_B + BM25_B * length))
-
     def search(
         self,
         query: Iterable[str],
@@ -438,36 +437,47 @@ class WorkspaceIndex:
     ) -> list[Window]:
         """The `limit` windows that best match the identifiers in `query`
         (BM25), best first; `skip(path, start, end)` leaves windows out."""
+        import numpy as np
+
         with self._lock:
             if not self._live or limit <= 0:
                 return []
             terms = sorted(
                 {self._ids[t] for t in query if t in self._ids}, key=self._df.__getitem__
             )
-            scores: dict[int, float] = {}
+            postings: list[Any] = []
+            weights: list[Any] = []
             visited = 0
             for term in terms:
                 df = self._df[term]
+                posting = self._postings[term]
                 if df == 0:
                     continue
-                posting = self._postings[term]
-                if scores and visited + len(posting) > MAX_POSTINGS_VISITED:
+                if postings and visited + len(posting) > MAX_POSTINGS_VISITED:
                     break
                 visited += len(posting)
                 weight = math.log(1.0 + (self._live - df + 0.5) / (df + 0.5))
-                for chunk_id in posting:
-                    scores[chunk_id] = scores.get(chunk_id, 0.0) + weight
-            weighted = [
-                (score * self._norm(chunk), chunk_id)
-                for chunk_id, score in scores.items()
-                if (chunk := self._chunks[chunk_id]) is not None
-            ]
-            # Most queries need only the head; skipped windows may need more.
-            head = 4 * limit + 32
-            found = self._take(heapq.nlargest(head, weighted), limit, skip)
-            if len(found) < limit < len(weighted) and len(weighted) > head:
-                found = self._take(sorted(weighted, reverse=True), limit, skip)
-            return found
+                postings.append(np.frombuffer(posting, dtype=np.uint32).astype(np.int64))
+                weights.append(np.full(len(posting), weight))
+            if not postings:
+                return []
+            sizes = np.frombuffer(self._sizes, dtype=np.uint32).astype(np.float64)
+            scores = np.bincount(
+                np.concatenate(postings), np.concatenate(weights), minlength=len(sizes)
+            )
+            average = self._total_size / self._live
+            norm = (BM25_K1 + 1.0) / (1.0 + BM25_K1 * (1.0 - BM25_B + BM25_B * sizes / average))
+            scores = np.where(sizes > 0, scores * norm, 0.0)
+            found: list[Window] = []
+            candidates = int(np.count_nonzero(scores))
+            head = min(candidates, 4 * limit + 32)
+            while True:
+                order = np.argpartition(-scores, head - 1)[:head] if head else []
+                ranked = sorted(((float(scores[i]), int(i)) for i in order), reverse=True)
+                found = self._take(ranked, limit, skip)
+                if len(found) >= limit or head >= candidates:
+                    return found
+                head = min(candidates, head * 4)  # skipped windows: look further
 
     def _take(
         self,

@@ -62,6 +62,7 @@ from shoptalk.server.protocol import (
     serve_frames,
     stdin_chunks,
 )
+from shoptalk.server.repository import LoadSettings, find_repository, repository_settings
 from shoptalk.server.workspace_sync import WorkspaceSync, relative_path
 
 if TYPE_CHECKING:
@@ -89,6 +90,9 @@ class ServerConfig:
     repo: Path | None = None  # None: the workspace root sent by the client
     model: Path | None = None  # served instead of the default base when nothing is promoted
     poll_s: float = PROMOTION_POLL_S
+    # The settings of a repository found from the workspace (`--repo`'s layers);
+    # None: `settings` as they are.
+    load_settings: LoadSettings | None = None
 
 
 @dataclass
@@ -173,6 +177,9 @@ class ShopTalkServer(LanguageServer):
         self.module_map: ModuleMap | None = None
         self.module_index: ModuleIndex | None = None
         self.workspace_root: Path | None = None
+        self.repo: Path | None = None  # whose promoted model and shoptalk.toml are used
+        self._client_options: Any = None
+        self._looked_for_repo = False
         self.workspace_sync: WorkspaceSync | None = None  # the index for prompt context
         self.last_completion: dict[str, Any] | None = None  # `shoptalk/lastPrompt`
         self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shoptalk-infer")
@@ -298,13 +305,13 @@ class ShopTalkServer(LanguageServer):
 
     # -- model loading -------------------------------------------------------
 
-    def start_loading(self, root: Path | None) -> None:
+    def start_loading(self, root: Path | None, repo: Path | None) -> None:
         if self.registry is not None:
             log.warning("the model is loaded already; one model per process")
             return
         self._loop = asyncio.get_running_loop()
         self.workspace_root = root
-        repo = self.config.repo or root
+        self.repo = repo
         self.registry = ModelRegistry(
             repo,
             self.settings,
@@ -316,10 +323,64 @@ class ShopTalkServer(LanguageServer):
         if root is not None:
             self._background.submit(self._build_module_map, root)
         self.sync_workspace(root)
-        if repo is not None and self.config.poll_s > 0:
+        self._follow(repo)
+
+    def _follow(self, repo: Path | None) -> None:
+        """Poll for promotions of `repo` and, with serve.watch, retrain on its commits."""
+        if repo is None:
+            return
+        if self.config.poll_s > 0 and self._poll_task is None:
             self._poll_task = asyncio.ensure_future(self._poll_promotions())
-        if repo is not None and self.settings.serve.watch:
+        if self.settings.serve.watch and self.learner is None:
             self._start_watching(repo)
+
+    # -- the repository and its settings ------------------------------------------
+
+    def settings_for(self, repo: Path | None) -> Settings:
+        """The settings for `repo` (its shoptalk.toml in the usual layers when
+        the server found it itself) with the client's options on top."""
+        base = self.config.settings
+        loader = self.config.load_settings
+        if repo is not None and self.config.repo is None and loader is not None:
+            base, problem = repository_settings(repo, loader, base)
+            if problem is not None:
+                self.show_once(problem, types.MessageType.Error)
+        settings, problems = parse_client_options(self._client_options, base)
+        if problems:
+            self.show_once(
+                "ShopTalk: some settings were ignored (defaults used): " + "; ".join(problems)
+            )
+        return settings
+
+    def repository_of(self, root: Path | None) -> Path | None:
+        """`--repo`, else the work tree around the workspace folder, else the folder."""
+        if self.config.repo is not None or root is None:
+            return self.config.repo
+        return find_repository(root) or root
+
+    def adopt_repository(self, uri: str) -> None:
+        """With no workspace folder, the first opened document's repository
+        becomes the served one: its settings, promoted model and module map."""
+        self._looked_for_repo = True
+        path = to_fs_path(uri)
+        repo = find_repository(Path(path)) if path else None
+        registry = self.registry
+        if repo is None or registry is None:
+            return
+        log.info("serving the repository %s (of %s)", repo, path)
+        self.settings = self.settings_for(repo)
+        self.repo = self.workspace_root = repo
+        registry.repo = repo
+        registry.update_settings(self.settings)
+
+        def reload() -> None:
+            self._ready.wait()  # after the first load, never beside it
+            registry.load()
+
+        self._background.submit(reload)
+        self._background.submit(self._build_module_map, repo)
+        self.sync_workspace(repo)
+        self._follow(repo)
 
     # -- continuous learning -----------------------------------------------------
 
@@ -466,7 +527,7 @@ class ShopTalkServer(LanguageServer):
         """The repository's artifact folder (its module history and served retriever)."""
         from shoptalk.models.store import RepoStore
 
-        repo = self.config.repo or self.workspace_root
+        repo = self.repo
         return RepoStore.for_repo(self._data_dir(), repo).root if repo is not None else None
 
     def _data_dir(self) -> Path:
@@ -707,14 +768,12 @@ def create_server(config: ServerConfig) -> ShopTalkServer:
 
     @server.feature(types.INITIALIZE)
     def initialize(ls: ShopTalkServer, params: types.InitializeParams) -> None:
-        settings, problems = parse_client_options(params.initialization_options, ls.settings)
-        ls.settings = settings
-        if problems:
-            ls._loop = asyncio.get_running_loop()
-            ls.show_once(
-                "ShopTalk: some settings were ignored (defaults used): " + "; ".join(problems)
-            )
-        ls.start_loading(_root_of(params))
+        ls._loop = asyncio.get_running_loop()
+        ls._client_options = params.initialization_options
+        root = _root_of(params)
+        repo = ls.repository_of(root)
+        ls.settings = ls.settings_for(repo)
+        ls.start_loading(root, repo)
 
     @server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
     def did_change_configuration(
@@ -734,6 +793,8 @@ def create_server(config: ServerConfig) -> ShopTalkServer:
 
     @server.feature(types.TEXT_DOCUMENT_DID_OPEN)
     def did_open(ls: ShopTalkServer, params: types.DidOpenTextDocumentParams) -> None:
+        if ls.repo is None and not ls._looked_for_repo:
+            ls.adopt_repository(params.text_document.uri)
         if ls.workspace_sync is not None:
             ls.workspace_sync.document(params.text_document.uri, params.text_document.text)
         ls.schedule_prefill(params.text_document.uri, None, 0.0)
@@ -922,6 +983,8 @@ def create_server(config: ServerConfig) -> ShopTalkServer:
         info["modules"] = len(ls.module_map) if ls.module_map is not None else None
         info["index"] = ls.workspace_sync.stats() if ls.workspace_sync is not None else None
         info["counters"] = dict(ls.counters)
+        info["repo"] = str(ls.repo) if ls.repo is not None else None
+        info["serve"] = ls.settings.serve.model_dump(mode="json")
         info.update(_training_status(ls))
         return info
 
@@ -954,7 +1017,7 @@ def _percent(progress: float | None) -> int:
 
 def _training_status(ls: ShopTalkServer) -> dict[str, Any]:
     """The last training job and the queue length from the continuous-learning queue."""
-    repo = ls.config.repo or ls.workspace_root
+    repo = ls.repo
     try:
         from shoptalk.models.jobs import ACTIVE_STATES, JobQueue
 

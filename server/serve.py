@@ -109,6 +109,7 @@ def register(app: typer.Typer) -> None:
             repo=repo.resolve() if repo else None,
             model=model.resolve() if model else None,
             poll_s=poll_seconds,
+            load_settings=settings_for,
         )
         server = create_server(config)
         if tcp:

@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import pytest_asyncio
@@ -154,7 +154,10 @@ async def start_session(
     model: Path | None,
     init_options: dict[str, Any] | None = None,
     extra_args: tuple[str, ...] = (),
+    root: Path | Literal["workspace"] | None = "workspace",
 ) -> Session:
+    """A server started like an editor starts it; `root` is the workspace
+    folder it is told about (None: no folder, as for a lone file)."""
     client = LanguageClient("shoptalk-tests", "1")
     session = Session(client, workspace, data_dir)
 
@@ -187,13 +190,14 @@ async def start_session(
             session.stderr.extend(chunk)
 
     client._async_tasks.append(asyncio.create_task(drain()))
+    folder = workspace if root == "workspace" else root
     await asyncio.wait_for(
         client.initialize_async(
             types.InitializeParams(
                 capabilities=types.ClientCapabilities(
                     window=types.WindowClientCapabilities(work_done_progress=True)
                 ),
-                root_uri=workspace.as_uri(),
+                root_uri=folder.as_uri() if isinstance(folder, Path) else None,
                 initialization_options=init_options,
             )
         ),

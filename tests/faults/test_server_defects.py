@@ -20,6 +20,7 @@ from test_server_e2e import SOURCE, Session, _make_workspace, start_session, sto
 
 from shoptalk.models.manifest import write_manifest
 from shoptalk.models.store import DamagedPointer, RepoStore
+from shoptalk.server.lsp import _plain
 
 pytestmark = pytest.mark.e2e
 
@@ -59,6 +60,102 @@ def exported(tiny_gguf: Callable[..., Path], folder: Path, run_id: str) -> Path:
 @pytest.fixture
 def model_file(tiny_gguf: Callable[..., Path], tmp_path: Path) -> Path:
     return exported(tiny_gguf, tmp_path / "models", "run-a")
+
+
+# ---- 4. the repository's shoptalk.toml when an editor starts the server --------------
+
+
+def git_repository(workspace: Path, toml: str | None) -> Path:
+    subprocess.run(["git", "init", "-q", str(workspace)], check=True)
+    if toml is not None:
+        (workspace / "shoptalk.toml").write_text(toml)
+    return workspace.resolve()
+
+
+REPO_TOML = """
+[serve]
+max_tokens = 7
+multiline = "never"
+prefix_chars = 1000
+suffix_chars = 200
+"""
+
+
+@pytest.mark.asyncio
+async def test_the_repository_settings_apply_in_their_layer(
+    workspace: Path, data_dir: Path, model_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """defaults < user config < the repository's shoptalk.toml < environment <
+    initializationOptions, with the workspace folder a sub-folder of the
+    repository (found upwards, as `--repo` names it)."""
+    repo = git_repository(workspace, REPO_TOML)
+    Path(os.environ["SHOPTALK_CONFIG"]).write_text(
+        "[serve]\nmax_tokens = 5\nidle_prefill_ms = 111\nsuffix_chars = 50\n"
+    )
+    monkeypatch.setenv("SHOPTALK_SERVE__PREFIX_CHARS", "900")
+    session = await start_session(
+        workspace, data_dir, model_file, init_options={"suffix_chars": 123}, root=repo / "billing"
+    )
+    try:
+        status = await session.wait_loaded()
+        assert status["repo"] == str(repo)
+        serve = status["serve"]
+        assert serve["max_tokens"] == 7  # the repository's file beats the user's
+        assert serve["idle_prefill_ms"] == 111  # the user's, where the repository is silent
+        assert serve["multiline"] == "never"
+        assert serve["prefix_chars"] == 900  # the environment beats the file
+        assert serve["suffix_chars"] == 123  # the client's options beat everything
+        assert not session.messages
+    finally:
+        await stop_session(session)
+
+
+@pytest.mark.parametrize(
+    ("toml", "named"),
+    [
+        ('[serve]\nmax_tokens = "many"\n', "max_tokens"),
+        ("[serve\nmax_tokens = 7\n", "not valid TOML"),
+        ("[serve]\nbogus_key = 1\n", "bogus_key"),
+    ],
+)
+@pytest.mark.asyncio
+async def test_a_broken_repository_file_is_reported_and_the_server_runs_on(
+    toml: str, named: str, workspace: Path, data_dir: Path, model_file: Path
+) -> None:
+    git_repository(workspace, toml)
+    session = await start_session(workspace, data_dir, model_file)
+    try:
+        status = await session.wait_loaded()
+        await session.wait_for(lambda: bool(session.messages))
+        (message,) = [m.message for m in session.messages]
+        assert "shoptalk.toml" in message and named in message
+        assert status["serve"]["max_tokens"] == 48  # the default
+        uri = await session.open("billing/invoices.py", SOURCE)
+        await session.inline(uri, 5, 4)
+        assert (await session.status())["model"] == str(model_file)
+    finally:
+        await stop_session(session)
+
+
+@pytest.mark.asyncio
+async def test_without_a_workspace_folder_the_first_document_names_the_repository(
+    workspace: Path, data_dir: Path, model_file: Path, tiny_gguf: Callable[..., Path]
+) -> None:
+    repo = git_repository(workspace, REPO_TOML)
+    promoted = exported(tiny_gguf, data_dir.parent / "runs", "run-p")
+    RepoStore.for_repo(data_dir, repo).promote({"run_id": "run-p", "model": str(promoted)})
+    session = await start_session(workspace, data_dir, model_file, root=None)
+    try:
+        before = await session.wait_loaded()
+        assert before["repo"] is None and before["source"] == "--model"
+        await session.open("billing/invoices.py", SOURCE)
+        status = await wait_status(session, lambda s: s["run_id"] == "run-p")
+        assert status["repo"] == str(repo) and status["serve"]["max_tokens"] == 7
+        await wait_status(session, lambda s: bool(s["modules"]))
+        found = _plain(await session.request("shoptalk/findModule", {"query": "vat rate"}))
+        assert found["modules"][0]["id"] == "billing.taxes"
+    finally:
+        await stop_session(session)
 
 
 # ---- 5. a damaged promotion pointer --------------------------------------------------

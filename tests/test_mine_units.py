@@ -427,6 +427,26 @@ def test_patch_parser_reads_git_path_quoting_exactly() -> None:
     assert quote_path('a\\b\x01"c') == '"a\\\\b\\001\\"c"'
 
 
+def test_patch_parser_keeps_a_huge_file_small() -> None:
+    """A 3 MB line and 2 MB of lines: cut and capped, the next file intact."""
+    from shoptalk.trainer.git_log import MAX_DIFF_BYTES_PER_FILE, MAX_DIFF_LINE_BYTES
+
+    many = b"".join(b"+row %d\n" % i for i in range(300_000))
+    huge, big, after = _one_commit(
+        b"diff --git a/min.js b/min.js\nnew file mode 100644\nindex 000..111\n"
+        b"--- /dev/null\n+++ b/min.js\n@@ -0,0 +1 @@\n+" + b"x" * 3_000_000 + b"\n"
+        b"diff --git a/data.csv b/data.csv\nnew file mode 100644\nindex 000..222\n"
+        b"--- /dev/null\n+++ b/data.csv\n@@ -0,0 +1,300000 @@\n"
+        + many
+        + b"diff --git a/ok.py b/ok.py\nnew file mode 100644\nindex 000..333\n"
+        b"--- /dev/null\n+++ b/ok.py\n@@ -0,0 +1 @@\n+x = 1\n"
+    )
+    assert len(huge.hunks[0].added[0]) < MAX_DIFF_LINE_BYTES
+    assert big.truncated and sum(len(a) for a in big.hunks[0].added) <= MAX_DIFF_BYTES_PER_FILE
+    assert big.hunks[0].new_count == 300_000  # line numbers come from the header
+    assert (after.new_path, after.hunks[0].added, after.truncated) == ("ok.py", ["x = 1"], False)
+
+
 def test_ids_and_masks_of_a_non_utf8_path_do_not_fail() -> None:
     """Issue 14, defect 2: `line_rng` raised UnicodeEncodeError on such paths;
     seeds of ordinary paths stay what they were."""

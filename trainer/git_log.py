@@ -74,6 +74,7 @@ class FileChange:
     binary: bool = False
     renamed: bool = False
     hunks: list[Hunk] = field(default_factory=list)
+    truncated: bool = False  # lines past MAX_DIFF_BYTES_PER_FILE were not kept
 
     @property
     def path(self) -> str:
@@ -202,6 +203,8 @@ def iter_commits(
         "--no-textconv",
         "--src-prefix=a/",
         "--dst-prefix=b/",
+        "--diff-algorithm=myers",  # the same hunks whatever diff.algorithm says
+        "--indent-heuristic",
         "--diff-merges=off",
         "--format=%x00%x00%H%x00%P%x00%aN%x00%aE%x00%at%x00%B%x00",
     ]
@@ -368,13 +371,39 @@ def _parse_hunk_header(line: bytes) -> Hunk:
     )
 
 
+# A huge file must not become huge strings: a diff line is cut after this many
+# bytes, and a file's diff keeps at most this many bytes of lines (line
+# numbers come from the hunk headers, which are always read).
+MAX_DIFF_LINE_BYTES = 1 << 20
+MAX_DIFF_BYTES_PER_FILE = 1 << 20
+
+
+def _bounded_lines(stream: IO[bytes]) -> Iterator[bytes]:
+    """The lines of `stream`, a `+`/`-` line longer than MAX_DIFF_LINE_BYTES
+    cut there (the rest is read and dropped)."""
+    while raw := stream.readline(MAX_DIFF_LINE_BYTES):
+        if len(raw) == MAX_DIFF_LINE_BYTES and not raw.endswith(b"\n"):
+            if raw[:1] in (b"+", b"-"):
+                rest = raw
+                while rest and not rest.endswith(b"\n"):
+                    rest = stream.readline(MAX_DIFF_LINE_BYTES)
+                raw += b"\n"
+            else:  # a header or message line: read all of it
+                parts = [raw]
+                while parts[-1] and not parts[-1].endswith(b"\n"):
+                    parts.append(stream.readline(MAX_DIFF_LINE_BYTES))
+                raw = b"".join(parts)
+        yield raw
+
+
 def _parse_patch_stream(stream: IO[bytes]) -> Iterator[Commit]:
     commit: Commit | None = None
     change: FileChange | None = None
     hunk: Hunk | None = None
     header_parts: list[bytes] = []
     in_header = False
-    for raw in stream:
+    kept = 0  # bytes of diff lines kept for the current file
+    for raw in _bounded_lines(stream):
         line = raw[:-1] if raw.endswith(b"\n") else raw
         if in_header:
             header_parts.append(raw)
@@ -401,16 +430,20 @@ def _parse_patch_stream(stream: IO[bytes]) -> Iterator[Commit]:
             change = FileChange(old_path=old, new_path=new)
             commit.files.append(change)
             hunk = None
+            kept = 0
             continue
         if change is None:
             continue
         if hunk is not None:
             first = line[:1]
-            if first == b"+":
-                hunk.added.append(line[1:].decode("utf-8", errors="replace"))
-                continue
-            if first == b"-":
-                hunk.removed.append(line[1:].decode("utf-8", errors="replace"))
+            if first in (b"+", b"-"):
+                kept += len(line)
+                if kept > MAX_DIFF_BYTES_PER_FILE:
+                    change.truncated = True
+                elif first == b"+":
+                    hunk.added.append(line[1:].decode("utf-8", errors="replace"))
+                else:
+                    hunk.removed.append(line[1:].decode("utf-8", errors="replace"))
                 continue
             if first == b"\\":  # "\ No newline at end of file"
                 continue

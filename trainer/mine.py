@@ -178,17 +178,22 @@ def _ignore_text(repo: Path, rev: str, warnings: list[str]) -> str:
     repository), else the one committed on the branch."""
     on_disk = repo / IGNORE_FILE
     if on_disk.exists() or on_disk.is_symlink():
-        resolved = on_disk.resolve()
-        if resolved.is_relative_to(repo) and resolved.is_file():
-            try:
-                return resolved.read_text(encoding="utf-8", errors="replace")
-            except OSError as exc:
-                warnings.append(f"cannot read {on_disk}: {exc.strerror}; ignoring it")
-        else:
+        try:
+            resolved = on_disk.resolve()
+        except (OSError, RuntimeError):  # a symlink loop
+            resolved = on_disk
+        if not resolved.is_relative_to(repo):
             warnings.append(f"{on_disk} points outside the repository; ignoring it")
             return ""
-    committed = run_git(repo, "show", f"{rev}:{IGNORE_FILE}", check=False)
-    return committed
+        if not resolved.is_file():
+            warnings.append(f"{on_disk} is not a readable file; ignoring it")
+            return ""
+        try:
+            return resolved.read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            warnings.append(f"cannot read {on_disk}: {exc.strerror}; ignoring it")
+    # (a blob only: a folder of that name gives nothing)
+    return run_git(repo, "cat-file", "blob", f"{rev}:{IGNORE_FILE}", check=False)
 
 
 def _alias_file(settings: MineSettings) -> Path | None:
@@ -439,19 +444,8 @@ def _mine_commit(commit: Commit, ctx: _Context) -> tuple[list[dict[str, Any]], d
     secrets.update(message_secrets)
     budget = settings.prefix_chars + settings.suffix_chars
     if "commit_message" in kinds and diff_changes:
-        parts: list[str] = []
-        for change in diff_changes:
-            part = diff_text([change])
-            # Files read above had their secrets counted there; for the others
-            # (configs, data) the diff's added lines are where they show.
-            plus = {
-                n for n, line in enumerate(part.split("\n"), 1) if n > 2 and line.startswith("+")
-            }  # lines 1-2 are the ---/+++ header
-            count = set() if change.path in read_paths else plus
-            clean, found = ctx.scrubber.scrub(part, change.path, count_lines=count)
-            secrets.update(found)
-            parts.append(clean)
-        diff = "".join(parts)
+        diff, found = _scrubbed_diff(diff_changes, read_paths, ctx.scrubber, budget)
+        secrets.update(found)
         record = commit_message_instance(commit, diff_changes, message, diff, budget)
         if record:
             records.append(record)
@@ -491,6 +485,39 @@ def _mine_commit(commit: Commit, ctx: _Context) -> tuple[list[dict[str, Any]], d
         "secret_instances_scrubbed": scrubbed,
     }
     return kept, stats
+
+
+# Diff text scrubbed beyond the prompt's budget, for secrets a placeholder made shorter.
+_DIFF_MARGIN_CHARS = 4096
+
+
+def _scrubbed_diff(
+    changes: list[FileChange], read_paths: set[str], scrubber: SecretScrubber, budget: int
+) -> tuple[str, Counter[str]]:
+    """The commit's diff, scrubbed, as far as the commit-message prompt can
+    use it (`budget` characters plus a margin: a 100 MB data file is not
+    scanned line by line for a prompt of a few thousand characters), and the
+    secrets found in it. Files read whole had their secrets counted already;
+    for the others (configs, data) the diff's added lines are where they show."""
+    parts: list[str] = []
+    found: Counter[str] = Counter()
+    used = 0
+    for change in changes:
+        if used >= budget:
+            break
+        part = diff_text([change])
+        limit = budget - used + _DIFF_MARGIN_CHARS
+        if len(part) > limit:
+            part = part[: part.rfind("\n", 0, limit) + 1] or part[:limit]
+        plus = {
+            n for n, line in enumerate(part.split("\n"), 1) if n > 2 and line.startswith("+")
+        }  # lines 1-2 are the ---/+++ header
+        count = set() if change.path in read_paths else plus
+        clean, secrets = scrubber.scrub(part, change.path, count_lines=count)
+        found.update(secrets)
+        parts.append(clean)
+        used += len(clean)
+    return "".join(parts), found
 
 
 def _change_skip_reason(change: FileChange, rules: SkipRules) -> str | None:

@@ -9,7 +9,7 @@ stopping rules. The comparison list names models by role:
     baseline+     the base tuned on as much general code (size control)
     dev:ID        a developer's adapter tuned from the base
     org+dev:ID    a developer's adapter continued from the org adapter (served on the base)
-    run:RUN_ID    any exported run of this repository
+    run:RUN_ID    any exported run of this repository (`run:latest`: the newest complete one)
 
 Every model is resolved and checked (manifest sha256, repository, base)
 before the first instance is run, and the report is written only when every
@@ -57,6 +57,7 @@ from shoptalk.trainer.eval_types import (
     ResolvedModel,
 )
 from shoptalk.trainer.run_record import RunFolder, RunRecordError, run_folders
+from shoptalk.trainer.runs import resolve_run_id
 
 if TYPE_CHECKING:
     from shoptalk.trainer.retention import GeneralInstance, HumanEvalProblem
@@ -374,11 +375,12 @@ def resolve_models(
                 continue
             resolved.append(from_run(spec, run_dir))
         elif spec.startswith("run:"):
-            run_dir = store.run_dir(spec[4:])
+            run_id = resolve_run_id(store, spec[4:])  # `run:latest`: the newest complete run
+            run_dir = store.run_dir(run_id)
             if not run_dir.is_dir():
                 missing.append(f"{spec} (no run {spec[4:]!r} in {store.runs_dir})")
                 continue
-            resolved.append(from_run(spec, run_dir))
+            resolved.append(from_run(f"run:{run_id}", run_dir))
         else:
             on_org = spec.startswith("org+dev:")
             developer = spec.split(":", 1)[1]
@@ -769,7 +771,7 @@ def register(app: typer.Typer) -> None:
             str,
             typer.Option(
                 help="Models to compare, comma-separated: base, org, baseline+, dev:ID, "
-                "org+dev:ID, run:RUN_ID."
+                "org+dev:ID, run:RUN_ID (run:latest: the newest complete run)."
             ),
         ] = ",".join(DEFAULT_SPECS),
         limit: Annotated[
@@ -837,4 +839,8 @@ def register(app: typer.Typer) -> None:
         )
         for table in summary_tables(result.data):
             stdout_console.print(table)
+        if lookup:  # BM25 / zero-shot / trained retriever / fused on the held-out queries
+            from shoptalk.trainer.lookup_eval import report_lookup_figures
+
+            report_lookup_figures(repo, settings, result.directory, stdout_console.print)
         console.print(f"report: {result.html_path}\n        {result.json_path}")

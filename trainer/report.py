@@ -25,6 +25,7 @@ from rich.table import Table
 from shoptalk.models.errors import ShopTalkError
 from shoptalk.models.files import atomic_dir
 from shoptalk.models.settings import Settings
+from shoptalk.models.tables import whole_cells
 from shoptalk.trainer.eval_types import EvalSet, LookupRankings, ModelRun, ResolvedModel
 from shoptalk.trainer.metrics import (
     CompletionScore,
@@ -466,14 +467,14 @@ def summary_tables(data: dict[str, Any]) -> list[Table]:
         table.add_column(SUMMARY_COLUMNS[index])
     for row in summary_rows(data):
         table.add_row(*(row[index] for index in keep))
-    tables = [table]
+    tables = [whole_cells(table, keys=("model",))]
     if data["comparisons"]:
         comparisons = Table(title="Paired test on exact match")
         for column in COMPARISON_COLUMNS:
             comparisons.add_column(column)
         for row in comparison_rows(data):
             comparisons.add_row(*row)
-        tables.append(comparisons)
+        tables.append(whole_cells(comparisons, keys=("EM comparison",)))
     return tables
 
 

@@ -1,0 +1,180 @@
+"""A new user's first hour, as a subprocess would see it: the README's path
+for your own repository (its command lines, read from the README, run one
+after another on a fresh `git clone`), `shoptalk runs`, `latest` as a run id,
+`--version` and `doctor`'s exit codes.
+
+The path runs with a tiny random base (given by path through the settings'
+environment variables, as a user with a local checkpoint would) and a
+two-step budget, so it takes a minute or two, not an hour.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from tiny_models import place_base_gguf
+
+from tests.git_repos import HistoryRepo
+
+pytestmark = [pytest.mark.e2e]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHOPTALK = Path(sys.executable).with_name("shoptalk")
+PATH_MARKER = "<!-- first-hour path:"
+
+
+def readme_path_commands() -> list[str]:
+    """The command lines of the README's own-repository path (comments dropped)."""
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split(PATH_MARKER, 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    commands = [line.split("#", 1)[0].strip() for line in block.splitlines()]
+    return [command for command in commands if command]
+
+
+@dataclass
+class Done:
+    command: str
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@dataclass
+class FirstHour:
+    clone: Path
+    env: dict[str, str]
+    done: list[Done]
+
+    def run(self, *args: str, cwd: Path | None = None) -> Done:
+        result = subprocess.run(
+            [str(SHOPTALK), *args],
+            cwd=cwd or self.clone,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        return Done(shlex.join(args), result.returncode, result.stdout, result.stderr)
+
+
+def _environment(home: Path, checkpoint: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHOPTALK_")}
+    (home / "config.toml").write_text("")
+    env.update(
+        SHOPTALK_CONFIG=str(home / "config.toml"),
+        SHOPTALK_DATA_DIR=str(home / "data"),
+        SHOPTALK_TRAIN__BASE=str(checkpoint),
+        SHOPTALK_TRAIN__MAX_STEPS="2",
+        SHOPTALK_TRAIN__VAL_EVERY="1",
+        SHOPTALK_EVAL__MAX_TOKENS="8",
+        SHOPTALK_EVAL__BOOTSTRAP="100",
+        # The tiny tokenizer spends a token per character or two: shorter
+        # prompts keep the default 50 general-code instances of `eval` quick.
+        SHOPTALK_SERVE__PREFIX_CHARS="300",
+        SHOPTALK_SERVE__SUFFIX_CHARS="100",
+        COLUMNS="100",
+    )
+    return env
+
+
+@pytest.fixture(scope="module")
+def first_hour(
+    tmp_path_factory: pytest.TempPathFactory, history_repo: HistoryRepo, tiny_hf, tiny_gguf
+) -> FirstHour:
+    """The README's path, line by line, on a fresh clone of a team history."""
+    home = tmp_path_factory.mktemp("first-hour")
+    clone = home / "clone"
+    subprocess.run(
+        ["git", "clone", "-q", str(history_repo.path), str(clone)],
+        check=True,
+        env={**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "HOME": str(home)},
+    )
+    checkpoint = tiny_hf("llama")
+    env = _environment(home, checkpoint)
+    # What `shoptalk models pull` does for a catalog base; a base given by
+    # path has its GGUF put there by its owner.
+    place_base_gguf(home / "data", checkpoint, tiny_gguf("llama"))
+    hour = FirstHour(clone, env, [])
+    for line in readme_path_commands():
+        args = shlex.split(line)
+        assert args[0] == "shoptalk", line
+        hour.done.append(hour.run(*args[1:]))
+    return hour
+
+
+def _step(hour: FirstHour, subcommand: str) -> Done:
+    return next(d for d in hour.done if d.command.split()[0] == subcommand)
+
+
+def test_readme_path_is_mine_train_export_promote_eval_runs() -> None:
+    subcommands = [shlex.split(line)[1] for line in readme_path_commands()]
+    assert subcommands == ["doctor", "mine", "train", "export", "eval", "runs"]
+    export = next(line for line in readme_path_commands() if " export " in f" {line} ")
+    assert "latest" in export and "--promote" in export
+
+
+def test_every_line_of_the_readme_path_succeeds_on_a_fresh_clone(first_hour: FirstHour) -> None:
+    for done in first_hour.done:
+        assert done.returncode == 0, (done.command, done.stdout[-2000:], done.stderr[-3000:])
+    assert "promoted:" in _step(first_hour, "export").stdout
+    # The clone is left as it was: nothing is written into the user's repository.
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "--ignored"],
+        cwd=first_hour.clone,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert status.stdout == ""
+
+
+def test_runs_lists_the_run_with_its_figures_and_the_served_one(first_hour: FirstHour) -> None:
+    runs = _step(first_hour, "runs").stdout
+    run_ids = re.findall(r"\borg-\d{8}-\d{6}\b", runs)
+    assert len(set(run_ids)) == 1, runs
+    row = next(line for line in runs.splitlines() if run_ids[0] in line)
+    assert "complete" in row and " 2 " in row  # two steps, the budget
+    assert re.search(r"\d+\.\d{3} →", row), row  # validation loss before → best
+    assert "model-q8_0.gguf" in row and row.rstrip().endswith("yes")
+    # The held-out score comes from the evaluation that just ran (org = this run).
+    assert re.search(r"\d+\.\d \(base", runs), runs
+
+
+def test_latest_names_the_newest_complete_run(first_hour: FirstHour) -> None:
+    evaluated = first_hour.run(
+        "eval", "--models", "run:latest", "--limit", "2", "--general", "0", "--lookup", "0"
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    run_id = re.findall(r"\borg-\d{8}-\d{6}\b", _step(first_hour, "runs").stdout)[0]
+    assert f"run:{run_id}" in evaluated.stdout
+    again = first_hour.run("export", "latest", "--quant", "f16")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"export of run {run_id}" in again.stdout
+
+
+def test_latest_without_a_finished_run_says_what_to_do(
+    first_hour: FirstHour, tmp_path: Path
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = first_hour.run("export", "latest", "--repo", str(empty))
+    assert done.returncode == 2
+    assert "no complete training run" in done.stderr and "shoptalk train" in done.stderr
+    assert "Traceback" not in done.stderr
+    listed = first_hour.run("runs", "--repo", str(empty))
+    assert listed.returncode == 0 and "no training runs" in listed.stderr
+
+
+def test_version(first_hour: FirstHour) -> None:
+    from importlib.metadata import version
+
+    done = first_hour.run("--version")
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"shoptalk {version('shoptalk')}"

@@ -644,7 +644,7 @@ def build_dataset(
             }
     final = train + validation + test
     final.sort(key=lambda r: (r["kind"], r["split"], r["author_time"], r["id"]))
-    repo_name = repo.name
+    repo_name = _scrub_texts([repo.name])[0]  # every record carries it
     counts: dict[str, dict[str, int]] = {k: dict.fromkeys(SPLIT_NAMES, 0) for k in KINDS}
     by_author: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(SPLIT_NAMES, 0))
     by_language: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(SPLIT_NAMES, 0))

@@ -197,8 +197,9 @@ class _RollbackError(ShopTalkError):
 
 @app.command()
 def doctor() -> None:
-    """Report Python, torch device, bf16, llama.cpp build, the default model and disk."""
-    from shoptalk.models.doctor import Check, run_checks
+    """Report Python, torch device, bf16, llama.cpp build, the default model and
+    disk; exits 1 when a check fails."""
+    from shoptalk.models.doctor import Check, print_checks, run_checks
     from shoptalk.models.settings import data_dir_problem
     from shoptalk.trainer.doctor import torch_checks
 
@@ -207,14 +208,10 @@ def doctor() -> None:
     problem = data_dir_problem(data_dir)
     if problem is not None:
         checks.append(Check("data dir writable", problem, False))
-    table = Table(title="shoptalk doctor")
-    table.add_column("check")
-    table.add_column("result")
-    for check in checks:
-        table.add_row(check.name, Text(check.value, style="" if check.ok else "red"))
-    out.print(table)
-    if not all(c.ok for c in checks):
-        err.print("Some checks need attention (in red above).", style="yellow")
+    if not print_checks(out, checks):
+        failed = ", ".join(check.name for check in checks if not check.ok)
+        err.print(Text.assemble(("error:", "red"), f" failed: {failed} (✗ above)"))
+        raise typer.Exit(1)
 
 
 def _register_commands() -> None:

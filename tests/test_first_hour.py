@@ -178,3 +178,44 @@ def test_version(first_hour: FirstHour) -> None:
     done = first_hour.run("--version")
     assert done.returncode == 0
     assert done.stdout.strip() == f"shoptalk {version('shoptalk')}"
+
+
+def _doctor(tmp_path: Path, data_dir: Path) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "config.toml").touch()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHOPTALK_")}
+    env.update(SHOPTALK_CONFIG=str(tmp_path / "config.toml"), SHOPTALK_DATA_DIR=str(data_dir))
+    return subprocess.run(
+        [str(SHOPTALK), "doctor"], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_doctor_right_after_install_passes_and_says_not_yet_provisioned(tmp_path: Path) -> None:
+    from shoptalk.models.catalog import CATALOG, DEFAULT_BASE
+    from shoptalk.models.provision import base_paths
+
+    done = _doctor(tmp_path, tmp_path / "fresh-data")
+    assert done.returncode == 0, done.stdout + done.stderr
+    line = next(x for x in done.stdout.splitlines() if f"{DEFAULT_BASE} GGUF" in x)
+    assert (
+        "not yet provisioned (done automatically on first use, or `shoptalk models pull`)" in line
+    )
+    assert "missing" not in done.stdout and "✗" not in done.stdout
+    # The path is printed whole, on a line of its own.
+    gguf = base_paths(tmp_path / "fresh-data", CATALOG[DEFAULT_BASE]).gguf
+    assert str(gguf) in [x.strip() for x in done.stdout.splitlines()]
+
+
+def test_doctor_exits_non_zero_when_a_check_fails(tmp_path: Path) -> None:
+    from shoptalk.models.catalog import CATALOG, DEFAULT_BASE
+    from shoptalk.models.provision import base_paths
+
+    data_dir = tmp_path / "data"
+    gguf = base_paths(data_dir, CATALOG[DEFAULT_BASE]).gguf
+    gguf.parent.mkdir(parents=True)
+    gguf.write_bytes(b"GGUF and then not the model")
+    done = _doctor(tmp_path, data_dir)
+    assert done.returncode == 1
+    assert f"failed: {DEFAULT_BASE} GGUF" in done.stderr
+    line = next(x for x in done.stdout.splitlines() if f"{DEFAULT_BASE} GGUF" in x)
+    assert "✗" in line and "damaged (sha256 mismatch)" in line and "shoptalk models pull" in line
+    assert "Traceback" not in done.stderr

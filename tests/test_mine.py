@@ -574,6 +574,14 @@ def test_out_never_replaces_a_folder_shoptalk_did_not_write(
     with pytest.raises(MineError, match=r"files ShopTalk did not write \(notes.md\)"):
         mine_repository(repo.path, MineSettings(), data, out_dir=fresh, full=True)
     assert (fresh / "notes.md").read_text() == "mine\n"
+    # The name the previous dataset is moved aside to while it is replaced.
+    (fresh / "notes.md").unlink()
+    aside = tmp_path / ".fresh.old"
+    aside.mkdir()
+    (aside / "mine.txt").write_text("user's\n")
+    with pytest.raises(MineError, match=r"\.fresh\.old is not empty.*move or rename it"):
+        mine_repository(repo.path, MineSettings(), data, out_dir=fresh, full=True)
+    assert (aside / "mine.txt").read_text() == "user's\n"
     # A file where the folder should be, and the default dataset folder alike.
     with pytest.raises(MineError, match="not a folder"):
         mine_repository(repo.path, MineSettings(), data, out_dir=user / "keep.txt")

@@ -787,39 +787,47 @@ def is_shoptalk_manifest(manifest: object) -> bool:
     )
 
 
-def _safe_out_dir(out_dir: Path, chosen: bool = True) -> None:
-    """The dataset folder is replaced as a whole: refuse one that is not new,
-    empty, or a dataset ShopTalk wrote holding nothing else. `chosen`: the
-    user named it (--out), else it is the repository's folder in the data dir."""
-    if not out_dir.exists() and not out_dir.is_symlink():
-        return
-    fix = (
-        "pass a new or empty folder with --out"
-        if chosen
-        else "move them out of ShopTalk's data folder"
-    )
-    if not out_dir.is_dir():
-        raise MineError(f"{out_dir} is not a folder; nothing was changed: {fix}")
-    entries = sorted(p.name for p in out_dir.iterdir())
+def _not_replaceable(folder: Path) -> str | None:
+    """Why `folder` must not be replaced as a whole, or None when it is new,
+    empty, or a dataset ShopTalk wrote holding nothing else."""
+    if not folder.exists() and not folder.is_symlink():
+        return None
+    if not folder.is_dir():
+        return "is not a folder"
+    entries = sorted(p.name for p in folder.iterdir())
     if not entries:
-        return
+        return None
     try:
-        manifest = json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         manifest = None
     if not is_shoptalk_manifest(manifest):
-        raise MineError(
-            f"{out_dir} is not empty and is not a dataset ShopTalk wrote (no ShopTalk "
-            f"manifest.json); nothing was changed: {fix} (the dataset folder is replaced "
-            "as a whole)"
-        )
+        return "is not empty and is not a dataset ShopTalk wrote (no ShopTalk manifest.json)"
     others = [n for n in entries if n != "manifest.json" and not _SHARD_NAME.match(n)]
     if others:
         shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        return f"holds a ShopTalk dataset but also files ShopTalk did not write ({shown})"
+    return None
+
+
+def _safe_out_dir(out_dir: Path, chosen: bool = True) -> None:
+    """The dataset folder is replaced as a whole (the previous one moved aside
+    to `.<name>.old` meanwhile): refuse when either holds anything ShopTalk
+    did not write. `chosen`: the user named it (--out), else it is the
+    repository's folder in the data dir."""
+    fix = "pass a new or empty folder with --out" if chosen else "move them out of it"
+    problem = _not_replaceable(out_dir)
+    if problem:
         raise MineError(
-            f"{out_dir} holds a ShopTalk dataset but also files ShopTalk did not write "
-            f"({shown}); nothing was changed: {fix} (the dataset folder is replaced "
-            "as a whole)"
+            f"{out_dir} {problem}; nothing was changed: {fix} (the dataset folder is "
+            "replaced as a whole)"
+        )
+    aside = out_dir.with_name(f".{out_dir.name}.old")
+    problem = _not_replaceable(aside)
+    if problem:
+        raise MineError(
+            f"{aside} {problem}; ShopTalk keeps the previous dataset under that name while "
+            f"it replaces {out_dir.name}, so nothing was changed: move or rename it"
         )
 
 

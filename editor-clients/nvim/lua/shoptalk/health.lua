@@ -35,7 +35,7 @@ try:
     from shoptalk.models.provision import base_paths, gguf_status
     from shoptalk.models.settings import load_settings
     from shoptalk.models.store import RepoStore
-    from shoptalk.server.models_registry import promoted_choice
+    from shoptalk.models.registry import promoted_choice
 
     repo = Path(sys.argv[1])
     settings = load_settings(repo=repo)

@@ -11,6 +11,7 @@ the console's width, they also keep their words whole when all fit.
 from __future__ import annotations
 
 from collections.abc import Collection
+from typing import Any
 
 from rich.table import Table
 from rich.text import Text
@@ -51,3 +52,25 @@ def whole_cells(table: Table, keys: Collection[str] = (), width: int | None = No
         for index, longest in longest_word.items():
             table.columns[index].min_width = longest
     return table
+
+
+def counts_text(counts: dict[str, Any], empty: str = "none") -> str:
+    """A mapping as a person writes it, not as Python prints it:
+    `{'bot': 147, 'mass_change': 14}` → "bot 147, mass change 14" (zero
+    counts left out; nested mappings in parentheses)."""
+    parts = []
+    for key, value in counts.items():
+        if value in (0, None, "", {}):
+            continue
+        parts.append(f"{key.replace('_', ' ')} {_value_text(value)}")
+    return ", ".join(parts) or empty
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, dict):
+        return f"({counts_text(value)})"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:,.1f}" if abs(value) >= 1 else f"{value:.3g}"

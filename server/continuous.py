@@ -213,10 +213,13 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Show the job queue, the promoted model and its lineage."""
         from shoptalk.models.cli import settings_for
+        from shoptalk.models.tables import counts_text, whole_cells
 
         data_dir = settings_for(repo).resolved_data_dir()
-        console = Console()
-        console.print(status_table(data_dir, repo.resolve() if repo else None))
+        # Long paths are left to the terminal to wrap, never broken by rich.
+        console = Console(soft_wrap=True)
+        table = status_table(data_dir, repo.resolve() if repo else None)
+        console.print(whole_cells(table, keys=("id", "repo", "head")))
         if repo is None:
             return
         print_promotion(console, RepoStore.for_repo(data_dir, repo))
@@ -224,7 +227,8 @@ def register(app: typer.Typer) -> None:
             verdict = "promoted" if decision.promoted else "kept current"
             console.print(
                 escape(
-                    f"  decision {decision.run_id}: {verdict} — {decision.reason} {decision.figures}"
+                    f"  decision {decision.run_id}: {verdict} — {decision.reason}; "
+                    f"{counts_text(decision.figures)}"
                 ),
                 highlight=False,
             )

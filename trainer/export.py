@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from shoptalk.models.cli_logging import route_llama_logs
 from shoptalk.models.errors import ShopTalkError
 from shoptalk.models.files import (
     fault_point,
@@ -308,6 +309,7 @@ def quantize(source: Path, target: Path, quant: str, threads: int | None = None)
             f"not enough disk space to quantize into {target.parent}: "
             f"about {needed / 1e6:.0f} MB needed; free some space and run again"
         )
+    route_llama_logs()  # its ~360 lines go to the log file (-v shows them)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftypes[quant]
     params.nthread = threads or max(1, (os.cpu_count() or 1))

@@ -1130,6 +1130,8 @@ def mine_command(
 def summary_table(manifest: dict[str, Any]) -> Any:
     from rich.table import Table
 
+    from shoptalk.models.tables import counts_text
+
     table = Table(title=f"dataset of {manifest['repo_name']} ({manifest['branch']})")
     table.add_column("kind")
     for split in SPLIT_NAMES:
@@ -1141,6 +1143,6 @@ def summary_table(manifest: dict[str, Any]) -> Any:
         f"cutoff {manifest['cutoff']} · {len(manifest['authors'])} authors · "
         f"secrets found {sum(secrets['found'].values())} ({secrets['policy']}) · "
         f"dedup removed {manifest['dedup']['exact']} exact + {manifest['dedup']['near']} near · "
-        f"skipped commits {manifest['skipped_commits'] or 'none'}"
+        f"skipped commits: {counts_text(manifest['skipped_commits'])}"
     )
     return table

@@ -495,6 +495,17 @@ def _table_html(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _mined_range_text(mined: Any) -> str:
+    """The manifest's mined range as a sentence (it is a dict in the JSON)."""
+    if not isinstance(mined, dict):
+        return str(mined)
+    text = f"{mined.get('mined_commits', '?')} of {mined.get('commits', '?')} commits"
+    if mined.get("first") or mined.get("last"):
+        text += f", {mined.get('first') or '?'} … {mined.get('last') or '?'}"
+    bounds = [f"{k} {mined[k]}" for k in ("since", "until") if mined.get(k)]
+    return text + (f" ({', '.join(bounds)})" if bounds else "")
+
+
 def render_html(data: dict[str, Any], runs: Sequence[ModelRun]) -> str:
     images = plots(data, runs)
     esc = html.escape
@@ -542,7 +553,7 @@ def render_html(data: dict[str, Any], runs: Sequence[ModelRun]) -> str:
 Created {esc(data["created"])} on {esc(data["machine"]["platform"])}, {data["seconds"]:.0f} s.</p>
 <h2>Test set</h2>
 <p>Repository <code>{esc(data["repo"])}</code>; cutoff <code>{esc(str(span["cutoff"]))}</code>;
-mined range <code>{esc(str(span["mined_range"]))}</code>.<br>
+mined {esc(_mined_range_text(span["mined_range"]))}.<br>
 {dataset["instances"]["completion"]} completion instances (of {dataset["instances"]["completion_in_split"]}
 in scope “{esc(dataset["scope"])}”) from {span["commits"]} commits, authored {esc(str(span["first_author_date"]))} …
 {esc(str(span["last_author_date"]))}; {dataset["instances"]["module_lookup"]} module-lookup queries.</p>

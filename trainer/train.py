@@ -1091,6 +1091,8 @@ def _train(
 def summary_table(result: TrainResult) -> Any:
     from rich.table import Table
 
+    from shoptalk.models.tables import whole_cells
+
     table = Table(title=f"training run {result.run_id}", show_header=False)
     table.add_column("what")
     table.add_column("value")
@@ -1105,7 +1107,7 @@ def summary_table(result: TrainResult) -> Any:
     table.add_row("wall time", f"{result.wall_seconds / 60:.1f} min")
     table.add_row("adapter", str(result.adapter_dir))
     table.add_row("loss curve", str(result.run_dir / "loss.png"))
-    return table
+    return whole_cells(table)  # paths fold, never cut with "…"
 
 
 def register(app: typer.Typer) -> None:

@@ -5,8 +5,6 @@ so `shoptalk --help` is instant and the serve-only install works."""
 from __future__ import annotations
 
 import importlib
-import logging
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from shoptalk.models.catalog import CATALOG, DEFAULT_BASE, resolve_base
+from shoptalk.models.cli_logging import configure_cli_logging
 from shoptalk.models.errors import ShopTalkError
 from shoptalk.models.files import is_disk_full, write_failure
 from shoptalk.models.settings import Settings, load_settings
@@ -108,17 +107,15 @@ def root(
     from_env = getattr(source, "name", None) == "ENVIRONMENT"
     state.data_dir = None if from_env else data_dir
     state.verbose = verbose
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    # Libraries' own logs (llama.cpp, transformers) go to the log file; -v shows them.
+    configure_cli_logging(verbose, lambda: settings_for(check_data_dir=False).resolved_data_dir())
 
 
 @models_app.command("list")
 def models_list() -> None:
     """Show the catalog of base models and which are present locally."""
     from shoptalk.models.provision import base_paths, gguf_status, hf_status
+    from shoptalk.models.tables import whole_cells
 
     data_dir = settings_for().resolved_data_dir()
     table = Table(title="Base models")
@@ -134,7 +131,7 @@ def models_list() -> None:
         table.add_row(
             key, base.architecture, str(base.context_length), fim, base.source, base.license, local
         )
-    out.print(table)
+    out.print(whole_cells(table, keys=("key",)))  # a key is typed next: never cut
 
 
 @models_app.command("pull")

@@ -26,7 +26,7 @@ import {
   type Interpreter,
   type LaunchProblem,
 } from "./launcher";
-import { parseModules, toPicks, type ModulePick } from "./modules";
+import { parseModules, parseVerdict, toPicks, type ModulePick, type Verdict } from "./modules";
 import { initializationOptions, readSettings, debounce, type ShopTalkSettings } from "./settings";
 import { describeStatus, type ServerStatus } from "./status";
 
@@ -249,12 +249,14 @@ async function findModule(): Promise<void> {
     return;
   }
   let picks: ModulePick[];
+  let verdict: Verdict;
   try {
     const answer = await vscode.window.withProgress(
       { location: vscode.ProgressLocation.Window, title: "ShopTalk: finding modules" },
       () => (client as LanguageClient).sendRequest("shoptalk/findModule", { query, limit: 20 }),
     );
     picks = toPicks(parseModules(answer));
+    verdict = parseVerdict(answer);
   } catch (error) {
     void vscode.window.showErrorMessage(`ShopTalk: module lookup failed: ${error instanceof Error ? error.message : String(error)}`);
     return;
@@ -264,7 +266,9 @@ async function findModule(): Promise<void> {
     return;
   }
   const choice = await vscode.window.showQuickPick(picks, {
-    title: `Modules for “${query}”`,
+    title: verdict.abstained
+      ? `ShopTalk: ${verdict.message || `no module clearly does “${query}”`}`
+      : `Modules for “${query}”${verdict.confidence ? ` (${verdict.confidence} confidence)` : ""}`,
     matchOnDescription: true,
     matchOnDetail: true,
   });

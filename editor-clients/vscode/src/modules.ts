@@ -1,6 +1,7 @@
 /**
  * The answer of `shoptalk/findModule` ({modules: [{id, uri, range, score,
- * reason}]}) checked and turned into quick-pick entries.
+ * reason, confidence}], confidence, abstained, message}) checked and turned
+ * into quick-pick entries.
  *
  * Pure: no `vscode` import, so the unit tests run in plain node.
  */
@@ -16,6 +17,15 @@ export interface ModuleHit {
   range: { start: Position; end: Position };
   score: number;
   reason: string;
+  /** "high" | "medium" | "low", or "" when the server rated nothing. */
+  confidence: string;
+}
+
+/** How sure the server is of the whole answer; `abstained`: no module clearly matches. */
+export interface Verdict {
+  confidence: string;
+  abstained: boolean;
+  message: string;
 }
 
 export interface ModulePick {
@@ -56,15 +66,26 @@ export function parseModules(answer: unknown): ModuleHit[] {
       range,
       score: typeof m.score === "number" ? m.score : 0,
       reason: typeof m.reason === "string" ? m.reason : "",
+      confidence: typeof m.confidence === "string" ? m.confidence : "",
     });
   }
   return hits;
 }
 
+/** The answer's verdict (older servers send none: rated "", never abstaining). */
+export function parseVerdict(answer: unknown): Verdict {
+  const a = (typeof answer === "object" && answer !== null ? answer : {}) as Partial<Verdict>;
+  return {
+    confidence: typeof a.confidence === "string" ? a.confidence : "",
+    abstained: a.abstained === true,
+    message: typeof a.message === "string" ? a.message : "",
+  };
+}
+
 export function toPicks(hits: ModuleHit[]): ModulePick[] {
   return hits.map((hit) => ({
     label: hit.id,
-    description: `score ${hit.score.toFixed(2)}`,
+    description: hit.confidence ? `${hit.confidence} confidence` : `score ${hit.score.toFixed(2)}`,
     detail: `${hit.reason}${hit.reason ? " · " : ""}line ${hit.range.start.line + 1}`,
     hit,
   }));

@@ -183,6 +183,9 @@ end
 
 local function module_label(module)
   local score = type(module.score) == "number" and ("%.2f"):format(module.score) or "-"
+  if type(module.confidence) == "string" and module.confidence ~= "" then
+    score = module.confidence -- high / medium / low, calibrated by the server
+  end
   local reason = (module.reason and module.reason ~= vim.NIL) and ("  " .. module.reason) or ""
   return ("%s  [%s]%s"):format(module.id, score, reason)
 end
@@ -218,6 +221,11 @@ function M.find_module(query, on_result)
     if #modules == 0 then
       vim.notify(("shoptalk: no module matches %q"):format(query), vim.log.levels.WARN)
       return
+    end
+    if result.abstained == true then
+      local message = type(result.message) == "string" and result.message ~= "" and result.message
+        or ("no module clearly does %q"):format(query)
+      vim.notify("shoptalk: " .. message, vim.log.levels.WARN)
     end
     if config.options.picker == "quickfix" then
       local items = {}

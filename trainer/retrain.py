@@ -225,6 +225,9 @@ def run_retrain_job(
         except ShopTalkError as exc:
             message += f"; personal adapter not updated: {exc}"
         steps.done("personal")
+    from shoptalk.trainer.retriever import retrain_lookup
+
+    message += retrain_lookup(repo, settings, run.root, report)  # module history, retriever
     return JobOutcome("done", message, decision)
 
 

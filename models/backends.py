@@ -181,6 +181,7 @@ class _Decoding:
     ids: list[int] = field(default_factory=list)
     out: bytes = b""
     text: str = ""
+    drafted: int = 0  # tokens taken from a draft
 
 
 @dataclass(frozen=True)
@@ -399,6 +400,7 @@ class LlamaBackend:
             generated_tokens=len(state.ids),
             healed=healed.decode("utf-8", errors="replace"),
             elapsed_s=time.monotonic() - started,
+            drafted_tokens=state.drafted,
         )
 
     def _resumable(self, tokens: list[int], healed: bytes) -> _Decoding:
@@ -422,40 +424,97 @@ class LlamaBackend:
     ) -> StopReason:
         """Greedy tokens after the evaluated prompt (and `state`'s tokens)
         until the stop rule, an end token, the budget or max_tokens."""
-        import numpy as np
-
+        if request.drafts and not state.ids:
+            reason = self._follow_draft(request, tokens, state, end_ids)
+            if reason is not None:
+                return reason
         while len(state.ids) < request.max_tokens:
             if cancelled is not None and cancelled.is_set():
                 return "cancelled"
             if time.monotonic() > request.deadline:
                 return "budget"
-            logits = self._logits()
-            if state.required:
-                allowed = self.pieces.candidates(state.required)
-                if len(allowed) == 0:
-                    return "end"
-                token = int(allowed[int(np.argmax(logits[allowed]))])
-            else:
-                token = int(np.argmax(logits))
-            if token in end_ids:
-                return "end"
-            piece = self.pieces.pieces[token]
-            state.out += piece
-            state.ids.append(token)
-            if state.required:
-                required = state.required
-                state.required = required[len(piece) :] if required.startswith(piece) else b""
-            if not state.required:
-                state.text = _valid_utf8_prefix(state.out[len(state.healed) :])
-                if request.stop_at is not None:
-                    cut = request.stop_at(state.text)
-                    if cut is not None:
-                        state.text = state.text[:cut]
-                        return "stop"
+            token = self._choose(self._logits(), state)
+            reason = "end" if token is None else self._take(token, request, state, end_ids)
+            if reason is not None:
+                return reason
             if len(tokens) + len(state.ids) >= self.options.context_tokens:
                 return "max_tokens"
             self.llm.eval([token])
         return "max_tokens"
+
+    def _choose(self, logits: Any, state: _Decoding) -> int | None:
+        """The greedy token, among those that fit the healed text still
+        required; None when none does."""
+        import numpy as np
+
+        if state.required:
+            allowed = self.pieces.candidates(state.required)
+            if len(allowed) == 0:
+                return None
+            return int(allowed[int(np.argmax(logits[allowed]))])
+        return int(np.argmax(logits))
+
+    def _take(
+        self, token: int, request: GenerationRequest, state: _Decoding, end_ids: set[int]
+    ) -> StopReason | None:
+        """Append a generated token; "end" or "stop" when the answer ends here."""
+        if token in end_ids:
+            return "end"
+        piece = self.pieces.pieces[token]
+        state.out += piece
+        state.ids.append(token)
+        if state.required:
+            required = state.required
+            state.required = required[len(piece) :] if required.startswith(piece) else b""
+        if not state.required:
+            state.text = _valid_utf8_prefix(state.out[len(state.healed) :])
+            if request.stop_at is not None:
+                cut = request.stop_at(state.text)
+                if cut is not None:
+                    state.text = state.text[:cut]
+                    return "stop"
+        return None
+
+    def _follow_draft(
+        self, request: GenerationRequest, tokens: list[int], state: _Decoding, end_ids: set[int]
+    ) -> StopReason | None:
+        """Lookup decoding: evaluate the first draft's tokens in one batch and
+        keep the ones greedy decoding would have chosen anyway (the output is
+        the greedy one, up to floating-point differences between batched and
+        single-token evaluation); the first token that differs is the greedy
+        choice at that point, read from the same batch. Drafts pay off on
+        copied lines: their tokens come from one batch instead of one by one."""
+        draft = self.llm.tokenize(
+            state.healed + request.drafts[0].encode("utf-8", errors="replace"), False, False
+        )
+        room = min(
+            request.max_tokens, self.options.context_tokens - len(tokens) - 1, self.options.batch
+        )
+        draft = draft[: max(0, room - 1)]
+        if not draft:
+            return None
+        n_past = self.llm.n_tokens
+        rows = [self._logits().copy(), *self._batch_logits(draft, keep=True)]
+        accepted = 0
+        reason: StopReason | None = None
+        for index, token in enumerate(draft):
+            if self._choose(rows[index], state) != token:
+                break
+            accepted += 1
+            reason = self._take(token, request, state, end_ids)
+            if reason is not None:
+                break
+        state.drafted = accepted
+        self.llm.input_ids[n_past : n_past + accepted] = draft[:accepted]
+        self.llm.n_tokens = n_past + accepted
+        self.llm._ctx.kv_cache_seq_rm(-1, n_past + accepted, -1)
+        if reason is not None or accepted == len(draft):
+            return reason  # all taken: the batch's last logits are the current ones
+        token = self._choose(rows[accepted], state)
+        reason = "end" if token is None else self._take(token, request, state, end_ids)
+        if reason is None and token is not None:
+            self.llm.eval([token])
+        return reason
 
     def score(self, plan: PromptPlan, continuation: str) -> ContinuationScore | None:
         """Log-probability of `continuation` after the healed prompt: the
@@ -477,9 +536,10 @@ class LlamaBackend:
                 total += _log_softmax_at(row, token)
         return ContinuationScore(total, len(answer))
 
-    def _batch_logits(self, tokens: list[int]) -> list[Any]:
+    def _batch_logits(self, tokens: list[int], keep: bool = False) -> list[Any]:
         """Logits after each of `tokens`, evaluated in one batch after the
-        cached prompt without keeping them (the next sync overwrites them)."""
+        cached prompt; the tokens are dropped from the KV cache again unless
+        `keep` (the caller then records the ones it keeps)."""
         import numpy as np
 
         if not tokens:
@@ -493,7 +553,8 @@ class LlamaBackend:
             np.ctypeslib.as_array(llm._ctx.get_logits_ith(i), shape=(self.n_vocab,)).copy()
             for i in range(len(tokens))
         ]
-        llm._ctx.kv_cache_seq_rm(-1, n_past, -1)
+        if not keep:
+            llm._ctx.kv_cache_seq_rm(-1, n_past, -1)
         return rows
 
     def generate_with_grammar(self, prompt: str, grammar: str, max_tokens: int) -> str:

@@ -58,6 +58,9 @@ class GenerationRequest:
     heal: bool = True
     # Given the text generated so far, where the suggestion ends (None: go on).
     stop_at: Callable[[str], int | None] | None = None
+    # Likely continuations (copy candidates): checked in one batch against
+    # greedy decoding, which keeps the tokens that match (lookup decoding).
+    drafts: tuple[str, ...] = ()
 
 
 StopReason = Literal["stop", "end", "budget", "max_tokens", "cancelled", "error"]
@@ -72,6 +75,7 @@ class Generation:
     generated_tokens: int = 0
     healed: str = ""  # the text backed off at the boundary and regenerated
     elapsed_s: float = 0.0
+    drafted_tokens: int = 0  # generated tokens taken from a draft (checked in one batch)
 
 
 @dataclass(frozen=True)
@@ -528,12 +532,16 @@ class CompletionEngine:
         budget = (budget_ms or self.options.max_latency_ms) / 1000.0
         plan = self.plan(text, offset, path, workspace)
         self.last_plan = plan
+        candidates = (
+            copy_candidates(workspace, path, prefix, suffix) if self.options.copy_channel else []
+        )
         request = GenerationRequest(
             plan=plan,
             max_tokens=self.options.max_tokens,
             deadline=started + budget,
             heal=self.options.heal,
             stop_at=stop,
+            drafts=tuple(candidates[:1]),
         )
         generation = self.backend.generate(request, cancelled)
         if generation.stop_reason == "cancelled":
@@ -543,8 +551,7 @@ class CompletionEngine:
             answer = complete_lines(answer)
         suggestion = postfilter(answer, prefix, suffix)
         source: Literal["model", "copy"] = "model"
-        if self.options.copy_channel and generation.stop_reason != "budget":
-            candidates = copy_candidates(workspace, path, prefix, suffix)
+        if candidates and generation.stop_reason != "budget":
             copied = self._copy_choice(plan, answer, candidates, request.deadline, cancelled)
             copied = postfilter(copied, prefix, suffix) if copied else ""
             if copied:

@@ -266,3 +266,31 @@ def test_a_cut_answer_is_not_shown_and_the_next_request_goes_on_from_it(
     # Multi-line answers keep the lines that were complete.
     assert complete_lines("return x\n    retu") == "return x"
     assert complete_lines("[") == ""
+
+
+def test_a_draft_is_checked_in_one_batch_and_never_changes_the_answer(
+    backend: LlamaBackend,
+) -> None:
+    engine = CompletionEngine(backend, GEMMA3_FIM, False, EngineOptions(max_tokens=12))
+    text = DOCUMENT + "x = "
+    plan = engine.plan(text, len(text))
+
+    def generate(drafts: tuple[str, ...]) -> Generation:
+        return backend.generate(GenerationRequest(plan, 12, time.monotonic() + 30, drafts=drafts))
+
+    plain = generate(())
+    assert plain.drafted_tokens == 0 and len(plain.text) > 4
+    # The model's own answer as the draft: its tokens come from the batch for
+    # as long as the text's own tokenization matches what the model chose.
+    followed = generate((plain.text,))
+    assert followed.text == plain.text and followed.drafted_tokens > 0
+    # A draft that parts from the answer: its start at most, then greedy.
+    parted = generate((plain.text[:2] + "#" * 8,))
+    assert parted.text == plain.text
+    assert parted.drafted_tokens <= followed.drafted_tokens
+    # A wrong draft costs one batch and changes nothing.
+    wrong = generate(("qqqq zzzz",))
+    assert (wrong.text, wrong.drafted_tokens) == (plain.text, 0)
+    # The cache is consistent afterwards: the next request reuses the prompt.
+    again = engine.complete(text, len(text), use_cache=False).generation
+    assert again is not None and again.evaluated_tokens <= 1

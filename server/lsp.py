@@ -53,6 +53,8 @@ from shoptalk.models.module_map import ModuleMap, language_for, module_map_from_
 from shoptalk.models.prompt import PromptPlan
 from shoptalk.models.registry import ModelChoice, ModelRegistry, build_backend
 from shoptalk.models.settings import PersonalSettings, ServeSettings, Settings
+from shoptalk.server.answer_notes import AnswerNotes
+from shoptalk.server.document_exclusion import EXCLUSION_METHOD, DocumentExclusion
 from shoptalk.server.protocol import (
     CHUNK_BYTES,
     FrameReader,
@@ -204,6 +206,8 @@ class ShopTalkServer(LanguageServer):
             "cancelled": 0,
             "answered": 0,
         }
+        self.answer_notes = AnswerNotes()  # loading / over budget: status, status bars, log
+        self.exclusion = DocumentExclusion()  # never-send files, whatever the settings
 
     # -- transports ----------------------------------------------------------
 
@@ -597,12 +601,16 @@ class ShopTalkServer(LanguageServer):
         request = self.new_request()
         text = self.document_text(uri)
         registry = self.registry
+        if text is not None and not self._ready.is_set():
+            self.answer_notes.loading()
         if text is None or registry is None:
             return None
         engine = registry.engine()
         if engine is None:
             return None
-        if self.workspace_sync is not None and self.workspace_sync.excludes(uri):
+        if self.excluded(uri) or (
+            self.workspace_sync is not None and self.workspace_sync.excludes(uri)
+        ):
             return None  # an excluded file never enters a prompt
         path, workspace = self.completion_context(uri)
         offset = utf16_to_offset(text, position.line, position.character)
@@ -617,6 +625,9 @@ class ShopTalkServer(LanguageServer):
         def job() -> str:
             remaining = budget - int((time.monotonic() - request.received) * 1000)
             if remaining <= 0:
+                self.answer_notes.answered(
+                    time.monotonic() - request.received, budget, "budget", False
+                )
                 return ""
             try:
                 suggestion = engine.complete(
@@ -628,6 +639,9 @@ class ShopTalkServer(LanguageServer):
                     workspace=workspace,
                 )
                 self.last_completion = _last_completion(engine.last_plan, path, suggestion)
+                stop = suggestion.generation.stop_reason if suggestion.generation else None
+                elapsed = time.monotonic() - request.received
+                self.answer_notes.answered(elapsed, budget, stop, bool(suggestion.text))
             except ShopTalkError as exc:
                 self.show_once(f"ShopTalk: {exc}", types.MessageType.Error)
                 return ""
@@ -646,6 +660,15 @@ class ShopTalkServer(LanguageServer):
             return None
         self.counters["answered"] += 1
         return result, offset, text
+
+    def exclusion_root(self) -> Path | None:
+        return self.repo or self.workspace_root
+
+    def excluded(self, uri: str) -> bool:
+        """Never-send files, `.shoptalkignore`, `[mine] ignore_globs` (see
+        `shoptalk.server.document_exclusion`)."""
+        globs = tuple(self.settings.mine.ignore_globs)
+        return self.exclusion.reason(uri, self.exclusion_root(), globs) is not None
 
     def schedule_prefill(self, uri: str, offset: int | None, delay_s: float) -> None:
         """Evaluate the prompt at `offset` (None: end of document) after a quiet
@@ -975,6 +998,15 @@ def create_server(config: ServerConfig) -> ShopTalkServer:
             return {"modules": [], "error": "the query is empty"}
         return await _find(ls, query, limit)
 
+    @server.feature(EXCLUSION_METHOD)
+    def exclusion(ls: ShopTalkServer, params: Any) -> dict[str, Any]:
+        document = _field(params, "textDocument")
+        return ls.exclusion.describe(
+            str(_field(document, "uri", "")),
+            ls.exclusion_root(),
+            tuple(ls.settings.mine.ignore_globs),
+        )
+
     @server.feature(STATUS_METHOD)
     def status(ls: ShopTalkServer, params: Any) -> dict[str, Any]:
         registry = ls.registry
@@ -983,6 +1015,9 @@ def create_server(config: ServerConfig) -> ShopTalkServer:
         info["modules"] = len(ls.module_map) if ls.module_map is not None else None
         info["index"] = ls.workspace_sync.stats() if ls.workspace_sync is not None else None
         info["counters"] = dict(ls.counters)
+        notes = ls.answer_notes.status()
+        info["answer"] = notes["answer"]  # the last answer: ok, loading, over budget (...)
+        info["counters"].update(notes["counters"])
         info["repo"] = str(ls.repo) if ls.repo is not None else None
         info["serve"] = ls.settings.serve.model_dump(mode="json")
         info.update(_training_status(ls))

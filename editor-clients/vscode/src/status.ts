@@ -1,7 +1,9 @@
 /**
  * What the status bar says about the server: which model (base / team /
  * personal), the device, and the training state (idle / queued / training
- * n% / promoted), from a `shoptalk/status` answer.
+ * n% / promoted), from a `shoptalk/status` answer — and why suggestions are
+ * slow or missing: the model is loading, the last one was over the time
+ * budget ("over budget (2.1 s > 1.5 s)").
  *
  * Pure: no `vscode` import, so the unit tests run in plain node.
  */
@@ -13,6 +15,13 @@ export interface TrainingJob {
   step?: string | null;
   progress?: number | null;
   message?: string | null;
+}
+
+/** The server's note on its last answer (`answer` of `shoptalk/status`). */
+export interface AnswerNote {
+  state?: string;
+  message?: string;
+  age_s?: number;
 }
 
 /** The `shoptalk/status` answer (fields the server may leave out are optional). */
@@ -28,6 +37,8 @@ export interface ServerStatus {
   error?: string | null;
   training?: TrainingJob | null;
   queue?: number | null;
+  answer?: AnswerNote | null;
+  counters?: Record<string, number> | null;
 }
 
 export interface StatusView {
@@ -80,10 +91,13 @@ export function describeStatus(status: ServerStatus): StatusView {
   const training = trainingState(status);
   const device = status.device ?? "?";
   let text: string;
+  const slow = status.answer?.state === "over_budget" ? status.answer.message ?? "over budget" : undefined;
   if (status.loading === true) {
     text = "$(loading~spin) ShopTalk: loading";
   } else if (status.model === undefined || status.model === null) {
     text = "$(warning) ShopTalk: no model";
+  } else if (slow !== undefined) {
+    text = `$(watch) ShopTalk: ${kind} · ${slow}`;
   } else {
     text = `$(sparkle) ShopTalk: ${kind} · ${device} · ${training}`;
   }
@@ -94,6 +108,15 @@ export function describeStatus(status: ServerStatus): StatusView {
     `Training: ${training}${status.training?.message ? ` — ${status.training.message}` : ""}`,
     `Queue: ${status.queue ?? 0} job(s)`,
   ];
+  if (status.loading === true) {
+    details.push("Last suggestion: none yet, the model is loading");
+  } else if (slow !== undefined) {
+    details.push(`Last suggestion: ${slow}; raise shoptalk.maxLatencyMs or use a smaller model`);
+  }
+  const hits = status.counters?.budget_hits;
+  if (typeof hits === "number" && hits > 0) {
+    details.push(`Over the time budget: ${hits} request(s) so far`);
+  }
   if (status.error) {
     details.push(`Problem: ${status.error}`);
   }

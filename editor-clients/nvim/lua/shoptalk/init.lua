@@ -284,16 +284,35 @@ local function describe(value)
   return table.concat(parts, ", ")
 end
 
+--- Why suggestions are slow or missing, from a shoptalk/status answer:
+--- "loading", "over budget (2.1 s > 1.5 s)", or nil when they come.
+---@param status table
+---@return string|nil
+function M.answer_note(status)
+  if status.loading == true then
+    return "loading"
+  end
+  local answer = type(status.answer) == "table" and status.answer or nil
+  if answer and answer.state == "over_budget" and type(answer.message) == "string" then
+    return answer.message
+  end
+  return nil
+end
+
 --- Lines describing a shoptalk/status answer, known keys first.
 ---@param status table
 ---@return string[]
 function M.status_lines(status)
   local lines = {}
   local known = { "model", "adapter", "device", "training", "queue" }
-  local seen = {}
+  local seen = { answer = true }
   for _, key in ipairs(known) do
     seen[key] = true
     table.insert(lines, ("%-9s %s"):format(key .. ":", describe(status[key])))
+  end
+  local note = M.answer_note(status)
+  if note then
+    table.insert(lines, ("%-9s %s"):format("answer:", note))
   end
   local others = {}
   for key in pairs(status) do

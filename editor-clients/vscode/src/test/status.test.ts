@@ -39,6 +39,24 @@ void test("the status bar text and details", () => {
   assert.ok(broken.details.includes("Problem: no model to serve"));
 });
 
+void test("why suggestions are slow or missing: loading, over budget, and the count", () => {
+  const slow = describeStatus({
+    model: "/m/model.gguf",
+    device: "cpu",
+    source: "promoted",
+    answer: { state: "over_budget", message: "over budget (2.1 s > 1.5 s)", age_s: 3 },
+    counters: { budget_hits: 4 },
+  });
+  assert.equal(slow.text, "$(watch) ShopTalk: team · over budget (2.1 s > 1.5 s)");
+  assert.ok(slow.details.includes("Last suggestion: over budget (2.1 s > 1.5 s); raise shoptalk.maxLatencyMs or use a smaller model"));
+  assert.ok(slow.details.includes("Over the time budget: 4 request(s) so far"));
+  const loading = describeStatus({ loading: true, answer: { state: "loading", message: "loading" } });
+  assert.equal(loading.text, "$(loading~spin) ShopTalk: loading");
+  assert.ok(loading.details.includes("Last suggestion: none yet, the model is loading"));
+  const fine = describeStatus({ model: "/m/model.gguf", device: "cpu", answer: { state: "ok", message: "ok" } });
+  assert.equal(fine.text, "$(sparkle) ShopTalk: base · cpu · idle");
+});
+
 void test("findModule answers become quick-pick entries; a server error is raised as such", () => {
   const hits = parseModules({
     modules: [

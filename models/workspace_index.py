@@ -223,6 +223,9 @@ class WorkspaceIndex:
         """Read `path` (relative to `root`) again: indexed, replaced or removed."""
         key = posix_path(path)
         full = root / key
+        if not self.accepts(key):
+            self.remove(key)
+            return False
         try:
             if not full.is_file():
                 self.remove(key)

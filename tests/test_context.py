@@ -152,6 +152,7 @@ def test_index_reads_only_the_teams_source(workspace_root: Path) -> None:
     assert skipped == {"binary": 1, "not_utf8": 1}  # the rest never got past their names
     for path in (".env", "config/credentials.py", "private/notes.py", "vendor/lib.py"):
         assert not index.update(path, f"{SECRET_LINE}\n")
+        assert not index.update_from_disk(workspace_root, path)  # closed, changed on disk
         assert path not in index
     assert index.excludes("config/credentials.py")
     assert not index.excludes("billing/taxes.py")

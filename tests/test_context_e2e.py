@@ -202,6 +202,15 @@ async def test_excluded_files_never_enter_a_prompt(context_session: Session) -> 
         line, character = position_at_end(text.rstrip("\n"))
         assert items_of(await session.inline(uri, line, character)) == []
         assert (await last_prompt(session))["path"] not in EXCLUDED
+        # Closed, and reported as changed on disk: the disk copy is excluded too.
+        session.client.text_document_did_close(
+            types.DidCloseTextDocumentParams(text_document=types.TextDocumentIdentifier(uri=uri))
+        )
+        session.client.workspace_did_change_watched_files(
+            types.DidChangeWatchedFilesParams(
+                changes=[types.FileEvent(uri=uri, type=types.FileChangeType.Changed)]
+            )
+        )
     prompts = []
     for tail in ("    journal_book.append_posting(", "    vat_rate(", "    "):
         text = INVOICE + "\n\ndef settle(journal_book, country):\n" + tail

@@ -434,7 +434,9 @@ class LlamaBackend:
             if time.monotonic() > request.deadline:
                 return "budget"
             token = self._choose(self._logits(), state)
-            reason = "end" if token is None else self._take(token, request, state, end_ids)
+            if token is None:
+                return "end"
+            reason = self._take(token, request, state, end_ids)
             if reason is not None:
                 return reason
             if len(tokens) + len(state.ids) >= self.options.context_tokens:
@@ -510,10 +512,12 @@ class LlamaBackend:
         self.llm._ctx.kv_cache_seq_rm(-1, n_past + accepted, -1)
         if reason is not None or accepted == len(draft):
             return reason  # all taken: the batch's last logits are the current ones
-        token = self._choose(rows[accepted], state)
-        reason = "end" if token is None else self._take(token, request, state, end_ids)
-        if reason is None and token is not None:
-            self.llm.eval([token])
+        following = self._choose(rows[accepted], state)
+        if following is None:
+            return "end"
+        reason = self._take(following, request, state, end_ids)
+        if reason is None:
+            self.llm.eval([following])
         return reason
 
     def score(self, plan: PromptPlan, continuation: str) -> ContinuationScore | None:

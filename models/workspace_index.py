@@ -475,7 +475,7 @@ class WorkspaceIndex:
             candidates = int(np.count_nonzero(scores))
             head = min(candidates, 4 * limit + 32)
             while True:
-                order = np.argpartition(-scores, head - 1)[:head] if head else []
+                order: Any = np.argpartition(-scores, head - 1)[:head] if head else []
                 ranked = sorted(((float(scores[i]), int(i)) for i in order), reverse=True)
                 found = self._take(ranked, limit, skip)
                 if len(found) >= limit or head >= candidates:

@@ -1,6 +1,9 @@
-"""The `shoptalk` command line. Each stage lives in its own module and adds
-its subcommand here; heavy libraries are imported only when a command runs,
-so `shoptalk --help` is instant and the serve-only install works."""
+"""The `shoptalk` command line's root: its options, and a map from command
+names to the plain functions of each half's CLI module (`shoptalk.trainer.cli`,
+`shoptalk.server.cli`), loaded by name when the command line starts. Stage
+modules never import a CLI module; heavy libraries are imported only when a
+command runs, so `shoptalk --help` is instant and the serve-only install
+works."""
 
 from __future__ import annotations
 
@@ -9,15 +12,20 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
 from shoptalk.models.catalog import CATALOG, DEFAULT_BASE, resolve_base
 from shoptalk.models.cli_logging import configure_cli_logging
+from shoptalk.models.cli_support import (
+    RootOptions,
+    err,
+    load_command_settings,
+    out,
+    print_error,
+    settings_for,
+)
 from shoptalk.models.errors import ShopTalkError
 from shoptalk.models.files import is_disk_full, write_failure
-from shoptalk.models.settings import Settings, load_settings
 
 app = typer.Typer(
     name="shoptalk",
@@ -30,50 +38,39 @@ app = typer.Typer(
 models_app = typer.Typer(help="The base-model catalog and local copies.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
-# Modules that add subcommands (each has `register(app: typer.Typer)`).
-COMMAND_MODULES: list[str] = [
-    "shoptalk.trainer.mine",
-    "shoptalk.trainer.train",
-    "shoptalk.trainer.export",
-    "shoptalk.trainer.evaluate",
-    "shoptalk.server.serve",
-    "shoptalk.server.continuous",
-    "shoptalk.trainer.retrain",
-    "shoptalk.trainer.personal",
-    "shoptalk.trainer.demo",
-    "shoptalk.trainer.runs",
-]
-
-# No console markup: messages hold user text ("[train]" of a settings file, a
-# path, a branch name) that rich would otherwise take for a style and drop.
-# Style a part with `rich.text.Text` instead.
-err = Console(stderr=True, soft_wrap=True, markup=False)
-out = Console(markup=False)
+TRAINER = "shoptalk.trainer.cli"
+SERVER = "shoptalk.server.cli"
+# The commands, in the order `shoptalk --help` lists them: name -> "module:function".
+COMMANDS: dict[str, str] = {
+    "doctor": f"{TRAINER}:doctor",
+    "mine": f"{TRAINER}:mine",
+    "train": f"{TRAINER}:train",
+    "export": f"{TRAINER}:export",
+    "eval": f"{TRAINER}:evaluate",
+    "serve": f"{SERVER}:serve",
+    "watch": f"{SERVER}:watch",
+    "status": f"{SERVER}:status",
+    "retrain": f"{TRAINER}:retrain",
+    "demo": f"{TRAINER}:demo",
+    "runs": f"{TRAINER}:runs",
+}
+# `shoptalk models ...` (here unless a half's stack is needed).
+MODELS_COMMANDS: dict[str, str] = {
+    "list": f"{__name__}:models_list",
+    "pull": f"{TRAINER}:models_pull",
+    "path": f"{__name__}:models_path",
+    "rollback": f"{__name__}:models_rollback",
+}
+# Command groups: name -> "module:typer app".
+GROUPS: dict[str, str] = {"personal": f"{TRAINER}:personal_app"}
+COMMAND_MODULES: list[str] = [TRAINER, SERVER]
 
 
 class _State:
-    data_dir: Path | None = None
-    verbose: bool = False
+    verbose: bool = False  # for main's error handling: --verbose keeps tracebacks
 
 
 state = _State()
-
-
-def settings_for(
-    repo: Path | None = None,
-    overrides: dict[str, Any] | None = None,
-    *,
-    check_data_dir: bool = True,
-) -> Settings:
-    """Settings for a command, with --data-dir from the root options applied;
-    the data dir is created, and refused with a message when it cannot be."""
-    merged = dict(overrides or {})
-    if state.data_dir is not None:
-        merged["data_dir"] = str(state.data_dir)
-    settings = load_settings(repo=repo, overrides=merged)
-    if check_data_dir:
-        settings.writable_data_dir()
-    return settings
 
 
 def _print_version(value: bool) -> None:
@@ -105,19 +102,22 @@ def root(
     # (typer carries its own copy of click: compare the source by name.)
     source = ctx.get_parameter_source("data_dir")
     from_env = getattr(source, "name", None) == "ENVIRONMENT"
-    state.data_dir = None if from_env else data_dir
+    options = RootOptions(data_dir=None if from_env else data_dir, verbose=verbose)
+    ctx.obj = options
     state.verbose = verbose
     # Libraries' own logs (llama.cpp, transformers) go to the log file; -v shows them.
-    configure_cli_logging(verbose, lambda: settings_for(check_data_dir=False).resolved_data_dir())
+    configure_cli_logging(
+        verbose,
+        lambda: load_command_settings(options, check_data_dir=False).resolved_data_dir(),
+    )
 
 
-@models_app.command("list")
-def models_list() -> None:
+def models_list(ctx: typer.Context) -> None:
     """Show the catalog of base models and which are present locally."""
     from shoptalk.models.provision import base_paths, gguf_status, hf_status
     from shoptalk.models.tables import whole_cells
 
-    data_dir = settings_for().resolved_data_dir()
+    data_dir = settings_for(ctx).resolved_data_dir()
     table = Table(title="Base models")
     for column in ("key", "arch", "context", "FIM", "source", "license", "local"):
         table.add_column(column)
@@ -134,27 +134,8 @@ def models_list() -> None:
     out.print(whole_cells(table, keys=("key",)))  # a key is typed next: never cut
 
 
-@models_app.command("pull")
-def models_pull(
-    name: Annotated[str, typer.Argument(help="Catalog key.")] = DEFAULT_BASE,
-    gguf_only: Annotated[
-        bool, typer.Option(help="Skip the HF checkpoint used for training.")
-    ] = False,
-) -> None:
-    """Provision a base model: its GGUF (sha256-verified) and, for training,
-    a cached HF checkpoint converted once from it."""
-    from shoptalk.models.provision import ensure_gguf
-    from shoptalk.trainer.hf_checkpoint import ensure_hf_checkpoint
-
-    base = resolve_base(name)
-    data_dir = settings_for().resolved_data_dir()
-    ensure_gguf(data_dir, base, err.print)
-    if not gguf_only:
-        ensure_hf_checkpoint(data_dir, base, err.print)
-
-
-@models_app.command("path")
 def models_path(
+    ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Catalog key.")] = DEFAULT_BASE,
     hf: Annotated[
         bool, typer.Option("--hf", help="Print the HF checkpoint folder instead.")
@@ -163,12 +144,12 @@ def models_path(
     """Print where a base model's GGUF (or HF checkpoint) is kept."""
     from shoptalk.models.provision import base_paths
 
-    paths = base_paths(settings_for().resolved_data_dir(), resolve_base(name))
+    paths = base_paths(settings_for(ctx).resolved_data_dir(), resolve_base(name))
     print(paths.hf if hf else paths.gguf)
 
 
-@models_app.command("rollback")
 def models_rollback(
+    ctx: typer.Context,
     repo: Annotated[
         Path, typer.Option(help="Repository whose promoted model to roll back.")
     ] = Path("."),
@@ -177,7 +158,7 @@ def models_rollback(
     running server picks it up like any promotion)."""
     from shoptalk.models.store import RepoStore, rollback_or_repair
 
-    store = RepoStore.for_repo(settings_for(repo).resolved_data_dir(), repo)
+    store = RepoStore.for_repo(settings_for(ctx, repo).resolved_data_dir(), repo)
     try:
         message = rollback_or_repair(store)
     except LookupError:
@@ -192,29 +173,21 @@ class _RollbackError(ShopTalkError):
     pass
 
 
-@app.command()
-def doctor() -> None:
-    """Report Python, torch device, bf16, llama.cpp build, the default model and
-    disk; exits 1 when a check fails."""
-    from shoptalk.models.doctor import Check, print_checks, run_checks
-    from shoptalk.models.settings import data_dir_problem
-    from shoptalk.trainer.doctor import torch_checks
-
-    data_dir = settings_for(check_data_dir=False).resolved_data_dir()
-    checks = run_checks(data_dir, torch_checks())
-    problem = data_dir_problem(data_dir)
-    if problem is not None:
-        checks.append(Check("data dir writable", problem, False))
-    if not print_checks(out, checks):
-        failed = ", ".join(check.name for check in checks if not check.ok)
-        err.print(Text.assemble(("error:", "red"), f" failed: {failed} (✗ above)"))
-        raise typer.Exit(1)
+def _load(target: str) -> Any:
+    """The object a "module:name" target names."""
+    module_name, _, name = target.partition(":")
+    return getattr(importlib.import_module(module_name), name)
 
 
 def _register_commands() -> None:
-    for module_name in COMMAND_MODULES:
-        module = importlib.import_module(module_name)
-        module.register(app)
+    if app.registered_commands:
+        return  # main() ran before in this process
+    for name, target in COMMANDS.items():
+        app.command(name)(_load(target))
+    for name, target in MODELS_COMMANDS.items():
+        models_app.command(name)(_load(target))
+    for name, target in GROUPS.items():
+        app.add_typer(_load(target), name=name)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -240,16 +213,6 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print_error(message)
         raise SystemExit(1) from None
-
-
-def print_error(message: str) -> None:
-    """`error: <message>` on stderr, the message exactly as given (no markup)."""
-    err.print(Text.assemble(("error:", "red"), " ", message))
-
-
-def print_warning(message: str) -> None:
-    """`warning: <message>` on stderr, the message exactly as given (no markup)."""
-    err.print(Text.assemble(("warning:", "yellow"), " ", message))
 
 
 def _write_failure_message(exc: BaseException) -> str | None:

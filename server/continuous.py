@@ -17,12 +17,10 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING
 
-import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -175,60 +173,3 @@ def print_promotion(console: Console, store: RepoStore) -> None:
 def _served(promotion: Promotion) -> str:
     what = promotion.model if not promotion.adapter else f"{promotion.adapter} on {promotion.host}"
     return f"{promotion.run_id} → {what}"
-
-
-def register(app: typer.Typer) -> None:
-    @app.command()
-    def watch(
-        repo: Annotated[Path, typer.Option(help="Repository to follow.")] = Path("."),
-        branch: Annotated[
-            str | None, typer.Option(help="Branch to follow (default: checked out).")
-        ] = None,
-    ) -> None:
-        """Watch a repository and retrain after new commits (until Ctrl-C)."""
-        from shoptalk.models.cli import settings_for
-
-        settings = settings_for(repo)
-        console = Console(stderr=True)
-        learner = ContinuousLearner(
-            repo,
-            settings.resolved_data_dir(),
-            branch=branch,
-            quiet_seconds=settings.watch.quiet_seconds,
-            on_job=lambda job: console.print(
-                f"job {job.id}: {job.state} {job.step or ''} {job.message or ''}".rstrip()
-            ),
-        )
-        learner.start()
-        console.print(f"watching {learner.repo} (branch {learner.watcher.branch}); Ctrl-C to stop")
-        try:
-            while True:
-                time.sleep(1)
-        except KeyboardInterrupt:
-            learner.stop()
-
-    @app.command()
-    def status(
-        repo: Annotated[Path | None, typer.Option(help="Only this repository.")] = None,
-    ) -> None:
-        """Show the job queue, the promoted model and its lineage."""
-        from shoptalk.models.cli import settings_for
-        from shoptalk.models.tables import counts_text, whole_cells
-
-        data_dir = settings_for(repo).resolved_data_dir()
-        # Long paths are left to the terminal to wrap, never broken by rich.
-        console = Console(soft_wrap=True)
-        table = status_table(data_dir, repo.resolve() if repo else None)
-        console.print(whole_cells(table, keys=("id", "repo", "head")))
-        if repo is None:
-            return
-        print_promotion(console, RepoStore.for_repo(data_dir, repo))
-        for decision in JobQueue(data_dir).decisions(repo.resolve(), limit=10):
-            verdict = "promoted" if decision.promoted else "kept current"
-            console.print(
-                escape(
-                    f"  decision {decision.run_id}: {verdict} — {decision.reason}; "
-                    f"{counts_text(decision.figures)}"
-                ),
-                highlight=False,
-            )

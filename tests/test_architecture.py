@@ -18,8 +18,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"models": "shoptalk.models", "server": "shoptalk.server", "trainer": "shoptalk.trainer"}
 CLI_ROOT = "shoptalk.models.cli"
@@ -224,12 +222,6 @@ def test_no_import_cycles_among_shoptalk_modules() -> None:
     assert not cycles, "\n".join(c.describe() for c in cycles)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15, 'The CLI at the edge': stage modules still call back into "
-    "shoptalk.models.cli (settings_for, err, out) until their commands move to one CLI "
-    "module per half; this test passes, and the mark must go, once they have",
-)
 def test_no_stage_module_imports_the_cli_root() -> None:
     broken = [
         imp

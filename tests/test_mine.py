@@ -30,6 +30,7 @@ from git_repos import (
 
 from shoptalk.models.errors import ShopTalkError
 from shoptalk.models.files import sha256_file
+from shoptalk.models.progress import Progress
 from shoptalk.models.prompt import clip_context
 from shoptalk.models.settings import MineSettings
 from shoptalk.models.store import RepoStore
@@ -308,12 +309,12 @@ def test_a_killed_run_leaves_no_dataset_and_the_next_run_completes(
 ) -> None:
     settings = MineSettings(alias_file=history_repo.alias_file)
 
-    def killed(done: int, total: int) -> None:
-        if done == 5:
+    def killed(event: str | Progress) -> None:
+        if isinstance(event, Progress) and event.done == 5:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        mine_repository(history_repo.path, settings, tmp_path, progress=killed)
+        mine_repository(history_repo.path, settings, tmp_path, report=killed)
     store = RepoStore.for_repo(tmp_path, history_repo.path)
     assert not store.dataset_dir.exists()
     assert not list(store.root.rglob("state.json"))

@@ -12,9 +12,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Annotated, Any
+from typing import IO, Any
 
-import typer
 from rich.console import Console
 from rich.table import Table
 
@@ -254,29 +253,3 @@ def summary(result: DemoResult) -> Table:
         table.add_row(stage, f"{seconds:.0f}")
     table.add_row("total", f"{sum(result.timings.values()):.0f}")
     return table
-
-
-def register(app: typer.Typer) -> None:
-    @app.command()
-    def demo(
-        repo: Annotated[Path, typer.Option(help="Repository whose history to learn.")] = Path("."),
-        train_minutes: Annotated[float, typer.Option(help="Training budget.")] = 6.0,
-        eval_limit: Annotated[int, typer.Option(help="Test instances to evaluate on.")] = 40,
-    ) -> None:
-        """Run the main job on the default model and print what it produced."""
-        from shoptalk.models.cli import settings_for
-        from shoptalk.trainer.report import summary_tables
-
-        repo = repo.expanduser().resolve()
-        settings = settings_for(repo)
-        result = run_demo(repo, settings, settings.resolved_data_dir(), train_minutes, eval_limit)
-        out = Console()
-        out.print(summary(result))
-        for key, value in result.facts.items():
-            out.print(f"{key}: {value}")
-        if result.report is not None:
-            for table in summary_tables(
-                json.loads(result.report.with_name("report.json").read_text())
-            ):
-                out.print(table)
-            out.print(f"report: {result.report}")

@@ -33,9 +33,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -756,91 +755,3 @@ def _run_retention(
 def _command_line() -> str:
     argv = [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv else ["shoptalk"]
     return shlex.join(argv)
-
-
-# ------------------------------------------------------------------ CLI
-
-
-def register(app: typer.Typer) -> None:
-    @app.command("eval")
-    def eval_command(
-        repo: Annotated[Path, typer.Option(help="Repository whose newest code to test on.")] = Path(
-            "."
-        ),
-        models: Annotated[
-            str,
-            typer.Option(
-                help="Models to compare, comma-separated: base, org, baseline+, dev:ID, "
-                "org+dev:ID, run:RUN_ID (run:latest: the newest complete run)."
-            ),
-        ] = ",".join(DEFAULT_SPECS),
-        limit: Annotated[
-            int | None, typer.Option(min=1, help="At most this many completion instances.")
-        ] = None,
-        general: Annotated[
-            int,
-            typer.Option(min=0, help="Held-out general-code instances for retention (0: skip)."),
-        ] = 50,
-        humaneval: Annotated[
-            int,
-            typer.Option(
-                min=0, help="HumanEval problems for pass@1 (0: skip; 164: all; slow on CPU)."
-            ),
-        ] = 0,
-        base: Annotated[str | None, typer.Option(help="Base model (default: train.base).")] = None,
-        out: Annotated[
-            Path | None,
-            typer.Option(help="Write the report here (default: the repository's data folder)."),
-        ] = None,
-        lookup: Annotated[
-            int,
-            typer.Option(
-                min=0, help="Module-lookup queries (0: skip; each costs several generations)."
-            ),
-        ] = DEFAULT_LOOKUP_QUERIES,
-        scope: Annotated[
-            str,
-            typer.Option(
-                help="newest: commits after the cutoff; split: the whole test split "
-                "(adds each author's older test commits)."
-            ),
-        ] = SCOPE_NEWEST,
-        author: Annotated[
-            str | None,
-            typer.Option(
-                help="Only this author's completion instances (an author id of the "
-                "dataset manifest): the set a developer's adapter is judged on."
-            ),
-        ] = None,
-    ) -> None:
-        """Compare models on the repository's newest commits: exact match, edit
-        similarity, CrystalBLEU per author with confidence intervals, module
-        lookup, general-ability retention, latency; writes report.html/json."""
-        from shoptalk.models.cli import out as stdout_console
-        from shoptalk.models.cli import settings_for
-        from shoptalk.trainer.report import summary_tables
-
-        overrides: dict[str, Any] = {}
-        if base is not None:
-            overrides["train"] = {"base": base}
-        settings = settings_for(repo, overrides)
-        result = evaluate_models(
-            repo,
-            parse_specs(models),
-            settings,
-            settings.resolved_data_dir(),
-            limit,
-            general_instances=general,
-            humaneval_problems=humaneval,
-            out_dir=out,
-            scope=scope,
-            lookup_queries=lookup,
-            author=author,
-        )
-        for table in summary_tables(result.data):
-            stdout_console.print(table)
-        if lookup:  # BM25 / zero-shot / trained retriever / fused on the held-out queries
-            from shoptalk.trainer.lookup_eval import report_lookup_figures
-
-            report_lookup_figures(repo, settings, result.directory, stdout_console.print)
-        console.print(f"report: {result.html_path}\n        {result.json_path}")

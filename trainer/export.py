@@ -25,9 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
-
-import typer
+from typing import TYPE_CHECKING, Any
 
 from shoptalk.models.cli_logging import route_llama_logs
 from shoptalk.models.errors import ShopTalkError
@@ -39,6 +37,7 @@ from shoptalk.models.files import (
     sha256_file,
 )
 from shoptalk.models.manifest import ModelManifest, write_manifest
+from shoptalk.models.progress import Report, quiet
 from shoptalk.models.store import RepoStore
 from shoptalk.trainer.run_record import RunFolder, RunRecordError
 
@@ -54,15 +53,9 @@ FLOAT_QUANTS = ("f16", "f32")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 HF_MARKER = "shoptalk-checkpoint.json"  # written by models.provision beside a converted base
 
-Report = Callable[[str], None]
-
 
 class ExportError(ShopTalkError):
     pass
-
-
-def _quiet(_message: str) -> None:
-    return None
 
 
 # --- the run -------------------------------------------------------------------
@@ -389,7 +382,7 @@ def export_run(
     quant: str = "q8_0",
     *,
     adapter_only: bool = False,
-    report: Report = _quiet,
+    report: Report = quiet,
     threads: int | None = None,
 ) -> ExportResult:
     """Export one finished run; returns the files written (with manifests)."""
@@ -463,91 +456,6 @@ def export_run(
     result.seconds = time.monotonic() - started
     report(f"{target} ({manifest.size / 1e6:.1f} MB) in {result.seconds:.1f}s")
     return result
-
-
-# --- CLI -----------------------------------------------------------------------
-
-
-def register(app: typer.Typer) -> None:
-    @app.command("export")
-    def export_command(
-        run: Annotated[
-            str, typer.Argument(help="Run id (in the repository's store) or run folder.")
-        ],
-        quant: Annotated[
-            str | None,
-            typer.Option(
-                help="q8_0, q4_k_m, q5_k_m, f16 or f32 (default: [export] quant; adapter: f16 unless f32)."
-            ),
-        ] = None,
-        adapter_only: Annotated[
-            bool,
-            typer.Option(
-                "--adapter-only", help="Write the LoRA alone as a GGUF adapter for the base."
-            ),
-        ] = False,
-        repo: Annotated[
-            Path | None, typer.Option(help="Repository whose run id to look up (default: here).")
-        ] = None,
-        promote: Annotated[
-            bool,
-            typer.Option(
-                "--promote",
-                help="Serve the exported model for its repository from now on (`shoptalk "
-                "models rollback` undoes it). Compare it first with `shoptalk eval --models "
-                "base,run:RUN_ID`.",
-            ),
-        ] = False,
-    ) -> None:
-        """Merge a finished run's LoRA into its base and write a quantized GGUF
-        (or the adapter alone), with a manifest beside each file."""
-        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-        from rich.table import Table
-
-        from shoptalk.models.cli import err, settings_for
-        from shoptalk.models.cli import out as stdout_console
-
-        settings = settings_for(repo)
-        if promote and adapter_only:
-            raise ExportError(
-                "--promote serves a merged model: drop --adapter-only (run-time adapters "
-                "are served for personal adapters, `shoptalk personal`)"
-            )
-        quant = (quant or settings.export.quant).lower()
-        if quant not in QUANTS:
-            raise ExportError(f"--quant {quant!r}: use one of {', '.join(QUANTS)}")
-        run_dir = find_run(run, repo, settings.resolved_data_dir())
-        with Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description}", markup=False),
-            TimeElapsedColumn(),
-            console=err,
-            transient=True,
-        ) as progress:
-            task = progress.add_task("export", total=None)
-
-            def report(message: str) -> None:
-                progress.update(task, description=message)
-                log.debug(message)
-
-            result = export_run(run_dir, quant, adapter_only=adapter_only, report=report)
-        table = Table(title=f"export of run {result.run_id}")
-        for column in ("file", "kind", "quant", "size", "sha256"):
-            table.add_column(column)
-        for path, manifest in zip(result.files, result.manifests, strict=True):
-            table.add_row(
-                path.name,
-                manifest.kind,
-                manifest.quant or "",
-                f"{manifest.size / 1e6:.1f} MB",
-                manifest.sha256[:12],
-            )
-        stdout_console.print(table)
-        stdout_console.print(f"in {result.files[0].parent}")
-        stdout_console.print(f"done in {result.seconds:.1f}s; manifests written beside each file")
-        if promote:
-            promoted = promote_export(run_dir, result.files[0], settings.resolved_data_dir())
-            stdout_console.print(f"promoted: {promoted} now serves run {result.run_id}")
 
 
 def promote_export(run_dir: Path, model_file: Path, data_dir: Path) -> Path:

@@ -30,15 +30,14 @@ import statistics
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
-
-import typer
+from typing import Any
 
 from shoptalk.models.errors import ShopTalkError
 from shoptalk.models.files import atomic_dir, atomic_open, sha256_file, write_json_atomic
+from shoptalk.models.progress import Progress, Report, quiet
 from shoptalk.models.settings import MineSettings
 from shoptalk.models.store import RepoStore
 from shoptalk.trainer.authors import Alias, AliasFileError, is_bot, merge_aliases
@@ -887,8 +886,6 @@ def _scrub_texts(texts: list[str]) -> list[str]:
 
 # ---- the entry point -----------------------------------------------------------------
 
-Progress = Callable[[int, int], None]
-
 
 def mine_repository(
     repo: Path,
@@ -897,11 +894,11 @@ def mine_repository(
     *,
     out_dir: Path | None = None,
     full: bool = False,
-    progress: Progress | None = None,
+    report: Report = quiet,
 ) -> MineResult:
     """Mine `repo` (incrementally) and (re)write its dataset; see the module doc.
 
-    `progress(done, total)` is called while commits are read. Raises
+    `report` gets a `Progress(done, total)` of the commits read. Raises
     MineError/GitError (ShopTalkError) with a message for the user."""
     repo = _toplevel(repo.expanduser())
     warnings: list[str] = []
@@ -986,8 +983,7 @@ def mine_repository(
                 records, stats = _mine_commit(commit, ctx)
                 new_records += records
                 state.commits[commit.sha] = stats
-                if progress:
-                    progress(done, len(to_read))
+                report(Progress(done, len(to_read)))
             missing = [s.sha for s in to_read if s.sha not in state.commits]
             if missing:
                 raise GitError(f"git did not return {len(missing)} commit(s) of {branch}; retry")
@@ -1038,92 +1034,6 @@ def mine_repository(
         removed_commits=len(removed),
         full=fresh,
         warnings=warnings,
-    )
-
-
-# ---- CLI -----------------------------------------------------------------------------
-
-
-def register(app: typer.Typer) -> None:
-    app.command("mine")(mine_command)
-
-
-def mine_command(
-    repo: Annotated[Path, typer.Option(help="The git repository to mine.")] = Path("."),
-    out: Annotated[
-        Path | None,
-        typer.Option(help="Write the dataset here instead of the repository's data folder."),
-    ] = None,
-    branch: Annotated[
-        str | None, typer.Option(help="Branch to mine (default: the checked-out one).")
-    ] = None,
-    since: Annotated[
-        str | None, typer.Option(help="Only commits after this date (git date syntax).")
-    ] = None,
-    until: Annotated[str | None, typer.Option(help="Only commits before this date.")] = None,
-    cutoff: Annotated[
-        str | None,
-        typer.Option(help="Test cutoff (ISO date); default: the newest test_share of commits."),
-    ] = None,
-    secrets: Annotated[
-        str | None, typer.Option(help="What to do with instances holding secrets: scrub | drop.")
-    ] = None,
-    kinds: Annotated[
-        str | None,
-        typer.Option(
-            help="Comma-separated kinds to mine (completion, module_lookup, commit_message, "
-            "test_pair, doc_modules); default: all."
-        ),
-    ] = None,
-    full: Annotated[
-        bool, typer.Option("--full", help="Forget earlier runs and mine everything again.")
-    ] = False,
-) -> None:
-    """Mine a repository's history into a time-split dataset (incremental)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-    from rich.progress import Progress as RichProgress
-
-    from shoptalk.models.cli import err, print_warning, settings_for
-    from shoptalk.models.cli import out as stdout_console
-
-    mine_overrides: dict[str, Any] = {}
-    for key, value in (
-        ("branch", branch),
-        ("since", since),
-        ("until", until),
-        ("cutoff", cutoff),
-        ("secrets", secrets),
-    ):
-        if value is not None:
-            mine_overrides[key] = value
-    if kinds is not None:
-        mine_overrides["kinds"] = [k.strip() for k in kinds.split(",") if k.strip()]
-    settings = settings_for(repo, {"mine": mine_overrides} if mine_overrides else None)
-    data_dir = settings.resolved_data_dir()
-    started = time.monotonic()
-    with RichProgress(
-        TextColumn("mining commits"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("mine", total=None)
-
-        def report(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        result = mine_repository(
-            repo, settings.mine, data_dir, out_dir=out, full=full, progress=report
-        )
-    for warning in result.warnings:
-        print_warning(warning)
-    stdout_console.print(summary_table(result.manifest))
-    err.print(
-        f"{result.new_commits} new commit(s) read, {result.new_instances} instance(s) mined"
-        f"{' (full run)' if result.full else ' (incremental)'} in {time.monotonic() - started:.1f}s; "
-        f"dataset: {result.dataset_dir}"
     )
 
 

@@ -13,21 +13,17 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any
-
-import typer
-from rich.console import Console
+from typing import Any
 
 from shoptalk.models.errors import ShopTalkError
 from shoptalk.models.files import write_json_atomic
+from shoptalk.models.progress import Report
 from shoptalk.models.settings import Settings
 from shoptalk.models.store import RepoStore
 from shoptalk.trainer.run_record import RunRecordError, run_folders
 
-Report = Callable[[str], None]
-console = Console(stderr=True, soft_wrap=True)
 PURPOSE = "org+dev"
 
 
@@ -190,51 +186,3 @@ def train_personal(repo: Path, settings: Settings, data_dir: Path, report: Repor
             }
         )
     return ("serving your adapter: " if promoted else "kept the team model: ") + reason
-
-
-def register(app: typer.Typer) -> None:
-    personal_app = typer.Typer(
-        help="Per-developer adapters (opt-in, trained and kept on this machine only).",
-        no_args_is_help=True,
-    )
-    app.add_typer(personal_app, name="personal")
-
-    @personal_app.command("enable")
-    def enable_command(
-        identity: Annotated[
-            list[str], typer.Option(help="Your commit email or name (repeat for aliases).")
-        ],
-        repo: Annotated[Path, typer.Option(help="Repository.")] = Path("."),
-        train: Annotated[bool, typer.Option(help="Train your adapter right away.")] = False,
-    ) -> None:
-        """Opt in: train an adapter on your own commits on top of the team's."""
-        from shoptalk.models.cli import settings_for
-
-        repo = repo.expanduser().resolve()
-        settings = settings_for(repo)
-        author_id = enable(repo, identity, settings, settings.resolved_data_dir())
-        console.print(f"personalization enabled for author {author_id}")
-        if train:
-            console.print(
-                train_personal(repo, settings, settings.resolved_data_dir(), console.print)
-            )
-
-    @personal_app.command("train")
-    def train_command(repo: Annotated[Path, typer.Option(help="Repository.")] = Path(".")) -> None:
-        """Train (again) your personal adapter and serve it if not worse."""
-        from shoptalk.models.cli import settings_for
-
-        repo = repo.expanduser().resolve()
-        settings = settings_for(repo)
-        console.print(train_personal(repo, settings, settings.resolved_data_dir(), console.print))
-
-    @personal_app.command("disable")
-    def disable_command(
-        repo: Annotated[Path, typer.Option(help="Repository.")] = Path("."),
-    ) -> None:
-        """Opt out: delete your adapters; the team model is served again."""
-        from shoptalk.models.cli import settings_for
-
-        repo = repo.expanduser().resolve()
-        deleted = disable(repo, settings_for(repo).resolved_data_dir())
-        console.print(f"personalization disabled; {deleted} personal adapter(s) deleted")

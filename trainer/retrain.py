@@ -16,19 +16,16 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
-
-import typer
-from rich.console import Console
+from typing import Any
 
 from shoptalk.models.errors import ShopTalkError
 from shoptalk.models.files import atomic_dir, write_json_atomic
 from shoptalk.models.jobs import Decision, Job, JobQueue
+from shoptalk.models.progress import Report
 from shoptalk.models.settings import Settings
 from shoptalk.models.store import RepoStore
 from shoptalk.trainer.dataset_folder import (
@@ -39,9 +36,6 @@ from shoptalk.trainer.dataset_folder import (
     shard_files,
 )
 from shoptalk.trainer.promotion import JOB_VAL_LIMIT, completion_em, gate, promote_run
-
-Report = Callable[[str], None]
-console = Console(stderr=True, soft_wrap=True)
 
 # Older team instances replayed per new instance, so the adapter keeps what
 # it knew while it learns the new code.
@@ -250,28 +244,3 @@ def work_queue(data_dir: Path, settings_for: Callable[[Path], Settings], report:
             queue.finish(job.id, outcome.state, outcome.message)
         report(f"job {job.id}: {outcome.state}: {outcome.message}")
     return ran
-
-
-def register(app: typer.Typer) -> None:
-    @app.command()
-    def retrain(
-        repo: Annotated[Path, typer.Option(help="Repository to retrain on.")] = Path("."),
-    ) -> None:
-        """Queue a retraining job for the repository's new commits and run the
-        queue (mine → train → export → evaluate → promote if not worse). The
-        watcher runs this after new commits; exits at once if a job is already
-        running elsewhere (that worker picks the new job up)."""
-        from shoptalk.models.cli import settings_for
-
-        repo = repo.expanduser().resolve()
-        data_dir = settings_for(repo).resolved_data_dir()
-        head = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True
-        ).stdout.strip()
-        if not head:
-            raise RetrainError(f"{repo} is not a git repository with commits")
-        job = JobQueue(data_dir).enqueue(repo, "retrain", head)
-        console.print(f"job {job.id} queued for {repo.name} at {head[:10]}")
-        ran = work_queue(data_dir, lambda r: settings_for(r), console.print)
-        if ran == 0:
-            console.print("another process is running a job; it will take this one next")

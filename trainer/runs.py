@@ -16,9 +16,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
-
-import typer
+from typing import Any
 
 from shoptalk.models.errors import ShopTalkError
 from shoptalk.models.store import DamagedPointer, RepoStore
@@ -214,27 +212,3 @@ def runs_table(runs: Sequence[RunSummary], title: str, width: int | None = None)
         ]
         table.add_row(*cells)
     return whole_cells(table, keys=("run", "exports"), width=width)
-
-
-def register(app: typer.Typer) -> None:
-    @app.command("runs")
-    def runs_command(
-        repo: Annotated[Path, typer.Option(help="Repository whose runs to list.")] = Path("."),
-    ) -> None:
-        """List the repository's training runs: status, steps, validation loss,
-        held-out exact match, exports and the promoted one. `latest` names the
-        newest complete run wherever a run id is taken (export, eval run:latest)."""
-        from shoptalk.models.cli import err, settings_for
-        from shoptalk.models.cli import out as stdout_console
-
-        store = RepoStore.for_repo(settings_for(repo).resolved_data_dir(), repo)
-        runs = list_runs(store)
-        if not runs:
-            err.print(
-                f"no training runs for {repo.resolve()} yet: `shoptalk mine --repo {repo}` "
-                f"then `shoptalk train --repo {repo}`"
-            )
-            return
-        title = f"runs of {repo.resolve().name}"
-        stdout_console.print(runs_table(runs, title, stdout_console.width))
-        err.print(f"in {store.runs_dir}")

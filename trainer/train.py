@@ -39,9 +39,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
-import typer
 from rich.console import Console
 
 from shoptalk.models.catalog import BaseModel, resolve_base
@@ -1108,109 +1107,3 @@ def summary_table(result: TrainResult) -> Any:
     table.add_row("adapter", str(result.adapter_dir))
     table.add_row("loss curve", str(result.run_dir / "loss.png"))
     return whole_cells(table)  # paths fold, never cut with "…"
-
-
-def register(app: typer.Typer) -> None:
-    app.command("train")(train_command)
-
-
-def train_command(
-    repo: Annotated[Path, typer.Option(help="Repository whose mined dataset to learn.")] = Path(
-        "."
-    ),
-    base: Annotated[
-        str | None, typer.Option(help="Base model: catalog key, HF id or local checkpoint path.")
-    ] = None,
-    max_minutes: Annotated[
-        float | None,
-        typer.Option("--max-minutes", "--budget-minutes", help="Time budget of fine-tuning."),
-    ] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Step budget of fine-tuning.")] = None,
-    pretrain_minutes: Annotated[
-        float | None,
-        typer.Option(help="Phase 1: minutes of causal LM on the repo's code (0 = off)."),
-    ] = None,
-    learning_rate: Annotated[float | None, typer.Option("--lr", help="Peak learning rate.")] = None,
-    lora_rank: Annotated[int | None, typer.Option(help="LoRA rank.")] = None,
-    layers_from: Annotated[
-        float | None, typer.Option(help="Adapt only layers from this fraction of depth up (0-1).")
-    ] = None,
-    completion_format: Annotated[
-        str | None,
-        typer.Option(help="Completion prompts: auto (FIM if the base knows it), fim or prefix."),
-    ] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Sequences per micro-batch.")] = None,
-    grad_accum: Annotated[
-        int | None, typer.Option(help="Micro-batches per optimizer step.")
-    ] = None,
-    max_seq_tokens: Annotated[int | None, typer.Option(help="Longest training sequence.")] = None,
-    replay_share: Annotated[float | None, typer.Option(help="Share of general code (0-1).")] = None,
-    val_every: Annotated[
-        int | None, typer.Option(help="Validate and checkpoint every N steps.")
-    ] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or mps.")] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
-    precision: Annotated[str, typer.Option(help="auto, bf16 or fp32 (CPU).")] = "auto",
-    init_adapter: Annotated[
-        Path | None, typer.Option(help="Continue training this PEFT adapter folder.")
-    ] = None,
-    resume: Annotated[
-        bool,
-        typer.Option("--resume", help="Continue the newest unfinished run from its checkpoint."),
-    ] = False,
-    run_id: Annotated[
-        str | None, typer.Option(help="Name of the run (or the run to resume).")
-    ] = None,
-    purpose: Annotated[str, typer.Option(help="org, baseline+, dev or org+dev.")] = "org",
-    developer: Annotated[
-        str | None, typer.Option(help="Train only on this author id's instances (dev runs).")
-    ] = None,
-    dataset: Annotated[
-        Path | None, typer.Option(help="A dataset folder other than the repo's mined one.")
-    ] = None,
-    val_limit: Annotated[
-        int, typer.Option(help="Validation instances per evaluation.")
-    ] = DEFAULT_VAL_LIMIT,
-) -> None:
-    """Fine-tune a LoRA adapter on the repository's mined dataset."""
-    from shoptalk.models.cli import out, settings_for
-
-    if precision not in ("auto", "bf16", "fp32"):
-        raise TrainError(f"--precision {precision!r}: use auto, bf16 or fp32")
-    if purpose not in ("org", "baseline+", "dev", "org+dev"):
-        raise TrainError(f"--purpose {purpose!r}: use org, baseline+, dev or org+dev")
-    flags = {
-        "base": base,
-        "max_minutes": max_minutes,
-        "max_steps": max_steps,
-        "pretrain_minutes": pretrain_minutes,
-        "learning_rate": learning_rate,
-        "lora_rank": lora_rank,
-        "layers_from": layers_from,
-        "completion_format": completion_format,
-        "batch_size": batch_size,
-        "grad_accum": grad_accum,
-        "max_seq_tokens": max_seq_tokens,
-        "replay_share": replay_share,
-        "val_every": val_every,
-        "device": device,
-        "threads": threads,
-        "seed": seed,
-    }
-    overrides = {"train": {k: v for k, v in flags.items() if v is not None}}
-    settings = settings_for(repo, overrides)
-    result = train_adapter(
-        repo,
-        settings,
-        settings.resolved_data_dir(),
-        init_adapter,
-        resume=resume,
-        run_id=run_id,
-        purpose=purpose,
-        developer=developer,
-        dataset_dir=dataset,
-        val_limit=val_limit,
-        precision=precision,
-    )
-    out.print(summary_table(result))

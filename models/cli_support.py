@@ -1,0 +1,149 @@
+"""What every command line module shares: the consoles (only the CLI
+prints), error and warning lines, the root options a command receives
+through its `typer.Context`, the settings they make, and options generated
+from a settings section's fields.
+
+Imported by the root (`shoptalk.models.cli`) and by each half's commands
+(`shoptalk.trainer.cli`, `shoptalk.server.cli`); stage modules never import
+it, so it stays light: no torch, no llama.cpp, no pygls.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
+
+import typer
+from pydantic import BaseModel
+from rich.console import Console
+from rich.text import Text
+
+from shoptalk.models.settings import Settings, load_settings
+
+# No console markup: messages hold user text ("[train]" of a settings file, a
+# path, a branch name) that rich would otherwise take for a style and drop.
+# Style a part with `rich.text.Text` instead.
+err = Console(stderr=True, soft_wrap=True, markup=False)
+out = Console(markup=False)
+
+
+@dataclass(frozen=True)
+class RootOptions:
+    """The root command's options, kept in `ctx.obj` for the commands."""
+
+    data_dir: Path | None = None  # --data-dir on the command line (not from the environment)
+    verbose: bool = False
+
+
+def root_options(ctx: typer.Context) -> RootOptions:
+    options = ctx.find_object(RootOptions)
+    return options if options is not None else RootOptions()
+
+
+def load_command_settings(
+    options: RootOptions,
+    repo: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    check_data_dir: bool = True,
+) -> Settings:
+    """Settings for a command, with --data-dir from the root options applied;
+    the data dir is created, and refused with a message when it cannot be."""
+    merged = dict(overrides or {})
+    if options.data_dir is not None:
+        merged["data_dir"] = str(options.data_dir)
+    settings = load_settings(repo=repo, overrides=merged)
+    if check_data_dir:
+        settings.writable_data_dir()
+    return settings
+
+
+def settings_for(
+    ctx: typer.Context,
+    repo: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    check_data_dir: bool = True,
+) -> Settings:
+    """`load_command_settings` with the root options of this command line."""
+    return load_command_settings(root_options(ctx), repo, overrides, check_data_dir=check_data_dir)
+
+
+def print_error(message: str) -> None:
+    """`error: <message>` on stderr, the message exactly as given (no markup)."""
+    err.print(Text.assemble(("error:", "red"), " ", message))
+
+
+def print_warning(message: str) -> None:
+    """`warning: <message>` on stderr, the message exactly as given (no markup)."""
+    err.print(Text.assemble(("warning:", "yellow"), " ", message))
+
+
+# ---- options from a settings section ----------------------------------------------
+
+Command = TypeVar("Command", bound=Callable[..., Any])
+# A flag's help, or its help and its option names ("--lr" for learning_rate).
+FlagSpec = str | tuple[str, ...]
+OVERRIDES = "overrides"  # the parameter that receives the given flags
+
+
+def _option_type(annotation: Any) -> Any:
+    """The option's type for a settings field: None stripped, a Literal
+    taken as its values' type (the settings check the value, naming every
+    allowed one)."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        kept = [arg for arg in get_args(annotation) if arg is not type(None)]
+        annotation = kept[0] if len(kept) == 1 else Union[tuple(kept)]  # noqa: UP007
+    if get_origin(annotation) is Literal:
+        annotation = type(get_args(annotation)[0])
+    return annotation
+
+
+def section_flags(
+    section: type[BaseModel], flags: Mapping[str, FlagSpec]
+) -> Callable[[Command], Command]:
+    """Give a command one option per entry of `flags`, typed from the field
+    of `section` it sets, in the place of its `overrides` parameter; the
+    command receives the options given as `overrides` (field → value), to
+    apply as the section's overrides. A field is declared once, in the
+    settings; the command only names it and says what it does."""
+
+    def decorate(command: Command) -> Command:
+        signature = inspect.signature(command, eval_str=True)
+        generated = []
+        for field, spec in flags.items():
+            help_text, *names = (spec,) if isinstance(spec, str) else spec
+            kind = _option_type(section.model_fields[field].annotation)
+            option = typer.Option(*names, help=help_text)
+            generated.append(
+                inspect.Parameter(
+                    field,
+                    inspect.Parameter.KEYWORD_ONLY,
+                    default=None,
+                    annotation=Annotated[kind | None, option],
+                )
+            )
+        params: list[inspect.Parameter] = []
+        for param in signature.parameters.values():
+            if param.name == OVERRIDES:
+                params += generated
+            else:
+                params.append(param.replace(kind=inspect.Parameter.KEYWORD_ONLY))
+
+        def run(**given: Any) -> Any:
+            overrides = {f: given.pop(f) for f in flags if given.get(f) is not None}
+            for field in flags:
+                given.pop(field, None)
+            return command(**given, **{OVERRIDES: overrides})
+
+        run.__name__ = command.__name__
+        run.__doc__ = command.__doc__
+        run.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+        run.__annotations__ = {p.name: p.annotation for p in params}
+        return run  # type: ignore[return-value]
+
+    return decorate

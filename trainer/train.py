@@ -47,7 +47,7 @@ from shoptalk.models.catalog import BaseModel, resolve_base
 from shoptalk.models.errors import ShopTalkError
 from shoptalk.models.files import atomic_dir, write_failure, write_json_atomic
 from shoptalk.models.module_map import language_for
-from shoptalk.models.settings import Settings
+from shoptalk.models.settings import Settings, TrainSettings
 from shoptalk.models.store import RepoStore
 from shoptalk.trainer.run_record import (
     STATUS_COMPLETE,
@@ -426,28 +426,112 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+@dataclass(frozen=True)
+class PhaseBudget:
+    """What one phase of training may spend and how it steps: a step budget
+    and/or a time budget (neither: one pass over the data), validation and
+    checkpoint cadence, early-stopping patience (0: never), the schedule."""
+
+    learning_rate: float
+    grad_accum: int
+    seed: int
+    max_steps: int | None = None
+    max_seconds: float | None = None
+    val_every: int = 50
+    patience: int = 0
+    ordered: bool = False  # keep the examples' order in the first pass
+
+    @classmethod
+    def pretraining(cls, cfg: TrainSettings) -> PhaseBudget:
+        return cls(
+            cfg.learning_rate,
+            cfg.grad_accum,
+            cfg.seed,
+            max_seconds=cfg.pretrain_minutes * 60,
+            val_every=cfg.val_every,
+        )
+
+    @classmethod
+    def fine_tuning(cls, cfg: TrainSettings) -> PhaseBudget:
+        return cls(
+            cfg.learning_rate,
+            cfg.grad_accum,
+            cfg.seed,
+            max_steps=cfg.max_steps,
+            max_seconds=cfg.max_minutes * 60 if cfg.max_minutes else None,
+            val_every=cfg.val_every,
+            patience=cfg.patience,
+            ordered=cfg.recent_first,
+        )
+
+
+def _optimizer_step(
+    loop: _Loop, micro: list[list[Example]], answer_total: int
+) -> tuple[float, int]:
+    """Forward and backward over this process's micro-batches, then one
+    optimizer step; returns the summed loss and the tokens seen."""
+    import torch
+
+    from shoptalk.trainer.train_model import batch_loss, collate
+
+    mine = [mb for k, mb in enumerate(micro) if k % loop.dist.world == loop.dist.rank]
+    step_loss = 0.0
+    step_tokens = 0
+    for mb in mine:
+        batch = collate(mb, loop.pad_id, loop.plan.device)
+        loss = batch_loss(loop.loss_module, batch, loop.plan)
+        # DDP averages gradients over processes; scale back to a sum.
+        scaled = loss * (loop.dist.world / max(1, answer_total))
+        if loop.scaler is not None:
+            loop.scaler.scale(scaled).backward()
+        elif loop.dist.accelerator is not None:
+            loop.dist.accelerator.backward(scaled)
+        else:
+            scaled.backward()
+        step_loss += float(loss.detach())
+        step_tokens += batch.tokens
+    if loop.scaler is not None:
+        loop.scaler.unscale_(loop.optimizer)
+    params = [p for g in loop.optimizer.param_groups for p in g["params"]]
+    torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+    if loop.scaler is not None:
+        loop.scaler.step(loop.optimizer)
+        loop.scaler.update()
+    else:
+        loop.optimizer.step()
+    loop.optimizer.zero_grad(set_to_none=True)
+    return step_loss, step_tokens
+
+
+def _validate_step(loop: _Loop) -> float:
+    """Validation loss now; keeps the weights when they are the best yet."""
+    state = loop.state
+    val_loss = _validate(loop)
+    if state.best_val_loss is None or val_loss < state.best_val_loss:
+        state.best_val_loss, state.best_step, state.bad_evals = val_loss, state.step, 0
+        loop.best = _trainable_state(loop.model)
+    else:
+        state.bad_evals += 1
+    return val_loss
+
+
 def _run_phase(
     loop: _Loop,
     phase: str,
     examples: Sequence[Example],
-    grad_accum: int,
-    seed: int,
-    learning_rate: float,
-    max_steps: int | None,
-    max_seconds: float | None,
-    val_every: int,
-    patience: int,
+    budget: PhaseBudget,
     stop: _StopRequest,
-    ordered: bool = False,
 ) -> str:
     """Train until a budget or early stopping ends the phase; returns why it ended."""
-    import torch
-
     from shoptalk.trainer.train_data import BatchSchedule
-    from shoptalk.trainer.train_model import batch_loss, collate, is_out_of_memory
+    from shoptalk.trainer.train_model import is_out_of_memory
 
     state = loop.state
-    schedule = BatchSchedule(examples, loop.batch_size, grad_accum, seed, ordered)
+    schedule = BatchSchedule(
+        examples, loop.batch_size, budget.grad_accum, budget.seed, budget.ordered
+    )
+    max_steps, max_seconds = budget.max_steps, budget.max_seconds
+    learning_rate, val_every, patience = budget.learning_rate, budget.val_every, budget.patience
     one_epoch = max_steps is None and max_seconds is None
     if one_epoch:
         max_steps = schedule.steps_per_epoch
@@ -487,37 +571,12 @@ def _run_phase(
                 raise KeyboardInterrupt
             started = time.perf_counter()
             micro = schedule.step(step_of())
-            mine = [mb for k, mb in enumerate(micro) if k % loop.dist.world == loop.dist.rank]
             answer_total = sum(e.answer_tokens for mb in micro for e in mb)
             factor = lr_factor(step_of(), planned)
             for group in loop.optimizer.param_groups:
                 group["lr"] = learning_rate * factor
-            step_loss = 0.0
-            step_tokens = 0
             try:
-                for mb in mine:
-                    batch = collate(mb, loop.pad_id, loop.plan.device)
-                    loss = batch_loss(loop.loss_module, batch, loop.plan)
-                    # DDP averages gradients over processes; scale back to a sum.
-                    scaled = loss * (loop.dist.world / max(1, answer_total))
-                    if loop.scaler is not None:
-                        loop.scaler.scale(scaled).backward()
-                    elif loop.dist.accelerator is not None:
-                        loop.dist.accelerator.backward(scaled)
-                    else:
-                        scaled.backward()
-                    step_loss += float(loss.detach())
-                    step_tokens += batch.tokens
-                if loop.scaler is not None:
-                    loop.scaler.unscale_(loop.optimizer)
-                params = [p for g in loop.optimizer.param_groups for p in g["params"]]
-                torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-                if loop.scaler is not None:
-                    loop.scaler.step(loop.optimizer)
-                    loop.scaler.update()
-                else:
-                    loop.optimizer.step()
-                loop.optimizer.zero_grad(set_to_none=True)
+                step_loss, step_tokens = _optimizer_step(loop, micro, answer_total)
             except (RuntimeError, MemoryError) as exc:
                 if is_out_of_memory(exc):
                     raise TrainError(
@@ -542,12 +601,7 @@ def _run_phase(
             val_loss: float | None = None
             evaluate = is_sft and loop.val and step_of() % val_every == 0
             if evaluate:
-                val_loss = _validate(loop)
-                if state.best_val_loss is None or val_loss < state.best_val_loss:
-                    state.best_val_loss, state.best_step, state.bad_evals = val_loss, state.step, 0
-                    loop.best = _trainable_state(loop.model)
-                else:
-                    state.bad_evals += 1
+                val_loss = _validate_step(loop)
             loop.losses.append(
                 LossRow(
                     phase,
@@ -958,19 +1012,7 @@ def _train(
         try:
             if state.phase == PHASE_PRETRAIN:
                 if pretrain:
-                    _run_phase(
-                        loop,
-                        PHASE_PRETRAIN,
-                        pretrain,
-                        cfg.grad_accum,
-                        cfg.seed,
-                        cfg.learning_rate,
-                        None,
-                        cfg.pretrain_minutes * 60,
-                        cfg.val_every,
-                        0,
-                        stop,
-                    )
+                    _run_phase(loop, PHASE_PRETRAIN, pretrain, PhaseBudget.pretraining(cfg), stop)
                 state.phase = PHASE_SFT
             if state.base_val_loss is None and val:
                 # The start point: the base (or the initial adapter) before SFT.
@@ -984,20 +1026,7 @@ def _train(
                     )
                 )
                 say(f"validation loss before fine-tuning: {state.base_val_loss:.4f}")
-            reason = _run_phase(
-                loop,
-                PHASE_SFT,
-                examples,
-                cfg.grad_accum,
-                cfg.seed,
-                cfg.learning_rate,
-                cfg.max_steps,
-                cfg.max_minutes * 60 if cfg.max_minutes else None,
-                cfg.val_every,
-                cfg.patience,
-                stop,
-                cfg.recent_first,
-            )
+            reason = _run_phase(loop, PHASE_SFT, examples, PhaseBudget.fine_tuning(cfg), stop)
         except KeyboardInterrupt:
             state.stop_reason = "interrupted"
             _checkpoint(loop)
@@ -1030,12 +1059,21 @@ def _train(
                 final_val = state.best_val_loss
         _checkpoint(loop)
 
+    return _finish(loop, identity.path, final_val, wall_started)
+
+
+def _finish(
+    loop: _Loop, base_path: str, final_val: float | None, wall_started: float
+) -> TrainResult:
+    """The best adapter written atomically, the record completed (only then
+    does it say `complete`), the checkpoints removed; returns the result."""
+    run, dist, state = loop.run, loop.dist, loop.state
     adapter: Path | None = None
     wall = time.perf_counter() - wall_started
     record = run.read_record() if dist.is_main else {}
     if dist.is_main:
         try:
-            adapter = _write_adapter(loop, identity.path)
+            adapter = _write_adapter(loop, base_path)
         except Exception as exc:
             raise _finishing_error(run, exc) from None
         seconds = state.train_seconds + state.pretrain_seconds

@@ -219,3 +219,44 @@ def test_doctor_exits_non_zero_when_a_check_fails(tmp_path: Path) -> None:
     line = next(x for x in done.stdout.splitlines() if f"{DEFAULT_BASE} GGUF" in x)
     assert "✗" in line and "damaged (sha256 mismatch)" in line and "shoptalk models pull" in line
     assert "Traceback" not in done.stderr
+
+
+# What libraries print on their own: llama.cpp's loader and quantizer,
+# transformers' warnings and progress bars, Python's warnings module.
+THIRD_PARTY_MARKERS = (
+    "llama_model_loader",
+    "llama_model_quantize",
+    "converting to q8_0",
+    "FutureWarning",
+    "warnings.warn(",
+    "Loading weights",
+    "Writing model shards",
+    "it/s]",
+)
+
+
+def test_no_third_party_log_lines_at_default_verbosity(first_hour: FirstHour) -> None:
+    for done in first_hour.done:
+        for marker in THIRD_PARTY_MARKERS:
+            assert marker not in done.stdout + done.stderr, (done.command, marker, done.stderr)
+    # They went to the log file instead.
+    log = Path(first_hour.env["SHOPTALK_DATA_DIR"]) / "logs" / "shoptalk.log"
+    text = log.read_text(encoding="utf-8")
+    assert "llama_model_quantize" in text and "llama_cpp" in text
+
+
+def test_verbose_shows_the_libraries_logs(first_hour: FirstHour) -> None:
+    done = first_hour.run("-v", "export", "latest", "--quant", "q8_0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "llama_model_quantize" in done.stderr
+
+
+def test_summaries_hold_no_python_reprs(first_hour: FirstHour) -> None:
+    mined = _step(first_hour, "mine").stdout
+    assert "skipped commits: bot 1, mass change 1" in " ".join(mined.split())
+    evaluated = _step(first_hour, "eval")
+    printed = (evaluated.stdout + evaluated.stderr).replace("\n", "")
+    report = Path(re.search(r"report: *(\S+?report\.html)", printed).group(1))
+    page = report.read_text(encoding="utf-8")
+    for text in (mined, evaluated.stdout, page):
+        assert "{'" not in text and "': " not in text

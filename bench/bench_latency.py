@@ -40,8 +40,8 @@ from typing import Any
 from lsprotocol import types
 from pygls.lsp.client import LanguageClient
 
-from shoptalk.models.catalog import CATALOG, DEFAULT_BASE
 from shoptalk.models.backends import LlamaBackend, LlamaOptions, default_threads
+from shoptalk.models.catalog import CATALOG, DEFAULT_BASE
 from shoptalk.models.completion import (
     CompletionEngine,
     EngineOptions,

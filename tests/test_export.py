@@ -294,9 +294,9 @@ def test_cli_export(tmp_path: Path, tiny_run: TinyRun) -> None:
     assert refused.returncode == 2 and "drop --adapter-only" in refused.stderr
     promoted = export(str(run_dir), "--quant", "f16", "--promote")
     assert promoted.returncode == 0, promoted.stderr[-2000:]
+    from shoptalk.models.registry import promoted_choice
     from shoptalk.models.settings import Settings
     from shoptalk.models.store import RepoStore
-    from shoptalk.models.registry import promoted_choice
 
     current = RepoStore.for_repo(tmp_path / "data", repo).current()
     assert current is not None

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from test_server_e2e import SOURCE, start_session, stop_session
 
-from shoptalk.models.catalog import GEMMA3_FIM
 from shoptalk.models.backends import BackendError, OpenAIBackend
+from shoptalk.models.catalog import GEMMA3_FIM
 from shoptalk.models.completion import CompletionEngine, EngineOptions
 from shoptalk.models.module_lookup import module_grammar
 

@@ -8,11 +8,8 @@ import random
 
 import pytest
 
-from shoptalk.models.catalog import GEMMA3_FIM, QWEN_CODER_FIM
-from shoptalk.models.module_map import build_module_map
-from shoptalk.models.prompt import clip_prefix
-from shoptalk.models.settings import Settings
 from shoptalk.models.backends import VocabPieces, heal_split, heal_text
+from shoptalk.models.catalog import GEMMA3_FIM, QWEN_CODER_FIM
 from shoptalk.models.completion import (
     SuggestionCache,
     allows_multiline,
@@ -23,7 +20,6 @@ from shoptalk.models.completion import (
     stop_rule,
     utf16_to_offset,
 )
-from shoptalk.server.lsp import parse_client_options
 from shoptalk.models.module_lookup import (
     BASE_MODEL_WEIGHT,
     TUNED_MODEL_WEIGHT,
@@ -33,6 +29,10 @@ from shoptalk.models.module_lookup import (
     module_grammar,
     terms,
 )
+from shoptalk.models.module_map import build_module_map
+from shoptalk.models.prompt import clip_prefix
+from shoptalk.models.settings import Settings
+from shoptalk.server.lsp import parse_client_options
 
 
 def test_positions_are_utf16_and_clamped() -> None:

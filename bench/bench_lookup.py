@@ -111,7 +111,13 @@ def checkout_at(repo: Path, commit: str, work: Path) -> Path:
 def commits(repo: Path) -> list[tuple[str, str, str, list[str]]]:
     """(sha, ISO date, subject, changed paths) of non-merge, non-bot commits, newest first."""
     out = git(
-        repo, "log", "--no-merges", "--name-only", "--format=%x00%H%x1f%aI%x1f%an%x1f%s", "HEAD"
+        repo,
+        "log",
+        "--no-merges",
+        "--no-renames",
+        "--name-only",
+        "--format=%x00%H%x1f%aI%x1f%an%x1f%s",
+        "HEAD",
     )
     found = []
     for block in out.split("\x00")[1:]:

@@ -259,7 +259,13 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> dict[s
     run_dir = store.runs_dir / "run-test"
     args = RetrieverArgs(max_minutes=2, epochs=40, batch_size=8, lr=1e-3, seed=0, threads=1)
     result = retriever_step(repo.path, store.root, run_dir, data_dir, args, mined.dataset_dir)
-    return {"result": result, "store": store, "repo": repo, "data_dir": data_dir}
+    return {
+        "result": result,
+        "store": store,
+        "repo": repo,
+        "data_dir": data_dir,
+        "dataset_dir": mined.dataset_dir,
+    }
 
 
 def test_trained_retriever_learns_the_team_word_bm25_does_not(trained: dict[str, object]) -> None:
@@ -369,3 +375,37 @@ def test_no_retriever_means_bm25_alone(tmp_path: Path) -> None:
     assert answer.abstained and answer.source == "bm25" and not answer.hits
     sure = lookup_modules("account balance postings", index, None, 3)
     assert not sure.abstained and sure.ids()[0] == "shop.acct_book"
+
+
+def test_eval_reports_bm25_zero_shot_trained_and_fused(
+    trained: dict[str, object], tmp_path: Path
+) -> None:
+    """`shoptalk eval`'s retriever figures, into report.json and their own file."""
+    from shoptalk.trainer.lookup_eval import lookup_figures, lookup_table, report_lookup_figures
+
+    store, repo, data_dir = trained["store"], trained["repo"], trained["data_dir"]
+    figures = lookup_figures(
+        repo.path,  # type: ignore[attr-defined]
+        store.root,  # type: ignore[attr-defined]
+        trained["dataset_dir"],  # type: ignore[arg-type]
+        data_dir,  # type: ignore[arg-type]
+    )
+    methods = figures["methods"]
+    assert set(methods) == {"bm25", "zero-shot", "zero-shot+bm25", "trained", "trained+bm25"}
+    assert figures["queries"] == len(HELDOUT) and figures["retriever"]
+    assert methods["trained+bm25"]["mrr"] > methods["bm25"]["mrr"]
+    assert all(0 <= m["top1"] <= m["top3"] <= 100 for m in methods.values())
+    assert "trained+bm25" in lookup_table(figures)
+
+    from shoptalk.models.settings import Settings
+
+    (tmp_path / "report.json").write_text(json.dumps({"models": []}))
+    said: list[str] = []
+    settings = Settings(data_dir=data_dir)
+    report_lookup_figures(repo.path, settings, tmp_path, said.append)  # type: ignore[attr-defined]
+    written = json.loads((tmp_path / "report.json").read_text())
+    assert written["lookup_retriever"]["methods"] == methods and written["models"] == []
+    assert (
+        json.loads((tmp_path / "lookup_retriever.json").read_text()) == written["lookup_retriever"]
+    )
+    assert said and "held-out queries" in said[0]

@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.text import Text
 
+from shoptalk.models.progress import Progress
 from shoptalk.models.settings import Settings, load_settings
 
 # No console markup: messages hold user text ("[train]" of a settings file, a
@@ -81,6 +82,112 @@ def print_error(message: str) -> None:
 def print_warning(message: str) -> None:
     """`warning: <message>` on stderr, the message exactly as given (no markup)."""
     err.print(Text.assemble(("warning:", "yellow"), " ", message))
+
+
+# ---- a stage's report on the console ----------------------------------------------
+
+
+class ConsoleReport:
+    """A stage's `Report` (shoptalk.models.progress) drawn on stderr: a line
+    is printed (in its style from `styles`, if any), a heading is a rule, and
+    counted work is a bar. Work with `detail` figures (a training phase) gets
+    a bar that stays on screen when the work ends (`final`), with the figures,
+    elapsed time and ETA; other counts (evaluation) get a bar with M/N and
+    the time left that goes once its count is full. Use as a context manager
+    around the stage call, so no bar outlives it:
+
+        with ConsoleReport() as report:
+            train_adapter(..., report=report)
+    """
+
+    def __init__(self, console: Console | None = None, styles: Mapping[str, str] | None = None):
+        self.console = console or Console(stderr=True, markup=False)
+        self.styles = dict(styles or {})
+        self._kept: Any = None  # the live bar of the current work with figures
+        self._kept_label: str | None = None
+        self._counts: Any = None  # the live bars of counted work
+        self._count_tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> ConsoleReport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __call__(self, event: str | Progress) -> None:
+        if isinstance(event, str):
+            self.console.print(Text(event, style=self.styles.get(event, "")))
+        elif event.heading:
+            self.close()
+            self.console.rule(str(event))
+        elif event.detail:
+            self._kept_bar(event)
+        else:
+            self._count_bar(event)
+
+    def close(self) -> None:
+        """Stop every live bar (the kept one stays printed)."""
+        if self._kept is not None:
+            self._kept.stop()
+        if self._counts is not None:
+            self._counts.stop()
+        self._kept, self._kept_label, self._counts = None, None, None
+        self._count_tasks.clear()
+
+    def _kept_bar(self, event: Progress) -> None:
+        from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import Progress as Bars
+
+        if self._kept is None or event.label != self._kept_label:
+            if self._kept is not None:
+                self._kept.stop()
+            self._kept = Bars(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                TextColumn("{task.fields[detail]}", markup=False),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self._kept_label = event.label
+            self._kept.start()
+            self._kept.add_task(
+                event.label, total=event.total, completed=event.done, detail=event.detail
+            )
+        else:
+            task = self._kept.task_ids[0]
+            self._kept.update(task, total=event.total, completed=event.done, detail=event.detail)
+        if event.final:
+            self._kept.stop()
+            self._kept, self._kept_label = None, None
+
+    def _count_bar(self, event: Progress) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+        from rich.progress import Progress as Bars
+
+        ended = event.final or (event.total is not None and event.done >= event.total)
+        task = self._count_tasks.get(event.label)
+        if task is None and ended:
+            return
+        if self._counts is None:
+            self._counts = Bars(
+                TextColumn("{task.description}", markup=False),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=True,
+            )
+            self._counts.start()
+        if task is None:
+            task = self._counts.add_task(event.label, total=event.total, completed=event.done)
+            self._count_tasks[event.label] = task
+        else:
+            self._counts.update(task, total=event.total, completed=event.done)
+        if ended:  # the live display stays (empty) until close(), as one bar group
+            self._counts.remove_task(task)
+            del self._count_tasks[event.label]
 
 
 # ---- options from a settings section ----------------------------------------------

@@ -13,18 +13,16 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from shoptalk.models.catalog import BaseModel
 from shoptalk.models.errors import ShopTalkError
 from shoptalk.models.files import atomic_open, sha256_file
+from shoptalk.models.progress import Report
 from shoptalk.models.store import base_dir
 
 log = logging.getLogger(__name__)
-
-Report = Callable[[str], None]
 
 HF_DIR = "hf"
 HF_MARKER = "shoptalk-checkpoint.json"

@@ -30,6 +30,7 @@ from shoptalk.models.completion import (
 )
 from shoptalk.models.errors import ShopTalkError
 from shoptalk.models.manifest import ManifestError, manifest_path, verify_model_file
+from shoptalk.models.progress import Report
 from shoptalk.models.prompt import served_with_fim
 from shoptalk.models.provision import base_paths, ensure_gguf, gguf_status
 from shoptalk.models.settings import ServeSettings, Settings
@@ -42,8 +43,6 @@ from shoptalk.models.store import (
 )
 
 log = logging.getLogger(__name__)
-
-Notify = Callable[[str], None]
 
 
 class ModelUnavailable(ShopTalkError):
@@ -171,7 +170,7 @@ def explicit_choice(model: Path, settings: Settings) -> ModelChoice:
 def choose_model(
     repo: Path | None,
     settings: Settings,
-    notify: Notify | None = None,
+    notify: Report | None = None,
     fallback: Path | None = None,
 ) -> ModelChoice:
     """The promoted model of `repo`, or else `fallback` (a GGUF) or the default
@@ -281,7 +280,7 @@ class ModelRegistry:
         self,
         repo: Path | None,
         settings: Settings,
-        notify: Notify | None = None,
+        notify: Report | None = None,
         backend_factory: Callable[[ModelChoice, ServeSettings], Backend] = build_backend,
         fallback: Path | None = None,
     ) -> None:

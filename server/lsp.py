@@ -319,7 +319,7 @@ class ShopTalkServer(LanguageServer):
         self.registry = ModelRegistry(
             repo,
             self.settings,
-            notify=self.show_once,
+            notify=lambda event: self.show_once(str(event)),
             backend_factory=self._backend_factory,
             fallback=self.config.model,
         )

@@ -14,15 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from rich.console import Console
 from rich.table import Table
 
 from shoptalk.models.catalog import CATALOG, DEFAULT_BASE
 from shoptalk.models.errors import ShopTalkError
+from shoptalk.models.progress import Progress, Report, quiet
 from shoptalk.models.settings import Settings
 from shoptalk.models.store import RepoStore
 
-console = Console(stderr=True, soft_wrap=True)
 DEMO_VAL_LIMIT = 16
 DEMO_GENERAL = 10  # general-code instances for the retention figure
 
@@ -36,6 +35,8 @@ class DemoResult:
     timings: dict[str, float] = field(default_factory=dict)
     facts: dict[str, str] = field(default_factory=dict)
     report: Path | None = None
+    # The completion the server gave: what was typed, and what it suggested.
+    completion: tuple[str, str] = ("", "")
 
 
 class LspClient:
@@ -172,9 +173,19 @@ def complete_through_server(repo: Path, data_dir: Path) -> tuple[str, str, float
         client.close()
 
 
+STAGES = 6
+
+
 def run_demo(
-    repo: Path, settings: Settings, data_dir: Path, train_minutes: float, eval_limit: int
+    repo: Path,
+    settings: Settings,
+    data_dir: Path,
+    train_minutes: float,
+    eval_limit: int,
+    report: Report = quiet,
 ) -> DemoResult:
+    """The whole chain; `report` gets each stage's heading (a `Progress`
+    with `heading`, 1 of 6 to 6 of 6) and what the stages report."""
     from shoptalk.models.provision import ensure_gguf
     from shoptalk.trainer.evaluate import evaluate_models
     from shoptalk.trainer.export import export_run
@@ -192,23 +203,26 @@ def run_demo(
         result.timings[stage] = now - clock
         clock = now
 
+    def heading(number: int, text: str) -> None:
+        report(Progress(number, STAGES, text, heading=True))
+
     base = CATALOG[DEFAULT_BASE]
-    console.rule("1/6 provision the default model")
-    ensure_gguf(data_dir, base, console.print)
-    ensure_hf_checkpoint(data_dir, base, console.print)
+    heading(1, "provision the default model")
+    ensure_gguf(data_dir, base, report)
+    ensure_hf_checkpoint(data_dir, base, report)
     lap("provision")
 
-    console.rule(f"2/6 mine {repo}")
+    heading(2, f"mine {repo}")
     mined = mine_repository(repo, settings.mine, data_dir)
     counts = mined.manifest.get("counts", {})
     result.facts["instances"] = json.dumps(counts)
     lap("mine")
 
-    console.rule(f"3/6 train a LoRA adapter ({train_minutes:g} minutes)")
+    heading(3, f"train a LoRA adapter ({train_minutes:g} minutes)")
     budget = settings.model_copy(deep=True)
     budget.train.max_minutes = train_minutes
     # A small validation set: each pass over it costs minutes on a 2-core CPU.
-    trained = train_adapter(repo, budget, data_dir, val_limit=DEMO_VAL_LIMIT)
+    trained = train_adapter(repo, budget, data_dir, val_limit=DEMO_VAL_LIMIT, report=report)
     if trained.adapter_dir is None:
         raise DemoError(f"training did not finish: {trained.stop_reason}")
     result.facts["training"] = (
@@ -217,15 +231,21 @@ def run_demo(
     )
     lap("train")
 
-    console.rule(f"4/6 export ({settings.export.quant})")
-    exported = export_run(trained.run_dir, settings.export.quant, report=console.print)
+    heading(4, f"export ({settings.export.quant})")
+    exported = export_run(trained.run_dir, settings.export.quant, report=report)
     model_file = next(p for p in exported.files if p.suffix == ".gguf")
     lap("export")
 
-    console.rule("5/6 evaluate base vs tuned on the newest commits")
+    heading(5, "evaluate base vs tuned on the newest commits")
     spec = f"run:{trained.run_id}"
     evaluation = evaluate_models(
-        repo, ["base", spec], settings, data_dir, eval_limit, general_instances=DEMO_GENERAL
+        repo,
+        ["base", spec],
+        settings,
+        data_dir,
+        eval_limit,
+        general_instances=DEMO_GENERAL,
+        report=report,
     )
     result.report = evaluation.html_path
     tuned_em = completion_em(evaluation.data, spec)
@@ -237,10 +257,10 @@ def run_demo(
     result.facts["promotion"] = ("promoted: " if promoted else "kept the base: ") + reason
     lap("evaluate")
 
-    console.rule("6/6 a completion through the language server")
+    heading(6, "a completion through the language server")
     typed, suggestion, seconds = complete_through_server(repo, data_dir)
     result.facts["server"] = f"{seconds * 1000:.0f} ms"
-    print(f"{typed}\033[2m{suggestion}\033[0m" if sys.stdout.isatty() else f"{typed}⟨{suggestion}⟩")
+    result.completion = (typed, suggestion)
     lap("serve")
     return result
 

@@ -28,19 +28,16 @@ import shlex
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
 from shoptalk.models.catalog import BaseModel, resolve_base
 from shoptalk.models.errors import ShopTalkError
 from shoptalk.models.manifest import ModelManifest, read_manifest, verify_model_file
+from shoptalk.models.progress import Progress, Report, quiet, to_log
 from shoptalk.models.prompt import served_with_fim
 from shoptalk.models.settings import Settings
 from shoptalk.models.store import RepoStore, repo_key
@@ -62,7 +59,6 @@ if TYPE_CHECKING:
     from shoptalk.trainer.retention import GeneralInstance, HumanEvalProblem
 
 log = logging.getLogger(__name__)
-console = Console(stderr=True)
 
 DEFAULT_SPECS = ("base", "org")
 ROLE_SPECS = ("base", "org", "baseline+")
@@ -271,7 +267,7 @@ def _verify(spec: str, path: Path, repo: Path, base: BaseModel) -> dict[str, Any
     return asdict(manifest)
 
 
-def base_gguf(base: BaseModel, data_dir: Path, report: Callable[[str], None]) -> Path:
+def base_gguf(base: BaseModel, data_dir: Path, report: Report) -> Path:
     """The GGUF of the untuned base: the packaged one, or one exported into
     the base's folder of the data dir."""
     from shoptalk.models.provision import base_paths, ensure_gguf
@@ -320,7 +316,7 @@ def resolve_models(
     repo: Path,
     settings: Settings,
     data_dir: Path,
-    report: Callable[[str], None] = log.info,
+    report: Report = log.info,
 ) -> list[ResolvedModel]:
     """Every model of the comparison, verified, or one error naming all the
     models that are missing or do not belong here."""
@@ -530,26 +526,29 @@ def rank_queries(
 # ------------------------------------------------------------------ running
 
 
-@contextmanager
-def _progress() -> Iterator[Progress]:
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    ) as progress:
-        yield progress
+class _Count:
+    """One counted piece of work, reported as `Progress(done, total, label)`
+    from 0 until `end()`."""
+
+    def __init__(self, report: Report, label: str, total: int):
+        self.report, self.label, self.total, self.done = report, label, total, 0
+        report(Progress(0, total, label))
+
+    def advance(self) -> None:
+        self.done += 1
+        self.report(Progress(self.done, self.total, self.label))
+
+    def end(self) -> None:
+        self.report(Progress(self.done, self.total, self.label, final=True))
 
 
 def run_model(
     engine: EvalEngine,
     spec: str,
     instances: Sequence[CompletionInstance],
-    progress: Progress | None = None,
+    report: Report = quiet,
 ) -> ModelRun:
-    task = progress.add_task(f"{spec}: completions", total=len(instances)) if progress else None
+    count = _Count(report, f"{spec}: completions", len(instances))
     predictions: list[str] = []
     latencies: list[float] = []
     for inst in instances:
@@ -557,10 +556,8 @@ def run_model(
         text = engine.complete(inst.prefix, inst.suffix)
         latencies.append(time.perf_counter() - started)
         predictions.append(text.split(LINE_STOP, 1)[0])
-        if progress is not None and task is not None:
-            progress.advance(task)
-    if progress is not None and task is not None:
-        progress.remove_task(task)
+        count.advance()
+    count.end()
     return ModelRun(spec, predictions, latencies)
 
 
@@ -594,13 +591,16 @@ def evaluate_models(
     scope: str = SCOPE_NEWEST,
     lookup_queries: int = 0,
     author: str | None = None,
+    report: Report | None = None,
 ) -> EvalReport:
     """Evaluate `specs` (see the module docstring) on the repository's mined
     test split and write report.json, report.html, predictions.jsonl and
     lookup.jsonl to `out_dir` (default: `<repo store>/eval/<id>/`).
 
     Module lookup runs only when `lookup_queries` > 0: it is slow on CPU, and
-    gates that compare completion figures do not need it."""
+    gates that compare completion figures do not need it. `report` gets what
+    a person follows (default: the log): lines, and a `Progress` per model
+    and part ("base: completions") for a bar."""
     from shoptalk.trainer import retention
     from shoptalk.trainer.metrics import score_completion
     from shoptalk.trainer.report import build_report_data, write_report
@@ -610,7 +610,8 @@ def evaluate_models(
     if scope not in SCOPES:
         raise EvalError(f"unknown --scope {scope!r}: use {' or '.join(SCOPES)}")
     test_set = load_test_set(store, settings, limit or settings.eval.limit, scope, author)
-    models = resolve_models(specs, repo, settings, data_dir, report=console.print)
+    say = report or to_log(log)
+    models = resolve_models(specs, repo, settings, data_dir, report=say)
     trivial = retention.trivial_ngram_set(data_dir)
     general = (
         retention.general_instances(
@@ -620,7 +621,7 @@ def evaluate_models(
         else []
     )
     problems = retention.humaneval_problems(humaneval_problems) if humaneval_problems else []
-    console.print(
+    say(
         f"evaluating {', '.join(m.spec for m in models)} on {len(test_set.completion)} "
         f"completion instances ({test_set.available} in scope {scope!r} of the test split)"
         + (f", {len(general)} general-code instances" if general else "")
@@ -641,17 +642,16 @@ def evaluate_models(
         else:
             lookup.rankings["retrieval (BM25)"] = modules.retrieval()
     started = time.time()
-    with _progress() as progress:
-        for model in models:
-            engine = open_engine(model, settings)
-            try:
-                run = run_model(engine, model.spec, test_set.completion, progress)
-                _run_retention(engine, run, general, problems, progress)
-                if modules is not None:
-                    lookup.rankings.update(modules.with_model(model, engine, progress))
-            finally:
-                engine.close()
-            runs.append(run)
+    for model in models:
+        engine = open_engine(model, settings)
+        try:
+            run = run_model(engine, model.spec, test_set.completion, say)
+            _run_retention(engine, run, general, problems, say)
+            if modules is not None:
+                lookup.rankings.update(modules.with_model(model, engine, say))
+        finally:
+            engine.close()
+        runs.append(run)
     scores = {
         run.spec: [
             score_completion(p, i.target, trivial)
@@ -698,7 +698,7 @@ class ModuleLookupEval:
         ]
 
     def with_model(
-        self, model: ResolvedModel, engine: ServedModel, progress: Progress
+        self, model: ResolvedModel, engine: ServedModel, report: Report = quiet
     ) -> dict[str, list[list[str]]]:
         from shoptalk.models.module_lookup import (
             BASE_MODEL_WEIGHT,
@@ -713,13 +713,13 @@ class ModuleLookupEval:
         generate = engine.generate_with_grammar
         hybrid: list[list[str]] = []
         alone: list[list[str]] = []
-        task = progress.add_task(f"{model.spec}: module lookup", total=len(self.queries))
+        count = _Count(report, f"{model.spec}: module lookup", len(self.queries))
         for q in self.queries:
             hits = find_modules(q.query, self.index, generate, LOOKUP_DEPTH, model_weight=weight)
             hybrid.append([hit.id for hit in hits])
             alone.append(model_picks(q.query, self.ids[:MAX_GRAMMAR_IDS], generate, LOOKUP_DEPTH))
-            progress.advance(task)
-        progress.remove_task(task)
+            count.advance()
+        count.end()
         return {f"{model.spec}: hybrid": hybrid, f"{model.spec}: model": alone}
 
 
@@ -728,27 +728,25 @@ def _run_retention(
     run: ModelRun,
     general: Sequence[GeneralInstance],
     problems: Sequence[HumanEvalProblem],
-    progress: Progress,
+    report: Report = quiet,
 ) -> None:
     """General-code EM and HumanEval pass@1 of one model, into `run`."""
     from shoptalk.trainer import retention
 
     if general:
-        task = progress.add_task(f"{run.spec}: general code", total=len(general))
+        count = _Count(report, f"{run.spec}: general code", len(general))
 
         def complete(prefix: str, suffix: str) -> str:
-            progress.advance(task)
+            count.advance()
             return engine.complete(prefix, suffix).split(LINE_STOP, 1)[0]
 
         outcome = retention.general_completion_em(complete, general)
-        progress.remove_task(task)
+        count.end()
         run.general_instances, run.general_exact = outcome.instances, outcome.exact
     if problems:
-        task = progress.add_task(f"{run.spec}: HumanEval", total=len(problems))
-        result = retention.humaneval_pass_at_1(
-            engine.generate, problems, progress=lambda: progress.advance(task)
-        )
-        progress.remove_task(task)
+        count = _Count(report, f"{run.spec}: HumanEval", len(problems))
+        result = retention.humaneval_pass_at_1(engine.generate, problems, progress=count.advance)
+        count.end()
         run.humaneval_total, run.humaneval_passed = result.total, result.passed
 
 

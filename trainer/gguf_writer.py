@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +36,7 @@ import numpy as np
 from shoptalk.models.catalog import SUPPORTED_ARCHITECTURES, hf_architecture
 from shoptalk.models.errors import ShopTalkError
 from shoptalk.models.files import fault_point, final_name, free_bytes, partial_name
+from shoptalk.models.progress import Report, quiet
 
 if TYPE_CHECKING:
     import torch
@@ -61,15 +62,9 @@ _CARRIED_GENERAL = ("name", "basename", "size_label", "license", "tags", "langua
 _GEMMA3_SWA_PERIOD = 6
 _GEMMA3_LOCAL_ROPE_BASE = 10000.0
 
-Progress = Callable[[str], None]
-
 
 class GGUFWriteError(ShopTalkError):
     pass
-
-
-def _no_progress(_message: str) -> None:
-    return None
 
 
 def architecture_of(config: Mapping[str, Any]) -> str:
@@ -608,7 +603,7 @@ def write_gguf(
     dtype: str = "f16",
     source_gguf: Path | None = None,
     name: str | None = None,
-    progress: Progress = _no_progress,
+    progress: Report = quiet,
 ) -> Path:
     """Write a full model GGUF (F32 or F16; 1-D tensors always F32).
 
@@ -681,7 +676,7 @@ def write_gguf_from_checkpoint(
     out_path: Path,
     dtype: str = "f16",
     source_gguf: Path | None = None,
-    progress: Progress = _no_progress,
+    progress: Report = quiet,
 ) -> Path:
     """An HF checkpoint folder (config, safetensors, tokenizer) → GGUF."""
     config, state = load_checkpoint(checkpoint)

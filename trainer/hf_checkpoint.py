@@ -14,10 +14,10 @@ from pathlib import Path
 
 from shoptalk.models.catalog import BaseModel
 from shoptalk.models.files import atomic_dir, sha256_file, write_json_atomic
+from shoptalk.models.progress import Report
 from shoptalk.models.provision import (
     HF_MARKER,
     ProvisionError,
-    Report,
     base_paths,
     ensure_gguf,
     hf_status,

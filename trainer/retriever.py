@@ -29,7 +29,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,10 +54,10 @@ from shoptalk.models.files import atomic_dir
 from shoptalk.models.module_docs import ModuleDoc, history_from_pairs
 from shoptalk.models.module_lookup import ModuleIndex, lookup_modules
 from shoptalk.models.module_map import ModuleMap
+from shoptalk.models.progress import Report
 
 log = logging.getLogger(__name__)
 
-Report = Callable[[str], None]
 LOOKUP_KINDS = ("module_lookup", "doc_modules")
 
 # Made-up requests that no code base of a developer tool implements; the

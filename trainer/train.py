@@ -35,18 +35,17 @@ import shlex
 import shutil
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-
 from shoptalk.models.catalog import BaseModel, resolve_base
 from shoptalk.models.errors import ShopTalkError
 from shoptalk.models.files import atomic_dir, write_failure, write_json_atomic
 from shoptalk.models.module_map import language_for
+from shoptalk.models.progress import Progress, Report, quiet, to_log
 from shoptalk.models.settings import Settings, TrainSettings
 from shoptalk.models.store import RepoStore
 from shoptalk.trainer.run_record import (
@@ -67,7 +66,6 @@ if TYPE_CHECKING:
     from shoptalk.trainer.train_model import DevicePlan
 
 log = logging.getLogger(__name__)
-console = Console(stderr=True)
 
 # Share of completion instances that get a second copy with the cursor moved
 # inside the target (inside a word, after a space).
@@ -82,6 +80,8 @@ PHASE_PRETRAIN = "pretrain"
 PHASE_SFT = "sft"
 # Phase 1 reads source files up to this size at the cutoff commit.
 PRETRAIN_MAX_FILE_BYTES = 200_000
+# What the report gets when Ctrl-C (or SIGTERM) asks training to stop.
+STOP_MESSAGE = "stopping after this step: saving a checkpoint…"
 
 
 class TrainError(ShopTalkError):
@@ -357,7 +357,8 @@ class _StopRequest:
     """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current
     step, save, and exit cleanly; a second Ctrl-C interrupts at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, report: Report = quiet) -> None:
+        self.report = report
         self.requested = False
         self._previous: dict[int, Any] = {}
 
@@ -365,7 +366,7 @@ class _StopRequest:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        console.print("[yellow]stopping after this step: saving a checkpoint…[/yellow]")
+        self.report(STOP_MESSAGE)
 
     def __enter__(self) -> _StopRequest:
         import threading
@@ -378,22 +379,6 @@ class _StopRequest:
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def _progress_columns() -> list[Any]:
-    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return [
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.fields[steps]}"),
-        TextColumn("{task.fields[speed]:.0f} tok/s"),
-        TextColumn("loss {task.fields[loss]}"),
-        TextColumn("val {task.fields[val]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-    ]
 
 
 @dataclass
@@ -413,6 +398,7 @@ class _Loop:
     losses: list[LossRow]
     val: list[Example]
     best: dict[str, torch.Tensor] | None = None
+    report: Report = quiet  # a bar's events go here only with show_progress
     show_progress: bool = True
 
 
@@ -544,91 +530,88 @@ def _run_phase(
     def seconds_of() -> float:
         return state.train_seconds if is_sft else state.pretrain_seconds
 
-    from rich.progress import Progress
-
+    label = "continued pre-training" if not is_sft else "fine-tuning"
     total = float(max_steps) if max_steps is not None else float(max_seconds or 1)
-    progress = Progress(*_progress_columns(), console=console, disable=not loop.show_progress)
+
+    def show(steps: str, speed: float, loss: str, final: bool = False) -> None:
+        """The phase's bar: how far, and the step, speed, loss and best
+        validation loss so far."""
+        if not loop.show_progress:
+            return
+        done = step_of() if max_steps is not None else min(total, seconds_of())
+        figures = (steps, f"{speed:.0f} tok/s", f"loss {loss}", f"val {_fmt(state.best_val_loss)}")
+        detail = " ".join(figure for figure in figures if figure)
+        loop.report(Progress(done, total, label, detail, final))
+
     last_loss: float | None = None
     reason = ""
-    with progress:
-        task = progress.add_task(
-            "continued pre-training" if not is_sft else "fine-tuning",
-            total=total,
-            completed=step_of() if max_steps is not None else int(seconds_of()),
-            steps="",
-            speed=0.0,
-            loss="-",
-            val=_fmt(state.best_val_loss),
+    step_text, speed, loss_text = "", 0.0, "-"
+    show(step_text, speed, loss_text)
+    while True:
+        if max_steps is not None and step_of() >= max_steps:
+            reason = "one pass over the data done" if one_epoch else "step budget reached"
+            break
+        if max_seconds is not None and seconds_of() >= max_seconds:
+            reason = "time budget reached"
+            break
+        if stop.requested:
+            raise KeyboardInterrupt
+        started = time.perf_counter()
+        micro = schedule.step(step_of())
+        answer_total = sum(e.answer_tokens for mb in micro for e in mb)
+        factor = lr_factor(step_of(), planned)
+        for group in loop.optimizer.param_groups:
+            group["lr"] = learning_rate * factor
+        try:
+            step_loss, step_tokens = _optimizer_step(loop, micro, answer_total)
+        except (RuntimeError, MemoryError) as exc:
+            if is_out_of_memory(exc):
+                raise TrainError(
+                    f"out of memory on {loop.plan.description} at step {step_of()} "
+                    f"(micro-batch of {loop.batch_size} × up to "
+                    f"{max(len(e) for mb in micro for e in mb)} tokens): lower "
+                    "train.batch_size (raise train.grad_accum to keep the step size) or "
+                    "train.max_seq_tokens, or set train.layers_from (e.g. 0.5)"
+                ) from None
+            raise
+        elapsed = time.perf_counter() - started
+        last_loss = step_loss / max(1, answer_total)
+        tokens_all = step_tokens * loop.dist.world
+        state.tokens += tokens_all
+        state.answer_tokens += answer_total
+        if is_sft:
+            state.step += 1
+            state.train_seconds += elapsed
+        else:
+            state.pretrain_steps += 1
+            state.pretrain_seconds += elapsed
+        val_loss: float | None = None
+        evaluate = is_sft and loop.val and step_of() % val_every == 0
+        if evaluate:
+            val_loss = _validate_step(loop)
+        loop.losses.append(
+            LossRow(
+                phase,
+                step_of(),
+                state.tokens,
+                state.train_seconds + state.pretrain_seconds,
+                learning_rate * factor,
+                last_loss,
+                val_loss,
+            )
         )
-        while True:
-            if max_steps is not None and step_of() >= max_steps:
-                reason = "one pass over the data done" if one_epoch else "step budget reached"
-                break
-            if max_seconds is not None and seconds_of() >= max_seconds:
-                reason = "time budget reached"
-                break
-            if stop.requested:
-                raise KeyboardInterrupt
-            started = time.perf_counter()
-            micro = schedule.step(step_of())
-            answer_total = sum(e.answer_tokens for mb in micro for e in mb)
-            factor = lr_factor(step_of(), planned)
-            for group in loop.optimizer.param_groups:
-                group["lr"] = learning_rate * factor
-            try:
-                step_loss, step_tokens = _optimizer_step(loop, micro, answer_total)
-            except (RuntimeError, MemoryError) as exc:
-                if is_out_of_memory(exc):
-                    raise TrainError(
-                        f"out of memory on {loop.plan.description} at step {step_of()} "
-                        f"(micro-batch of {loop.batch_size} × up to "
-                        f"{max(len(e) for mb in micro for e in mb)} tokens): lower "
-                        "train.batch_size (raise train.grad_accum to keep the step size) or "
-                        "train.max_seq_tokens, or set train.layers_from (e.g. 0.5)"
-                    ) from None
-                raise
-            elapsed = time.perf_counter() - started
-            last_loss = step_loss / max(1, answer_total)
-            tokens_all = step_tokens * loop.dist.world
-            state.tokens += tokens_all
-            state.answer_tokens += answer_total
-            if is_sft:
-                state.step += 1
-                state.train_seconds += elapsed
-            else:
-                state.pretrain_steps += 1
-                state.pretrain_seconds += elapsed
-            val_loss: float | None = None
-            evaluate = is_sft and loop.val and step_of() % val_every == 0
-            if evaluate:
-                val_loss = _validate_step(loop)
-            loop.losses.append(
-                LossRow(
-                    phase,
-                    step_of(),
-                    state.tokens,
-                    state.train_seconds + state.pretrain_seconds,
-                    learning_rate * factor,
-                    last_loss,
-                    val_loss,
-                )
+        step_text = f"step {step_of()}" + (f"/{max_steps}" if max_steps else "")
+        speed, loss_text = tokens_all / max(elapsed, 1e-9), f"{last_loss:.3f}"
+        show(step_text, speed, loss_text)
+        if evaluate or step_of() % val_every == 0:
+            _checkpoint(loop)
+        if evaluate and patience and state.bad_evals >= patience:
+            reason = (
+                f"early stop: validation loss did not improve for {patience} evaluations "
+                f"(best {state.best_val_loss:.4f} at step {state.best_step})"
             )
-            progress.update(
-                task,
-                completed=step_of() if max_steps is not None else min(total, seconds_of()),
-                steps=f"step {step_of()}" + (f"/{max_steps}" if max_steps else ""),
-                speed=tokens_all / max(elapsed, 1e-9),
-                loss=f"{last_loss:.3f}",
-                val=_fmt(state.best_val_loss),
-            )
-            if evaluate or step_of() % val_every == 0:
-                _checkpoint(loop)
-            if evaluate and patience and state.bad_evals >= patience:
-                reason = (
-                    f"early stop: validation loss did not improve for {patience} evaluations "
-                    f"(best {state.best_val_loss:.4f} at step {state.best_step})"
-                )
-                break
+            break
+    show(step_text, speed, loss_text, final=True)
     return reason
 
 
@@ -745,7 +728,7 @@ def train_adapter(
     val_limit: int = DEFAULT_VAL_LIMIT,
     precision: str = "auto",
     show_progress: bool = True,
-    report: Callable[[str], None] | None = None,
+    report: Report | None = None,
 ) -> TrainResult:
     """Train (or, with `init_adapter`, continue training) a LoRA adapter on
     the repository's mined dataset; returns where it is and how it went.
@@ -756,8 +739,12 @@ def train_adapter(
     `init_adapter` of the team). Raises `TrainError`/`DatasetError`/
     `ModelError` (ShopTalkError) with what to do; Ctrl-C raises
     `TrainInterrupted` after saving a checkpoint.
+
+    `report` gets what a person follows (default: the log): lines, and with
+    `show_progress` each phase's `Progress` (label, step, speed, loss) for a
+    bar; on Ctrl-C, `STOP_MESSAGE`.
     """
-    say = report or (lambda msg: console.print(msg))
+    say = report or to_log(log)
     store = RepoStore.for_repo(data_dir, repo)
     dist = _distributed()
     if resume:
@@ -838,7 +825,7 @@ def _train(
     val_limit: int,
     precision: str,
     show_progress: bool,
-    say: Callable[[str], None],
+    say: Report,
     wall_started: float,
 ) -> TrainResult:
     import torch
@@ -1006,9 +993,10 @@ def _train(
         losses=losses,
         val=val,
         best=best,
+        report=say,
         show_progress=show_progress and dist.is_main,
     )
-    with _StopRequest() as stop:
+    with _StopRequest(say) as stop:
         try:
             if state.phase == PHASE_PRETRAIN:
                 if pretrain:

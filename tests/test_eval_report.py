@@ -17,7 +17,7 @@ from shoptalk.models.store import RepoStore
 from shoptalk.trainer.eval_types import CompletionInstance, EvalSet, ModelRun, ResolvedModel
 from shoptalk.trainer.evaluate import EvalError, load_test_set, parse_specs, resolve_models
 from shoptalk.trainer.metrics import exact_match, mcnemar, score_completion
-from shoptalk.trainer.report import build_report_data, summary_tables, write_report
+from shoptalk.trainer.report import build_report_data, summary_tables, verdict_line, write_report
 
 TARGETS = [
     ("alice", "return total + tax"),
@@ -335,3 +335,167 @@ def test_module_lookup_top_k_per_ranking() -> None:
     assert unavailable == {"evaluated": False, "reason": "no server"}
     empty = module_lookup_section(EvalSet([], [], {}, 0), LookupRankings(rankings))
     assert empty["evaluated"] is False and "no module-lookup" in empty["reason"]
+
+
+# ------------------------------------------------------------------ verdict, chart, page
+
+
+def _team_report(tmp_path: Path, org_said: list[str]) -> tuple[dict, EvalSet, list[ModelRun]]:
+    """Two authors with 12 instances each and 20 with one: the per-author chart
+    must pool the twenty. `org_said[k]` is org's answer to instance k; base
+    always answers "pass"."""
+    authors = ["alice"] * 12 + ["bob"] * 12 + [f"drive-by-{k:02d}" for k in range(20)]
+    instances = [
+        CompletionInstance(
+            id=f"i{k}",
+            commit=f"c{k}",
+            author_id=author,
+            author_date=f"2025-06-{1 + k % 28:02d}T10:00:00Z",
+            path="pkg/mod.py",
+            prefix="def f():\n    ",
+            suffix="\n",
+            target=f"return value_{k} + offset",
+            masked_tokens=3,
+        )
+        for k, author in enumerate(authors)
+    ]
+    test_set = EvalSet(instances, [], {"cutoff": "2025-06-01T00:00:00Z"}, available=len(instances))
+    runs = [
+        ModelRun("base", ["pass"] * len(instances), [0.1] * len(instances), 0, 0),
+        ModelRun("org", org_said, [0.1] * len(instances), 0, 0),
+    ]
+    scores = {
+        run.spec: [
+            score_completion(p, i.target, frozenset())
+            for p, i in zip(run.predictions, instances, strict=True)
+        ]
+        for run in runs
+    }
+    data = build_report_data(
+        repo=tmp_path / "team",
+        test_set=test_set,
+        models=_models(tmp_path),
+        runs=runs,
+        scores=scores,
+        settings=Settings(),
+        command="shoptalk eval --repo team",
+        seconds=3.0,
+    )
+    return data, test_set, runs
+
+
+def test_verdict_names_the_better_model_the_margin_and_the_significance(tmp_path: Path) -> None:
+    n = 44
+    right = [f"return value_{k} + offset" for k in range(n)]
+    # org right on 30 of 44 where base is never right: significant.
+    data, _, _ = _team_report(tmp_path, right[:30] + ["pass"] * (n - 30))
+    assert data["verdict"]["text"] == (
+        "org is better than base by 68.2 EM points (68.2% vs 0.0% exact match, n=44); "
+        "significant (McNemar p = 1.9e-09)."
+    )
+    assert data["verdict"]["significant"] is True
+    # Right on 2: not significant, said so.
+    data, _, _ = _team_report(tmp_path, right[:2] + ["pass"] * (n - 2))
+    assert data["verdict"]["text"] == (
+        "org is 4.5 EM points above base (4.5% vs 0.0% exact match, n=44), but that is not "
+        "significant (McNemar p = 0.5): no difference shown."
+    )
+    data, _, _ = _team_report(tmp_path, ["pass"] * n)
+    assert data["verdict"]["text"].startswith("org and base are tied (0.0% vs 0.0%")
+    assert (
+        verdict_line({"models": data["models"], "comparisons": data["comparisons"]})
+        == (data["verdict"]["text"])
+    )
+
+
+def test_per_author_chart_pools_authors_with_few_instances(tmp_path: Path) -> None:
+    data, _, _ = _team_report(tmp_path, ["pass"] * 44)
+    groups = data["models"][1]["completion"]["author_groups"]
+    assert [(g["label"], g["count"]) for g in groups] == [
+        ("alice", 12),
+        ("bob", 12),
+        ("20 other authors", 20),
+    ]
+    assert len(groups[2]["authors"]) == 20
+
+
+CHECK_PAGE_JS = r"""
+const { chromium } = require("playwright-core");
+const [url, shot, executablePath] = process.argv.slice(1);
+(async () => {
+  const browser = await chromium.launch({ executablePath, args: ["--no-sandbox", "--disable-gpu"] });
+  const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+  await page.goto(url);
+  await page.waitForLoadState("load");
+  const seen = await page.evaluate(() => {
+    const verdict = document.getElementById("verdict");
+    const box = verdict ? verdict.getBoundingClientRect() : null;
+    const tables = [...document.querySelectorAll("table")].map((t) =>
+      [...t.querySelectorAll("tr:first-child th")].map((th) => th.innerText));
+    return {
+      afterTitle: document.querySelector("h1").nextElementSibling.id,
+      verdict: verdict ? verdict.innerText : null,
+      verdictTop: box ? box.top : null,
+      images: [...document.images].map((i) => ({ alt: i.alt, complete: i.complete, width: i.naturalWidth })),
+      overflow: document.documentElement.scrollWidth - window.innerWidth,
+      headers: tables,
+      text: document.body.innerText,
+      pre: document.querySelectorAll("pre").length,
+    };
+  });
+  await page.screenshot({ path: shot, fullPage: true });
+  await browser.close();
+  console.log(JSON.stringify(seen));
+})().catch((error) => { console.error(error); process.exit(1); });
+"""
+
+
+def test_report_page_in_headless_chromium(tmp_path: Path) -> None:
+    """The page as a person sees it: the verdict first and above the fold,
+    every chart decoded, nothing wider than the window, the models as a
+    table; a screenshot is kept beside the report (report.png)."""
+    import os
+    import shutil
+    import subprocess
+
+    from shoptalk.trainer.report import MODEL_COLUMNS
+    from tests.test_vscode import CHROMIUM, VSCODE_DIR, npm
+
+    if not CHROMIUM.is_file():
+        raise RuntimeError(f"{CHROMIUM} is missing: `make editor-deps` installs Debian's chromium")
+    if not (VSCODE_DIR / "node_modules" / "playwright-core").is_dir():
+        installed = npm("ci", "--no-audit", "--no-fund")
+        assert installed.returncode == 0, installed.stderr[-2000:]
+    right = [f"return value_{k} + offset" for k in range(44)]
+    data, test_set, runs = _team_report(tmp_path, right[:30] + ["pass"] * 14)
+    out = tmp_path / "report"
+    write_report(out, data, test_set, runs)
+    shot = tmp_path / "report.png"
+    done = subprocess.run(
+        [
+            shutil.which("node") or "node",
+            "-e",
+            CHECK_PAGE_JS,
+            (out / "report.html").as_uri(),
+            str(shot),
+            str(CHROMIUM),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "NODE_PATH": str(VSCODE_DIR / "node_modules")},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout)
+    assert seen["afterTitle"] == "verdict"
+    assert seen["verdict"] == data["verdict"]["text"]
+    assert 0 <= seen["verdictTop"] < 200  # the first thing read, without scrolling
+    assert len(seen["images"]) == 3
+    assert all(i["complete"] and i["width"] > 300 for i in seen["images"]), seen["images"]
+    assert seen["overflow"] <= 0  # nothing wider than the window
+    assert list(MODEL_COLUMNS) in seen["headers"]
+    assert seen["pre"] == 0  # no raw JSON block
+    assert "{'" not in seen["text"] and '{"' not in seen["text"]
+    assert "All 22 authors" in seen["text"]  # the long per-author table is folded away
+    assert "None" not in seen["text"]
+    assert shot.stat().st_size > 20_000

@@ -10,6 +10,7 @@ two-step budget, so it takes a minute or two, not an hour.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -260,3 +261,13 @@ def test_summaries_hold_no_python_reprs(first_hour: FirstHour) -> None:
     page = report.read_text(encoding="utf-8")
     for text in (mined, evaluated.stdout, page):
         assert "{'" not in text and "': " not in text
+
+
+def test_eval_ends_with_a_one_line_verdict(first_hour: FirstHour) -> None:
+    evaluated = _step(first_hour, "eval")
+    last = evaluated.stdout.strip().splitlines()[-1]
+    assert re.match(r"^org (is|and) .*base .*exact match, n=\d+\)", last), last
+    assert "significant" in last or "tied" in last
+    printed = (evaluated.stdout + evaluated.stderr).replace("\n", "")
+    report = Path(re.search(r"(\S+report\.json)", printed).group(1))
+    assert json.loads(report.read_text())["verdict"]["text"] == last

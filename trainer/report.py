@@ -41,6 +41,12 @@ SCHEMA_VERSION = 1
 REPORT_FILES = ("report.json", "report.html", "predictions.jsonl", "lookup.jsonl")
 SIGNIFICANCE = 0.05
 
+# The per-author chart: authors with fewer instances than this are pooled
+# into one bar ("5 other authors"), and so is everyone past the MAX_AUTHOR_BARS
+# largest: twenty bars of n = 1 say nothing.
+AUTHOR_MIN_INSTANCES = 5
+MAX_AUTHOR_BARS = 12
+
 # Masked-length buckets (whitespace tokens) for the "EM vs masked length" plot.
 LENGTH_BUCKETS = ((3, 5), (6, 10), (11, 20), (21, 50))
 
@@ -124,6 +130,7 @@ def build_report_data(
             if run.humaneval_total
             else None
         )
+        author_groups = _author_groups(model_scores, instances, resamples)
         model_rows.append(
             {
                 "spec": model.spec,
@@ -136,12 +143,14 @@ def build_report_data(
                 "completion": {
                     "pooled": summarize_completions(model_scores, resamples=resamples).as_dict(),
                     "per_author": per_author,
+                    "author_groups": author_groups,
                     "by_masked_length": _by_length(model_scores, lengths),
                 },
                 "retention": {"general": general, "humaneval": humaneval},
             }
         )
     _add_retention_ratios(model_rows)
+    comparisons = _comparisons(models, scores)
     return {
         "schema": SCHEMA_VERSION,
         "complete": True,
@@ -167,9 +176,106 @@ def build_report_data(
             "base": settings.train.base,
         },
         "models": model_rows,
-        "comparisons": _comparisons(models, scores),
+        "comparisons": comparisons,
+        "verdict": verdict(model_rows, comparisons),
         "module_lookup": module_lookup_section(test_set, lookup, resamples),
     }
+
+
+def _author_groups(
+    scores: Sequence[CompletionScore], instances: Sequence[Any], resamples: int
+) -> list[dict[str, Any]]:
+    """The bars of the per-author chart: each author with enough instances
+    (the largest first), then one pooled bar for all the others."""
+    by_author: dict[str, list[CompletionScore]] = {}
+    for score, instance in zip(scores, instances, strict=True):
+        by_author.setdefault(instance.author_id, []).append(score)
+    ranked = sorted(by_author.items(), key=lambda item: (-len(item[1]), item[0]))
+    own = [(a, s) for a, s in ranked if len(s) >= AUTHOR_MIN_INSTANCES][:MAX_AUTHOR_BARS]
+    kept = {author for author, _ in own}
+    groups = [
+        {
+            "label": author,
+            "authors": [author],
+            "count": len(picked),
+            "exact_match": summarize_completions(picked, resamples=resamples).exact.as_dict(),
+        }
+        for author, picked in own
+    ]
+    rest = [(a, s) for a, s in ranked if a not in kept]
+    if rest:
+        pooled = [score for _, picked in rest for score in picked]
+        label = rest[0][0] if len(rest) == 1 else f"{len(rest)} other authors"
+        groups.append(
+            {
+                "label": label,
+                "authors": [author for author, _ in rest],
+                "count": len(pooled),
+                "exact_match": summarize_completions(pooled, resamples=resamples).exact.as_dict(),
+            }
+        )
+    return groups
+
+
+def _headline(comparisons: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The comparison the verdict is about: the tuned model against the base
+    (the promoted model first, then a named run, then any other)."""
+    against_base = [c for c in comparisons if c["b"] == "base"]
+    for wanted in ("org", "run:", ""):
+        for comparison in against_base:
+            if comparison["a"].startswith(wanted):
+                return comparison
+    return comparisons[0] if comparisons else None
+
+
+def verdict(
+    models: Sequence[dict[str, Any]], comparisons: Sequence[dict[str, Any]]
+) -> dict[str, Any]:
+    """Which model is better, by how much, and whether that is significant:
+    one sentence (`text`) and its figures."""
+    em = {m["spec"]: m["completion"]["pooled"]["exact_match"]["value"] for m in models}
+    counts = {m["spec"]: m["completion"]["pooled"]["count"] for m in models}
+    headline = _headline(comparisons)
+    if headline is None:
+        spec = models[0]["spec"] if models else "?"
+        value = em.get(spec)
+        shown = "–" if value is None or math.isnan(value) else f"{value:.1f}%"
+        return {
+            "text": f"{spec}: {shown} exact match (n={counts.get(spec, 0)}); nothing to compare it with."
+        }
+    a, b = headline["a"], headline["b"]
+    diff = headline["difference_points"] or 0.0
+    p_value = headline["p_value"]
+    figures = f"{em[a]:.1f}% vs {em[b]:.1f}% exact match, n={counts[a]}"
+    test = f"McNemar p = {p_value:.2g}"
+    if abs(diff) < 0.05:
+        text = f"{a} and {b} are tied ({figures}): no difference."
+    elif headline["significant"]:
+        better = "better" if diff > 0 else "worse"
+        text = f"{a} is {better} than {b} by {abs(diff):.1f} EM points ({figures}); significant ({test})."
+    else:
+        side = "above" if diff > 0 else "below"
+        text = (
+            f"{a} is {abs(diff):.1f} EM points {side} {b} ({figures}), but that is not "
+            f"significant ({test}): no difference shown."
+        )
+    return {
+        "text": text,
+        "a": a,
+        "b": b,
+        "difference_points": diff,
+        "p_value": p_value,
+        "significant": bool(headline["significant"]),
+    }
+
+
+def verdict_line(data: dict[str, Any]) -> str:
+    """The report's one-line verdict (computed again for reports written
+    before it was recorded)."""
+    recorded = data.get("verdict")
+    if isinstance(recorded, dict) and recorded.get("text"):
+        return str(recorded["text"])
+    return str(verdict(data.get("models", []), data.get("comparisons", []))["text"])
 
 
 def module_lookup_section(
@@ -314,25 +420,32 @@ def plots(data: dict[str, Any], runs: Sequence[ModelRun]) -> dict[str, str]:
     import matplotlib.pyplot as plt
 
     models = data["models"]
-    authors = list(data["dataset"]["instances"]["per_author"])
     images: dict[str, str] = {}
 
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(authors) * len(models)), 3.6))
+    # Bars: the authors with enough instances, then the others pooled (the
+    # groups are the same for every model: they depend on the instances only).
+    groups = models[0]["completion"]["author_groups"] if models else []
+    labels = [f"{g['label'][:22]}\n(n={g['count']})" for g in groups]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(groups) * max(1, len(models)) + 2), 3.8))
     width = 0.8 / max(1, len(models))
     for k, model in enumerate(models):
-        cells = [model["completion"]["per_author"][a]["exact_match"] for a in authors]
+        cells = [g["exact_match"] for g in model["completion"]["author_groups"]]
         values = [c["value"] for c in cells]
         errors = [
             [max(0.0, c["value"] - c["low"]) for c in cells],
             [max(0.0, c["high"] - c["value"]) for c in cells],
         ]
-        xs = [i + k * width for i in range(len(authors))]
+        xs = [i + k * width for i in range(len(cells))]
         ax.bar(xs, values, width, yerr=errors, capsize=3, label=model["spec"])
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(authors))])
-    ax.set_xticklabels([a[:18] for a in authors], rotation=30, ha="right")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
+    ax.set_xticklabels(labels, rotation=0 if len(groups) <= 6 else 30, ha="center")
     ax.set_ylabel("exact match (%)")
-    ax.set_title("Exact match per author (95% bootstrap CI)")
+    ax.set_title(
+        f"Exact match per author (95% bootstrap CI; fewer than {AUTHOR_MIN_INSTANCES} "
+        "instances: pooled)"
+    )
     ax.legend()
+    fig.tight_layout()
     images["per_author"] = _png(fig)
 
     fig, ax = plt.subplots(figsize=(6.0, 3.4))
@@ -484,6 +597,7 @@ table{border-collapse:collapse;margin:1em 0;font-size:14px}
 th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}
 th{background:#f3f3f3} code,pre{background:#f6f6f6;padding:2px 4px}
 pre{padding:8px;overflow-x:auto} img{max-width:100%} .note{color:#555}
+.verdict{font-size:18px;font-weight:600;padding:10px 14px;background:#f3f7ff;border-left:4px solid #3a6ee8}
 """
 
 
@@ -498,7 +612,7 @@ def _table_html(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def _mined_range_text(mined: Any) -> str:
     """The manifest's mined range as a sentence (it is a dict in the JSON)."""
     if not isinstance(mined, dict):
-        return str(mined)
+        return "range not recorded" if mined is None else str(mined)
     text = f"{mined.get('mined_commits', '?')} of {mined.get('commits', '?')} commits"
     if mined.get("first") or mined.get("last"):
         text += f", {mined.get('first') or '?'} … {mined.get('last') or '?'}"
@@ -506,17 +620,52 @@ def _mined_range_text(mined: Any) -> str:
     return text + (f" ({', '.join(bounds)})" if bounds else "")
 
 
+MODEL_COLUMNS = ("model", "file", "adapter", "prompt", "run", "base", "quant", "sha256")
+
+
+def model_rows(data: dict[str, Any]) -> list[list[str]]:
+    """What each model was, from its manifests: one row per model (not the raw JSON)."""
+    rows = []
+    for model in data["models"]:
+        manifests = model.get("manifests") or {}
+        main = manifests.get("model") or manifests.get("adapter") or {}
+        sha = str(main.get("sha256") or "")
+        rows.append(
+            [
+                model["spec"],
+                Path(model["model"]).name,
+                Path(model["adapter"]).name if model.get("adapter") else "–",
+                model["prompt"],
+                model.get("run_id") or "–",
+                str(main.get("base") or data["settings"].get("base") or "–"),
+                str(main.get("quant") or "–"),
+                sha[:12] or "–",
+            ]
+        )
+    return rows
+
+
+def _per_author_html(data: dict[str, Any]) -> str:
+    """Every author's figures, the most instances first; folded away when long."""
+    counts = data["dataset"]["instances"]["per_author"]
+    authors = sorted(counts, key=lambda a: (-counts[a], a))
+    rows = [
+        [a, str(counts[a])]
+        + [_fmt(m["completion"]["per_author"][a]["exact_match"]) for m in data["models"]]
+        for a in authors
+    ]
+    table = _table_html(["author", "n", *[m["spec"] for m in data["models"]]], rows)
+    if len(rows) <= MAX_AUTHOR_BARS:
+        return table
+    return f"<details><summary>All {len(rows)} authors</summary>{table}</details>"
+
+
 def render_html(data: dict[str, Any], runs: Sequence[ModelRun]) -> str:
+    """The page: the verdict first, then the test set, the figures, the models."""
     images = plots(data, runs)
     esc = html.escape
     dataset = data["dataset"]
     span = dataset["commit_range"]
-    per_author_rows: list[list[str]] = []
-    authors = list(dataset["instances"]["per_author"])
-    for author in authors:
-        row = [author, str(dataset["instances"]["per_author"][author])]
-        row += [_fmt(m["completion"]["per_author"][author]["exact_match"]) for m in data["models"]]
-        per_author_rows.append(row)
     # The counts describe the references, so they are the same for every model.
     first = data["models"][0]["completion"]["pooled"] if data["models"] else None
     trivial_note = (
@@ -524,14 +673,6 @@ def render_html(data: dict[str, Any], runs: Sequence[ModelRun]) -> str:
         f"{first['too_short_references']} are shorter than four tokens"
         if first
         else ""
-    )
-    manifests = json.dumps(
-        {
-            m["spec"]: {"model": m["model"], "adapter": m["adapter"], **m["manifests"]}
-            for m in data["models"]
-        },
-        indent=2,
-        default=str,
     )
     module_lookup = data["module_lookup"]
     lookup_html = (
@@ -549,7 +690,8 @@ def render_html(data: dict[str, Any], runs: Sequence[ModelRun]) -> str:
 <html><head><meta charset="utf-8"><title>ShopTalk evaluation: {esc(Path(data["repo"]).name)}</title>
 <style>{_CSS}</style></head><body>
 <h1>ShopTalk evaluation: {esc(Path(data["repo"]).name)}</h1>
-<p>Command: <code>{esc(data["command"])}</code><br>
+<p class=verdict id=verdict>{esc(verdict_line(data))}</p>
+<p class=note>Command: <code>{esc(data["command"])}</code><br>
 Created {esc(data["created"])} on {esc(data["machine"]["platform"])}, {data["seconds"]:.0f} s.</p>
 <h2>Test set</h2>
 <p>Repository <code>{esc(data["repo"])}</code>; cutoff <code>{esc(str(span["cutoff"]))}</code>;
@@ -564,14 +706,15 @@ CrystalBLEU ignores the most frequent n-grams of the general corpus; references 
 shorter than four tokens score 0 on their own: here {esc(trivial_note)}.</p>
 {_table_html(COMPARISON_COLUMNS, comparison_rows(data)) if data["comparisons"] else ""}
 <h3>Per author (exact match %)</h3>
-{_table_html(["author", "n", *[m["spec"] for m in data["models"]]], per_author_rows)}
 <img alt="per-author exact match" src="data:image/png;base64,{images["per_author"]}">
+{_per_author_html(data)}
 <img alt="exact match vs masked length" src="data:image/png;base64,{images["by_length"]}">
 <h2>Module lookup</h2>
 {lookup_html}
 <h2>Latency</h2>
 <img alt="latency histogram" src="data:image/png;base64,{images["latency"]}">
 <h2>Models</h2>
-<pre>{esc(manifests)}</pre>
+{_table_html(MODEL_COLUMNS, model_rows(data))}
+<p class=note>Every model's manifest is in report.json (<code>models[].manifests</code>).</p>
 </body></html>
 """

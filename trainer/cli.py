@@ -24,6 +24,7 @@ from rich.text import Text
 
 from shoptalk.models.catalog import DEFAULT_BASE, resolve_base
 from shoptalk.models.cli_support import (
+    ConsoleReport,
     err,
     print_warning,
     section_flags,
@@ -211,26 +212,28 @@ def train(
     ] = DEFAULT_VAL_LIMIT,
 ) -> None:
     """Fine-tune a LoRA adapter on the repository's mined dataset."""
-    from shoptalk.trainer.train import TrainError, summary_table, train_adapter
+    from shoptalk.trainer.train import STOP_MESSAGE, TrainError, summary_table, train_adapter
 
     if precision not in ("auto", "bf16", "fp32"):
         raise TrainError(f"--precision {precision!r}: use auto, bf16 or fp32")
     if purpose not in ("org", "baseline+", "dev", "org+dev"):
         raise TrainError(f"--purpose {purpose!r}: use org, baseline+, dev or org+dev")
     settings = settings_for(ctx, repo, {"train": dict(overrides or {})})
-    result = train_adapter(
-        repo,
-        settings,
-        settings.resolved_data_dir(),
-        init_adapter,
-        resume=resume,
-        run_id=run_id,
-        purpose=purpose,
-        developer=developer,
-        dataset_dir=dataset,
-        val_limit=val_limit,
-        precision=precision,
-    )
+    with ConsoleReport(styles={STOP_MESSAGE: "yellow"}) as report:
+        result = train_adapter(
+            repo,
+            settings,
+            settings.resolved_data_dir(),
+            init_adapter,
+            resume=resume,
+            run_id=run_id,
+            purpose=purpose,
+            developer=developer,
+            dataset_dir=dataset,
+            val_limit=val_limit,
+            precision=precision,
+            report=report,
+        )
     stdout_console.print(summary_table(result))
 
 
@@ -370,19 +373,21 @@ def evaluate(
     if base is not None:
         overrides["train"] = {"base": base}
     settings = settings_for(ctx, repo, overrides)
-    result = evaluate_models(
-        repo,
-        parse_specs(models),
-        settings,
-        settings.resolved_data_dir(),
-        limit,
-        general_instances=general,
-        humaneval_problems=humaneval,
-        out_dir=out,
-        scope=scope,
-        lookup_queries=lookup,
-        author=author,
-    )
+    with ConsoleReport() as report:
+        result = evaluate_models(
+            repo,
+            parse_specs(models),
+            settings,
+            settings.resolved_data_dir(),
+            limit,
+            general_instances=general,
+            humaneval_problems=humaneval,
+            out_dir=out,
+            scope=scope,
+            lookup_queries=lookup,
+            author=author,
+            report=report,
+        )
     for table in summary_tables(result.data):
         stdout_console.print(table)
     if lookup:  # BM25 / zero-shot / trained retriever / fused on the held-out queries
@@ -478,12 +483,20 @@ def demo(
     eval_limit: Annotated[int, typer.Option(help="Test instances to evaluate on.")] = 40,
 ) -> None:
     """Run the main job on the default model and print what it produced."""
+    import sys
+
     from shoptalk.trainer.demo import run_demo, summary
     from shoptalk.trainer.report import summary_tables
+    from shoptalk.trainer.train import STOP_MESSAGE
 
     repo = repo.expanduser().resolve()
     settings = settings_for(ctx, repo)
-    result = run_demo(repo, settings, settings.resolved_data_dir(), train_minutes, eval_limit)
+    with ConsoleReport(err, styles={STOP_MESSAGE: "yellow"}) as report:
+        result = run_demo(
+            repo, settings, settings.resolved_data_dir(), train_minutes, eval_limit, report
+        )
+    typed, suggestion = result.completion
+    print(f"{typed}\033[2m{suggestion}\033[0m" if sys.stdout.isatty() else f"{typed}⟨{suggestion}⟩")
     out = Console()
     out.print(summary(result))
     for key, value in result.facts.items():

@@ -19,6 +19,12 @@ One run, in `runs/<run_id>/` of the repository's store (see
    more and written atomically to `adapter/`; only then does `record.json`
    say `complete`.
 
+This module is the run's recipe: resolve the request (a resumed run's
+saved settings) → prepare (data, base, record) → fit (both phases) → finish
+(adapter, complete record). One phase's loop and its budget are in
+`shoptalk.trainer.train_loop`; checkpoints and resuming in
+`shoptalk.trainer.checkpoints`.
+
 Multi-GPU / multi-node: run the same command under `accelerate launch "$(command -v shoptalk)" train ... --run-id NAME`
 (DDP); each process takes its share of every step's micro-batches and only
 the main process writes. A single process never needs a launcher.
@@ -29,25 +35,32 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import random
-import shlex
 import shutil
-import signal
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from shoptalk.models.catalog import BaseModel, resolve_base
-from shoptalk.models.errors import ShopTalkError
-from shoptalk.models.files import atomic_dir, write_failure, write_json_atomic
+from shoptalk.models.files import atomic_dir, write_failure
 from shoptalk.models.module_map import language_for
-from shoptalk.models.progress import Progress, Report, quiet, to_log
-from shoptalk.models.settings import Settings, TrainSettings
+from shoptalk.models.progress import Report, to_log
+from shoptalk.models.settings import Settings
 from shoptalk.models.store import RepoStore
+from shoptalk.trainer.checkpoints import (
+    PHASE_PRETRAIN,
+    PHASE_SFT,
+    TrainError,
+    TrainInterrupted,
+    TrainState,
+    find_resumable,
+    load_checkpoint,
+    load_trainable,
+    progress_fields,
+    resume_command,
+    trainable_state,
+)
 from shoptalk.trainer.run_record import (
     STATUS_COMPLETE,
     STATUS_FAILED,
@@ -58,12 +71,25 @@ from shoptalk.trainer.run_record import (
     command_line,
     library_versions,
 )
+from shoptalk.trainer.train_loop import STOP_MESSAGE as STOP_MESSAGE  # the CLI styles it
+from shoptalk.trainer.train_loop import (
+    Distributed,
+    Loop,
+    PhaseBudget,
+    StopRequest,
+    checkpoint_now,
+    distributed,
+    fmt_loss,
+    run_phase,
+    validation_loss,
+)
 
 if TYPE_CHECKING:
     import torch
 
     from shoptalk.trainer.formats import Example, SequenceBuilder
-    from shoptalk.trainer.train_model import DevicePlan
+    from shoptalk.trainer.train_data import Dataset
+    from shoptalk.trainer.train_model import BaseIdentity, DevicePlan
 
 log = logging.getLogger(__name__)
 
@@ -74,22 +100,8 @@ AUGMENT_SHARE = 0.5
 DEFAULT_VAL_LIMIT = 64
 # When the dataset has no validation split, this share of train is held out.
 FALLBACK_VAL_SHARE = 0.05
-KEEP_CHECKPOINTS = 2
-MAX_GRAD_NORM = 1.0
-PHASE_PRETRAIN = "pretrain"
-PHASE_SFT = "sft"
 # Phase 1 reads source files up to this size at the cutoff commit.
 PRETRAIN_MAX_FILE_BYTES = 200_000
-# What the report gets when Ctrl-C (or SIGTERM) asks training to stop.
-STOP_MESSAGE = "stopping after this step: saving a checkpoint…"
-
-
-class TrainError(ShopTalkError):
-    pass
-
-
-class TrainInterrupted(ShopTalkError):
-    exit_code = 130
 
 
 @dataclass
@@ -107,58 +119,6 @@ class TrainResult:
     best_val_loss: float | None
     final_val_loss: float | None
     record: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class _State:
-    """What a checkpoint restores (besides weights and optimizer)."""
-
-    phase: str = PHASE_PRETRAIN
-    step: int = 0
-    pretrain_steps: int = 0
-    tokens: int = 0
-    answer_tokens: int = 0
-    train_seconds: float = 0.0
-    pretrain_seconds: float = 0.0
-    base_val_loss: float | None = None
-    best_val_loss: float | None = None
-    best_step: int = 0
-    bad_evals: int = 0
-    stop_reason: str = ""
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-@dataclass
-class _Distributed:
-    """Rank and world size under `accelerate launch`; one process otherwise."""
-
-    accelerator: Any = None
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def wait(self) -> None:
-        if self.accelerator is not None:
-            self.accelerator.wait_for_everyone()
-
-
-def _distributed() -> _Distributed:
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return _Distributed()
-    from accelerate import Accelerator
-
-    accelerator = Accelerator()
-    return _Distributed(accelerator, accelerator.process_index, accelerator.num_processes)
-
-
-# ---- data ----------------------------------------------------------------------------
 
 
 def _split_validation(
@@ -209,511 +169,6 @@ def pretrain_examples(
     return examples
 
 
-# ---- schedule -------------------------------------------------------------------------
-
-
-def lr_factor(step: int, planned: int | None) -> float:
-    """Linear warm-up, then cosine decay to 10% over `planned` steps (constant
-    when the run is bounded only by time)."""
-    warmup = min(20, max(1, (planned or 400) // 20))
-    if step < warmup:
-        return (step + 1) / warmup
-    if planned is None or planned <= warmup:
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, planned - warmup))
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-# ---- checkpoints -----------------------------------------------------------------------
-
-
-def _trainable_state(model: Any) -> dict[str, torch.Tensor]:
-    return {
-        name: p.detach().to("cpu", copy=True).contiguous()
-        for name, p in model.named_parameters()
-        if p.requires_grad
-    }
-
-
-def _load_trainable(model: Any, state: dict[str, torch.Tensor]) -> None:
-    import torch
-
-    params = dict(model.named_parameters())
-    missing = [n for n in state if n not in params]
-    if missing:
-        raise TrainError(
-            f"the checkpoint does not fit this model ({len(missing)} unknown tensors, e.g. "
-            f"{missing[0]}): it was made with other LoRA settings; start a new run"
-        )
-    with torch.no_grad():
-        for name, tensor in state.items():
-            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
-
-
-def save_checkpoint(
-    run: RunFolder,
-    model: Any,
-    optimizer: Any,
-    scaler: Any,
-    state: _State,
-    best: dict[str, torch.Tensor] | None,
-    losses: list[LossRow],
-) -> Path:
-    """Write `checkpoints/step-N/` completely, then point `latest.json` at it.
-    A failure (disk full) leaves the previous checkpoint as latest."""
-    import torch
-    from safetensors.torch import save_file
-
-    name = (
-        f"{state.phase}-{state.pretrain_steps if state.phase == PHASE_PRETRAIN else state.step:06d}"
-    )
-    final = run.checkpoints_dir / name
-    with atomic_dir(final) as tmp:
-        save_file(_trainable_state(model), str(tmp / "adapter.safetensors"))
-        if best is not None:
-            save_file(best, str(tmp / "best.safetensors"))
-        torch.save(
-            {
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "torch_rng": torch.get_rng_state(),
-                "python_rng": random.getstate(),
-            },
-            tmp / "optimizer.pt",
-        )
-        write_json_atomic(tmp / "state.json", state.as_dict())
-        write_json_atomic(tmp / "losses.json", [r.__dict__ for r in losses])
-    write_json_atomic(run.latest_file, {"checkpoint": name, **state.as_dict()})
-    for old in sorted(p for p in run.checkpoints_dir.iterdir() if p.is_dir())[:-KEEP_CHECKPOINTS]:
-        if old.name != name and not old.name.startswith("."):
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _latest_name(run: RunFolder) -> str | None:
-    try:
-        return str(json.loads(run.latest_file.read_text())["checkpoint"])
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def load_checkpoint(
-    run: RunFolder, model: Any, optimizer: Any, scaler: Any
-) -> tuple[_State, dict[str, torch.Tensor] | None, list[LossRow]]:
-    import torch
-    from safetensors.torch import load_file
-
-    name = _latest_name(run)
-    folder = run.checkpoints_dir / name if name else None
-    if folder is None or not (folder / "state.json").is_file():
-        raise TrainError(
-            f"run {run.run_id} has no complete checkpoint to resume from; start a new run "
-            "(without --resume)"
-        )
-    _load_trainable(model, load_file(str(folder / "adapter.safetensors")))
-    best_file = folder / "best.safetensors"
-    best = load_file(str(best_file)) if best_file.is_file() else None
-    extra = torch.load(folder / "optimizer.pt", weights_only=False)
-    optimizer.load_state_dict(extra["optimizer"])
-    if scaler is not None and extra.get("scaler"):
-        scaler.load_state_dict(extra["scaler"])
-    torch.set_rng_state(extra["torch_rng"])
-    random.setstate(extra["python_rng"])
-    state = _State(**json.loads((folder / "state.json").read_text()))
-    losses = [LossRow.from_dict(r) for r in json.loads((folder / "losses.json").read_text())]
-    return state, best, losses
-
-
-def find_resumable(store: RepoStore, run_id: str | None) -> RunFolder:
-    if run_id is not None:
-        run = RunFolder(store.run_dir(run_id))
-        if not run.record_file.is_file():
-            raise TrainError(f"no run {run_id!r} in {store.runs_dir}; see `ls {store.runs_dir}`")
-        if run.read_record().get("status") == STATUS_COMPLETE:
-            raise TrainError(f"run {run_id} is already complete; nothing to resume")
-        return run
-    candidates = []
-    if store.runs_dir.is_dir():
-        for folder in store.runs_dir.iterdir():
-            run = RunFolder(folder)
-            status = run.read_record().get("status")
-            if (
-                status in (STATUS_RUNNING, STATUS_INTERRUPTED, STATUS_FAILED)
-                and run.latest_file.is_file()
-            ):
-                candidates.append((run.latest_file.stat().st_mtime, run.run_id, run))
-    if not candidates:
-        raise TrainError(
-            f"no unfinished run with a checkpoint in {store.runs_dir}; start a new run "
-            "(without --resume)"
-        )
-    return max(candidates)[2]
-
-
-# ---- training --------------------------------------------------------------------------
-
-
-class _StopRequest:
-    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current
-    step, save, and exit cleanly; a second Ctrl-C interrupts at once."""
-
-    def __init__(self, report: Report = quiet) -> None:
-        self.report = report
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        self.report(STOP_MESSAGE)
-
-    def __enter__(self) -> _StopRequest:
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-@dataclass
-class _Loop:
-    """The pieces one phase of training runs with."""
-
-    model: Any
-    loss_module: Any
-    optimizer: Any
-    scaler: Any
-    plan: DevicePlan
-    pad_id: int
-    batch_size: int
-    run: RunFolder
-    dist: _Distributed
-    state: _State
-    losses: list[LossRow]
-    val: list[Example]
-    best: dict[str, torch.Tensor] | None = None
-    report: Report = quiet  # a bar's events go here only with show_progress
-    show_progress: bool = True
-
-
-def _validate(loop: _Loop) -> float:
-    from shoptalk.trainer.train_model import mean_loss
-
-    return mean_loss(loop.loss_module, loop.val, loop.pad_id, loop.plan, max(1, loop.batch_size))
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
-@dataclass(frozen=True)
-class PhaseBudget:
-    """What one phase of training may spend and how it steps: a step budget
-    and/or a time budget (neither: one pass over the data), validation and
-    checkpoint cadence, early-stopping patience (0: never), the schedule."""
-
-    learning_rate: float
-    grad_accum: int
-    seed: int
-    max_steps: int | None = None
-    max_seconds: float | None = None
-    val_every: int = 50
-    patience: int = 0
-    ordered: bool = False  # keep the examples' order in the first pass
-
-    @classmethod
-    def pretraining(cls, cfg: TrainSettings) -> PhaseBudget:
-        return cls(
-            cfg.learning_rate,
-            cfg.grad_accum,
-            cfg.seed,
-            max_seconds=cfg.pretrain_minutes * 60,
-            val_every=cfg.val_every,
-        )
-
-    @classmethod
-    def fine_tuning(cls, cfg: TrainSettings) -> PhaseBudget:
-        return cls(
-            cfg.learning_rate,
-            cfg.grad_accum,
-            cfg.seed,
-            max_steps=cfg.max_steps,
-            max_seconds=cfg.max_minutes * 60 if cfg.max_minutes else None,
-            val_every=cfg.val_every,
-            patience=cfg.patience,
-            ordered=cfg.recent_first,
-        )
-
-
-def _optimizer_step(
-    loop: _Loop, micro: list[list[Example]], answer_total: int
-) -> tuple[float, int]:
-    """Forward and backward over this process's micro-batches, then one
-    optimizer step; returns the summed loss and the tokens seen."""
-    import torch
-
-    from shoptalk.trainer.train_model import batch_loss, collate
-
-    mine = [mb for k, mb in enumerate(micro) if k % loop.dist.world == loop.dist.rank]
-    step_loss = 0.0
-    step_tokens = 0
-    for mb in mine:
-        batch = collate(mb, loop.pad_id, loop.plan.device)
-        loss = batch_loss(loop.loss_module, batch, loop.plan)
-        # DDP averages gradients over processes; scale back to a sum.
-        scaled = loss * (loop.dist.world / max(1, answer_total))
-        if loop.scaler is not None:
-            loop.scaler.scale(scaled).backward()
-        elif loop.dist.accelerator is not None:
-            loop.dist.accelerator.backward(scaled)
-        else:
-            scaled.backward()
-        step_loss += float(loss.detach())
-        step_tokens += batch.tokens
-    if loop.scaler is not None:
-        loop.scaler.unscale_(loop.optimizer)
-    params = [p for g in loop.optimizer.param_groups for p in g["params"]]
-    torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-    if loop.scaler is not None:
-        loop.scaler.step(loop.optimizer)
-        loop.scaler.update()
-    else:
-        loop.optimizer.step()
-    loop.optimizer.zero_grad(set_to_none=True)
-    return step_loss, step_tokens
-
-
-def _validate_step(loop: _Loop) -> float:
-    """Validation loss now; keeps the weights when they are the best yet."""
-    state = loop.state
-    val_loss = _validate(loop)
-    if state.best_val_loss is None or val_loss < state.best_val_loss:
-        state.best_val_loss, state.best_step, state.bad_evals = val_loss, state.step, 0
-        loop.best = _trainable_state(loop.model)
-    else:
-        state.bad_evals += 1
-    return val_loss
-
-
-def _run_phase(
-    loop: _Loop,
-    phase: str,
-    examples: Sequence[Example],
-    budget: PhaseBudget,
-    stop: _StopRequest,
-) -> str:
-    """Train until a budget or early stopping ends the phase; returns why it ended."""
-    from shoptalk.trainer.train_data import BatchSchedule
-    from shoptalk.trainer.train_model import is_out_of_memory
-
-    state = loop.state
-    schedule = BatchSchedule(
-        examples, loop.batch_size, budget.grad_accum, budget.seed, budget.ordered
-    )
-    max_steps, max_seconds = budget.max_steps, budget.max_seconds
-    learning_rate, val_every, patience = budget.learning_rate, budget.val_every, budget.patience
-    one_epoch = max_steps is None and max_seconds is None
-    if one_epoch:
-        max_steps = schedule.steps_per_epoch
-    planned = max_steps
-    is_sft = phase == PHASE_SFT
-
-    def step_of() -> int:
-        return state.step if is_sft else state.pretrain_steps
-
-    def seconds_of() -> float:
-        return state.train_seconds if is_sft else state.pretrain_seconds
-
-    label = "continued pre-training" if not is_sft else "fine-tuning"
-    total = float(max_steps) if max_steps is not None else float(max_seconds or 1)
-
-    def show(steps: str, speed: float, loss: str, final: bool = False) -> None:
-        """The phase's bar: how far, and the step, speed, loss and best
-        validation loss so far."""
-        if not loop.show_progress:
-            return
-        done = step_of() if max_steps is not None else min(total, seconds_of())
-        figures = (steps, f"{speed:.0f} tok/s", f"loss {loss}", f"val {_fmt(state.best_val_loss)}")
-        detail = " ".join(figure for figure in figures if figure)
-        loop.report(Progress(done, total, label, detail, final))
-
-    last_loss: float | None = None
-    reason = ""
-    step_text, speed, loss_text = "", 0.0, "-"
-    show(step_text, speed, loss_text)
-    while True:
-        if max_steps is not None and step_of() >= max_steps:
-            reason = "one pass over the data done" if one_epoch else "step budget reached"
-            break
-        if max_seconds is not None and seconds_of() >= max_seconds:
-            reason = "time budget reached"
-            break
-        if stop.requested:
-            raise KeyboardInterrupt
-        started = time.perf_counter()
-        micro = schedule.step(step_of())
-        answer_total = sum(e.answer_tokens for mb in micro for e in mb)
-        factor = lr_factor(step_of(), planned)
-        for group in loop.optimizer.param_groups:
-            group["lr"] = learning_rate * factor
-        try:
-            step_loss, step_tokens = _optimizer_step(loop, micro, answer_total)
-        except (RuntimeError, MemoryError) as exc:
-            if is_out_of_memory(exc):
-                raise TrainError(
-                    f"out of memory on {loop.plan.description} at step {step_of()} "
-                    f"(micro-batch of {loop.batch_size} × up to "
-                    f"{max(len(e) for mb in micro for e in mb)} tokens): lower "
-                    "train.batch_size (raise train.grad_accum to keep the step size) or "
-                    "train.max_seq_tokens, or set train.layers_from (e.g. 0.5)"
-                ) from None
-            raise
-        elapsed = time.perf_counter() - started
-        last_loss = step_loss / max(1, answer_total)
-        tokens_all = step_tokens * loop.dist.world
-        state.tokens += tokens_all
-        state.answer_tokens += answer_total
-        if is_sft:
-            state.step += 1
-            state.train_seconds += elapsed
-        else:
-            state.pretrain_steps += 1
-            state.pretrain_seconds += elapsed
-        val_loss: float | None = None
-        evaluate = is_sft and loop.val and step_of() % val_every == 0
-        if evaluate:
-            val_loss = _validate_step(loop)
-        loop.losses.append(
-            LossRow(
-                phase,
-                step_of(),
-                state.tokens,
-                state.train_seconds + state.pretrain_seconds,
-                learning_rate * factor,
-                last_loss,
-                val_loss,
-            )
-        )
-        step_text = f"step {step_of()}" + (f"/{max_steps}" if max_steps else "")
-        speed, loss_text = tokens_all / max(elapsed, 1e-9), f"{last_loss:.3f}"
-        show(step_text, speed, loss_text)
-        if evaluate or step_of() % val_every == 0:
-            _checkpoint(loop)
-        if evaluate and patience and state.bad_evals >= patience:
-            reason = (
-                f"early stop: validation loss did not improve for {patience} evaluations "
-                f"(best {state.best_val_loss:.4f} at step {state.best_step})"
-            )
-            break
-    show(step_text, speed, loss_text, final=True)
-    return reason
-
-
-def _checkpoint(loop: _Loop) -> None:
-    if loop.dist.is_main:
-        try:
-            save_checkpoint(
-                loop.run,
-                loop.model,
-                loop.optimizer,
-                loop.scaler,
-                loop.state,
-                loop.best,
-                loop.losses,
-            )
-            loop.run.write_losses(loop.losses)
-            record = loop.run.read_record()
-            record.update(_progress_fields(loop.state))
-            loop.run.write_record(record)
-        except Exception as exc:
-            reason = write_failure(exc)  # None: not a failed write, a bug
-            if reason is None:
-                raise
-            latest = _latest_name(loop.run)
-            safe = (
-                f"the last complete checkpoint ({latest}) is kept. Free some space and "
-                f"resume with {_resume_command(loop.run)}"
-                if latest
-                else "no checkpoint was complete yet. Free some space and start the run again"
-            )
-            raise TrainError(
-                f"could not write a checkpoint to {loop.run.checkpoints_dir}: {reason}. "
-                f"Nothing is lost: the dataset and earlier runs are untouched, and {safe}"
-            ) from None
-    loop.dist.wait()
-
-
-def _finishing_error(run: RunFolder, exc: Exception) -> Exception:
-    """The message for a failed write of the finished adapter or its record
-    (`exc` itself when it is not a failed write)."""
-    reason = write_failure(exc)
-    if reason is None:
-        return exc
-    return TrainError(
-        f"could not write the finished adapter to {run.adapter_dir}: {reason}. Nothing is "
-        f"lost: the trained weights are in the last checkpoint in {run.checkpoints_dir}. "
-        f"Free some space and finish with {_resume_command(run)}"
-    )
-
-
-def _resume_command(run: RunFolder) -> str:
-    repo = run.read_record().get("repo")
-    where = f" --repo {shlex.quote(str(repo))}" if repo else ""
-    return f"`shoptalk train{where} --resume --run-id {run.run_id}`"
-
-
-def _progress_fields(state: _State) -> dict[str, Any]:
-    seconds = state.train_seconds + state.pretrain_seconds
-    return {
-        "steps": state.step,
-        "pretrain_steps": state.pretrain_steps,
-        "tokens": state.tokens,
-        "answer_tokens": state.answer_tokens,
-        "train_seconds": round(seconds, 2),
-        "tokens_per_second": round(state.tokens / seconds, 2) if seconds else None,
-        "base_val_loss": state.base_val_loss,
-        "best_val_loss": state.best_val_loss,
-        "best_step": state.best_step,
-    }
-
-
-def _write_adapter(loop: _Loop, base_path: str) -> Path:
-    """Save the adapter as a standard PEFT folder, atomically, and check it
-    reads back to the same tensors."""
-    import torch
-    from safetensors.torch import load_file
-
-    target = loop.run.adapter_dir
-    model = loop.model
-    with atomic_dir(target) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        config_file = tmp / "adapter_config.json"
-        config = json.loads(config_file.read_text())
-        config["base_model_name_or_path"] = base_path
-        config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
-        saved = load_file(str(tmp / "adapter_model.safetensors"))
-        from peft import get_peft_model_state_dict
-
-        expected = get_peft_model_state_dict(model)
-        if set(saved) != set(expected) or any(
-            not torch.equal(saved[k].cpu(), expected[k].detach().cpu()) for k in expected
-        ):
-            raise TrainError(
-                f"the adapter written to {tmp} does not read back as trained; the disk may be "
-                "failing — check it and run training again"
-            )
-    return target
-
-
-# ---- the entry point ---------------------------------------------------------------------
-
-
 def train_adapter(
     repo: Path,
     settings: Settings,
@@ -746,7 +201,7 @@ def train_adapter(
     """
     say = report or to_log(log)
     store = RepoStore.for_repo(data_dir, repo)
-    dist = _distributed()
+    dist = distributed()
     if resume:
         run = find_resumable(store, run_id)
         saved = json.loads(run.config_file.read_text())
@@ -763,25 +218,25 @@ def train_adapter(
         if run.root.exists():
             raise TrainError(f"run {run.run_id} exists already; pick another --run-id")
     wall_started = time.perf_counter()
+    request = _Request(
+        repo,
+        settings,
+        data_dir,
+        run,
+        dist,
+        init_adapter,
+        resume,
+        purpose,
+        developer,
+        dataset_dir or store.dataset_dir,
+        val_limit,
+        precision,
+        show_progress,
+        say,
+        wall_started,
+    )
     try:
-        return _train(
-            repo,
-            settings,
-            data_dir,
-            store,
-            run,
-            dist,
-            init_adapter=init_adapter,
-            resume=resume,
-            purpose=purpose,
-            developer=developer,
-            dataset_dir=dataset_dir or store.dataset_dir,
-            val_limit=val_limit,
-            precision=precision,
-            show_progress=show_progress,
-            say=say,
-            wall_started=wall_started,
-        )
+        return _train(request)
     except TrainInterrupted:
         raise
     except BaseException as exc:
@@ -809,81 +264,155 @@ def _prompt_format(setting: str, base: BaseModel, init_adapter: Path | None) -> 
     return training_prompt_format(setting, base.fim)
 
 
-def _train(
-    repo: Path,
-    settings: Settings,
-    data_dir: Path,
-    store: RepoStore,
-    run: RunFolder,
-    dist: _Distributed,
-    *,
-    init_adapter: Path | None,
-    resume: bool,
-    purpose: str,
-    developer: str | None,
-    dataset_dir: Path,
-    val_limit: int,
-    precision: str,
-    show_progress: bool,
-    say: Report,
-    wall_started: float,
-) -> TrainResult:
-    import torch
+@dataclass
+class _Request:
+    """One run as `train_adapter` resolved it (a resumed run's saved settings
+    applied): where, on what, for whom, and how it reports."""
 
+    repo: Path
+    settings: Settings
+    data_dir: Path
+    run: RunFolder
+    dist: Distributed
+    init_adapter: Path | None
+    resume: bool
+    purpose: str
+    developer: str | None
+    dataset_dir: Path
+    val_limit: int
+    precision: str
+    show_progress: bool
+    say: Report
+    wall_started: float
+
+
+@dataclass
+class _Prepared:
+    """What fitting needs besides the model: the base, its tokenizer and
+    device plan, and the examples of both phases and validation."""
+
+    base: BaseModel
+    base_path: str
+    plan: DevicePlan
+    tokenizer: Any
+    identity: BaseIdentity
+    prompt_format: str
+    dataset: Dataset
+    weights: dict[str, float]
+    train_records: list[dict[str, Any]]
+    val_source: str
+    examples: list[Example]
+    val: list[Example]
+    pretrain: list[Example]
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for example in self.examples:
+            counts[example.kind] = counts.get(example.kind, 0) + 1
+        return counts
+
+
+def _train(request: _Request) -> TrainResult:
+    """The run: prepare (data, base, record) → fit (both phases) → finish
+    (the best adapter written, the record complete)."""
+    prepared = _prepare(request)
+    _start_record(request, prepared)
+    loop = _build_loop(request, prepared)
+    final_val = _fit(request, loop, prepared)
+    return _finish(loop, prepared.identity.path, final_val, request.wall_started)
+
+
+def _prepare(request: _Request) -> _Prepared:
+    """The base (converted once), its tokenizer and device plan, checked
+    against the dataset; the training mix (team instances by kind weight,
+    newest first if asked, plus replayed general code), validation examples
+    and phase 1's windows."""
     from shoptalk.trainer.formats import SequenceBuilder, build_examples
     from shoptalk.trainer.hf_checkpoint import ensure_hf_checkpoint
-    from shoptalk.trainer.replay import replay_records
     from shoptalk.trainer.train_data import (
         check_dataset_base,
         check_enough,
-        interleave,
         kind_weights,
         load_dataset,
+    )
+    from shoptalk.trainer.train_model import (
+        checkpoint_architecture,
+        choose_device,
+        describe_base,
+        load_tokenizer,
+    )
+
+    cfg = request.settings.train
+    base: BaseModel = resolve_base(cfg.base)
+    dataset = load_dataset(request.dataset_dir, request.repo)
+    weights = kind_weights(cfg.kind_weights)
+    base_path = str(ensure_hf_checkpoint(request.data_dir, base, request.say))
+    if Path(base_path).is_dir():
+        checkpoint_architecture(Path(base_path))
+    plan = choose_device(cfg.device, cfg.threads, request.precision)
+    tokenizer = load_tokenizer(base_path)
+    identity = describe_base(base, base_path, tokenizer)
+    check_dataset_base(dataset.manifest, base.key, identity.tokenizer_sha256, request.dataset_dir)
+    prompt_format = _prompt_format(cfg.completion_format, base, request.init_adapter)
+    builder = SequenceBuilder(tokenizer, base.fim, cfg.max_seq_tokens, prompt_format)
+
+    def mine_only(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if request.developer is None:
+            return records
+        return [r for r in records if r.get("author_id") == request.developer]
+
+    all_train = mine_only(dataset.split("train"))
+    check_enough(len(all_train), request.dataset_dir)
+    train_records, val_records, val_source = _split_validation(
+        all_train, mine_only(dataset.split("validation")), cfg.seed
+    )
+    examples = _training_mix(request, builder, train_records, weights)
+    val = _val_examples(build_examples(val_records, builder, cfg.seed), request.val_limit, cfg.seed)
+    pretrain: list[Example] = []
+    if cfg.pretrain_minutes > 0:
+        pretrain = pretrain_examples(request.repo, dataset.manifest, builder, cfg.seed)
+    return _Prepared(
+        base,
+        base_path,
+        plan,
+        tokenizer,
+        identity,
+        prompt_format,
+        dataset,
+        weights,
+        train_records,
+        val_source,
+        examples,
+        val,
+        pretrain,
+    )
+
+
+def _training_mix(
+    request: _Request,
+    builder: SequenceBuilder,
+    train_records: list[dict[str, Any]],
+    weights: dict[str, float],
+) -> list[Example]:
+    """Phase 2's examples: the team's instances by kind weight (newest first
+    with `recent_first`, some with the cursor moved), interleaved with a
+    share of general code."""
+    from shoptalk.trainer.formats import build_examples
+    from shoptalk.trainer.replay import replay_records
+    from shoptalk.trainer.train_data import (
+        check_enough,
+        interleave,
         newest_first,
         replay_count,
         weighted_records,
     )
-    from shoptalk.trainer.train_model import (
-        AnswerLoss,
-        apply_lora,
-        checkpoint_architecture,
-        choose_device,
-        describe_base,
-        load_causal_lm,
-        load_tokenizer,
-        trainable_parameters,
-    )
 
-    cfg = settings.train
-    base: BaseModel = resolve_base(cfg.base)
-    dataset = load_dataset(dataset_dir, repo)
-    weights = kind_weights(cfg.kind_weights)
-    base_path = str(ensure_hf_checkpoint(data_dir, base, say))
-    if Path(base_path).is_dir():
-        checkpoint_architecture(Path(base_path))
-    plan = choose_device(cfg.device, cfg.threads, precision)
-    tokenizer = load_tokenizer(base_path)
-    identity = describe_base(base, base_path, tokenizer)
-    check_dataset_base(dataset.manifest, base.key, identity.tokenizer_sha256, dataset_dir)
-    prompt_format = _prompt_format(cfg.completion_format, base, init_adapter)
-    builder = SequenceBuilder(tokenizer, base.fim, cfg.max_seq_tokens, prompt_format)
-
-    def mine_only(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        if developer is None:
-            return records
-        return [r for r in records if r.get("author_id") == developer]
-
-    all_train = mine_only(dataset.split("train"))
-    check_enough(len(all_train), dataset_dir)
-    train_records, val_records, val_source = _split_validation(
-        all_train, mine_only(dataset.split("validation")), cfg.seed
-    )
+    cfg, mine_cfg = request.settings.train, request.settings.mine
     chosen = weighted_records(train_records, weights, cfg.seed)
     if cfg.recent_first:
         chosen = newest_first(chosen)
     team = build_examples(chosen, builder, cfg.seed, AUGMENT_SHARE)
-    check_enough(len(team), dataset_dir, "training (after tokenizing)")
-    mine_cfg = settings.mine
+    check_enough(len(team), request.dataset_dir, "training (after tokenizing)")
     general = replay_records(
         replay_count(len(team), cfg.replay_share),
         mine_cfg.prefix_chars,
@@ -892,70 +421,85 @@ def _train(
         cfg.replay_dirs,
     )
     replay = [replace(e, kind="replay") for e in build_examples(general, builder, cfg.seed)]
-    examples = interleave(team, replay)
-    val = _val_examples(build_examples(val_records, builder, cfg.seed), val_limit, cfg.seed)
-    counts: dict[str, int] = {}
-    for example in examples:
-        counts[example.kind] = counts.get(example.kind, 0) + 1
-    pretrain: list[Example] = []
-    if cfg.pretrain_minutes > 0:
-        pretrain = pretrain_examples(repo, dataset.manifest, builder, cfg.seed)
+    return interleave(team, replay)
 
+
+def _start_record(request: _Request, prepared: _Prepared) -> None:
+    """A new run's config.json and `running` record (the main process; a
+    resumed run keeps its own), then the run's one-line description."""
+    run, dist, cfg = request.run, request.dist, request.settings.train
+    counts = prepared.counts()
     config = {
         "command": command_line(),
-        "repo": str(repo.resolve()),
-        "purpose": purpose,
-        "developer": developer,
-        "init_adapter": str(init_adapter) if init_adapter else None,
-        "dataset_dir": str(dataset_dir),
-        "val_limit": val_limit,
-        "precision": precision,
-        "device": plan.description,
+        "repo": str(request.repo.resolve()),
+        "purpose": request.purpose,
+        "developer": request.developer,
+        "init_adapter": str(request.init_adapter) if request.init_adapter else None,
+        "dataset_dir": str(request.dataset_dir),
+        "val_limit": request.val_limit,
+        "precision": request.precision,
+        "device": prepared.plan.description,
         "augment_share": AUGMENT_SHARE,
-        "kind_weights": weights,
-        "settings": json.loads(settings.model_dump_json()),
+        "kind_weights": prepared.weights,
+        "settings": json.loads(request.settings.model_dump_json()),
     }
-    if dist.is_main and not resume:
+    if dist.is_main and not request.resume:
+        manifest = prepared.dataset.manifest
         run.root.mkdir(parents=True, exist_ok=True)
         run.write_config(config)
         run.write_record(
             {
                 "run_id": run.run_id,
                 "status": STATUS_RUNNING,
-                "purpose": purpose,
-                "developer": developer,
-                "repo": str(repo.resolve()),
-                "base": identity.as_dict(),
+                "purpose": request.purpose,
+                "developer": request.developer,
+                "repo": str(request.repo.resolve()),
+                "base": prepared.identity.as_dict(),
                 "init_adapter": config["init_adapter"],
                 "dataset": {
-                    "dir": str(dataset_dir),
-                    "manifest_sha256": dataset.manifest_sha256,
-                    "head": dataset.manifest.get("head"),
-                    "cutoff": dataset.manifest.get("cutoff"),
+                    "dir": str(request.dataset_dir),
+                    "manifest_sha256": prepared.dataset.manifest_sha256,
+                    "head": manifest.get("head"),
+                    "cutoff": manifest.get("cutoff"),
                     "train_examples": counts,
-                    "train_records": len(train_records),
-                    "validation_examples": len(val),
-                    "validation_source": val_source,
-                    "pretrain_windows": len(pretrain),
+                    "train_records": len(prepared.train_records),
+                    "validation_examples": len(prepared.val),
+                    "validation_source": prepared.val_source,
+                    "pretrain_windows": len(prepared.pretrain),
                 },
                 "seed": cfg.seed,
-                "prompt_format": prompt_format,
-                "device": plan.description,
+                "prompt_format": prepared.prompt_format,
+                "device": prepared.plan.description,
                 "versions": library_versions(),
                 "started_at": time.time(),
             }
         )
     dist.wait()
-    say(
-        f"run {run.run_id}: {len(examples)} training examples "
+    request.say(
+        f"run {run.run_id}: {len(prepared.examples)} training examples "
         + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-        + f"; {len(val)} validation ({val_source}); {plan.description}"
+        + f"; {len(prepared.val)} validation ({prepared.val_source}); "
+        + prepared.plan.description
     )
 
+
+def _build_loop(request: _Request, prepared: _Prepared) -> Loop:
+    """The model with its LoRA, the optimizer (and loss scaler), and, when
+    resuming, everything the last checkpoint restores."""
+    import torch
+
+    from shoptalk.trainer.train_model import (
+        AnswerLoss,
+        apply_lora,
+        load_causal_lm,
+        trainable_parameters,
+    )
+
+    cfg, run, dist, plan = request.settings.train, request.run, request.dist, prepared.plan
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    model = load_causal_lm(base_path, plan)
-    model = apply_lora(model, cfg, base.architecture, init_adapter, plan.device)
+    model = load_causal_lm(prepared.base_path, plan)
+    model = apply_lora(model, cfg, prepared.base.architecture, request.init_adapter, plan.device)
     model.train()
     loss_module: Any = AnswerLoss(model.get_base_model())
     params = trainable_parameters(model)
@@ -963,23 +507,24 @@ def _train(
     scaler = torch.amp.GradScaler("cuda") if plan.grad_scaler else None
     if dist.accelerator is not None:
         loss_module, optimizer = dist.accelerator.prepare(loss_module, optimizer)
+    tokenizer = prepared.tokenizer
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
 
-    state = _State()
+    state = TrainState()
     losses: list[LossRow] = []
     best: dict[str, torch.Tensor] | None = None
-    if resume:
+    if request.resume:
         state, best, losses = load_checkpoint(run, model, optimizer, scaler)
-        say(f"resumed at {state.phase} step {state.step or state.pretrain_steps}")
+        request.say(f"resumed at {state.phase} step {state.step or state.pretrain_steps}")
         record = run.read_record()
         record["status"] = STATUS_RUNNING
         record.pop("error", None)
         record.setdefault("resumed", []).append({"at": time.time(), "step": state.step})
         if dist.is_main:
             run.write_record(record)
-    loop = _Loop(
+    return Loop(
         model=model,
         loss_module=loss_module,
         optimizer=optimizer,
@@ -991,67 +536,84 @@ def _train(
         dist=dist,
         state=state,
         losses=losses,
-        val=val,
+        val=prepared.val,
         best=best,
-        report=say,
-        show_progress=show_progress and dist.is_main,
+        report=request.say,
+        show_progress=request.show_progress and dist.is_main,
     )
-    with _StopRequest(say) as stop:
+
+
+def _fit(request: _Request, loop: Loop, prepared: _Prepared) -> float | None:
+    """Phase 1 (if any), the base's validation loss, phase 2, then the best
+    weights kept and checkpointed; returns their validation loss. Ctrl-C
+    saves a checkpoint and raises `TrainInterrupted`."""
+    cfg, run, state = request.settings.train, request.run, loop.state
+    with StopRequest(request.say) as stop:
         try:
             if state.phase == PHASE_PRETRAIN:
-                if pretrain:
-                    _run_phase(loop, PHASE_PRETRAIN, pretrain, PhaseBudget.pretraining(cfg), stop)
+                if prepared.pretrain:
+                    pretraining = PhaseBudget.pretraining(cfg)
+                    run_phase(loop, PHASE_PRETRAIN, prepared.pretrain, pretraining, stop)
                 state.phase = PHASE_SFT
-            if state.base_val_loss is None and val:
-                # The start point: the base (or the initial adapter) before SFT.
-                state.base_val_loss = _validate(loop)
-                if state.best_val_loss is None:
-                    state.best_val_loss = state.base_val_loss
-                    loop.best = _trainable_state(model)
-                loop.losses.append(
-                    LossRow(
-                        PHASE_SFT, state.step, state.tokens, 0.0, 0.0, None, state.base_val_loss
-                    )
-                )
-                say(f"validation loss before fine-tuning: {state.base_val_loss:.4f}")
-            reason = _run_phase(loop, PHASE_SFT, examples, PhaseBudget.fine_tuning(cfg), stop)
+            if state.base_val_loss is None and loop.val:
+                _validate_start(loop, request.say)
+            fine_tuning = PhaseBudget.fine_tuning(cfg)
+            reason = run_phase(loop, PHASE_SFT, prepared.examples, fine_tuning, stop)
         except KeyboardInterrupt:
             state.stop_reason = "interrupted"
-            _checkpoint(loop)
-            if dist.is_main:
+            checkpoint_now(loop)
+            if request.dist.is_main:
                 record = run.read_record()
                 record["status"] = STATUS_INTERRUPTED
                 run.write_record(record)
             raise TrainInterrupted(
                 f"interrupted at step {state.step}; checkpoint saved in {run.checkpoints_dir}. "
-                f"Resume with `shoptalk train --repo {repo} --resume --run-id {run.run_id}`"
+                f"Resume with `shoptalk train --repo {request.repo} --resume --run-id "
+                f"{run.run_id}`"
             ) from None
         state.stop_reason = reason
-        # Final validation of the current weights, then keep the best ones.
-        final_val: float | None = None
-        if val:
-            current = _validate(loop)
-            if state.best_val_loss is None or current < state.best_val_loss:
-                state.best_val_loss, state.best_step = current, state.step
-                loop.best = _trainable_state(model)
-            loop.losses.append(
-                LossRow(
-                    PHASE_SFT, state.step, state.tokens, state.train_seconds, 0.0, None, current
-                )
-            )
-            final_val = current
-            if loop.best is not None:
-                # The best weights were validated when they were kept: their
-                # loss is known, no second pass over the validation set.
-                _load_trainable(model, loop.best)
-                final_val = state.best_val_loss
-        _checkpoint(loop)
+        final_val = _keep_best(loop)
+        checkpoint_now(loop)
+    return final_val
 
-    return _finish(loop, identity.path, final_val, wall_started)
+
+def _validate_start(loop: Loop, say: Report) -> None:
+    """The start point: the validation loss of the base (or the initial
+    adapter) before fine-tuning, the best so far."""
+    state = loop.state
+    state.base_val_loss = validation_loss(loop)
+    if state.best_val_loss is None:
+        state.best_val_loss = state.base_val_loss
+        loop.best = trainable_state(loop.model)
+    loop.losses.append(
+        LossRow(PHASE_SFT, state.step, state.tokens, 0.0, 0.0, None, state.base_val_loss)
+    )
+    say(f"validation loss before fine-tuning: {state.base_val_loss:.4f}")
+
+
+def _keep_best(loop: Loop) -> float | None:
+    """Final validation of the current weights, then the best ones loaded;
+    returns their validation loss (None without validation)."""
+    state = loop.state
+    if not loop.val:
+        return None
+    current = validation_loss(loop)
+    if state.best_val_loss is None or current < state.best_val_loss:
+        state.best_val_loss, state.best_step = current, state.step
+        loop.best = trainable_state(loop.model)
+    loop.losses.append(
+        LossRow(PHASE_SFT, state.step, state.tokens, state.train_seconds, 0.0, None, current)
+    )
+    if loop.best is None:
+        return current
+    # The best weights were validated when they were kept: their loss is
+    # known, no second pass over the validation set.
+    load_trainable(loop.model, loop.best)
+    return state.best_val_loss
 
 
 def _finish(
-    loop: _Loop, base_path: str, final_val: float | None, wall_started: float
+    loop: Loop, base_path: str, final_val: float | None, wall_started: float
 ) -> TrainResult:
     """The best adapter written atomically, the record completed (only then
     does it say `complete`), the checkpoints removed; returns the result."""
@@ -1065,7 +627,7 @@ def _finish(
         except Exception as exc:
             raise _finishing_error(run, exc) from None
         seconds = state.train_seconds + state.pretrain_seconds
-        record.update(_progress_fields(state))
+        record.update(progress_fields(state))
         record.update(
             {
                 "status": STATUS_COMPLETE,
@@ -1110,7 +672,45 @@ def _finish(
     )
 
 
-# ---- CLI -------------------------------------------------------------------------------
+def _finishing_error(run: RunFolder, exc: Exception) -> Exception:
+    """The message for a failed write of the finished adapter or its record
+    (`exc` itself when it is not a failed write)."""
+    reason = write_failure(exc)
+    if reason is None:
+        return exc
+    return TrainError(
+        f"could not write the finished adapter to {run.adapter_dir}: {reason}. Nothing is "
+        f"lost: the trained weights are in the last checkpoint in {run.checkpoints_dir}. "
+        f"Free some space and finish with {resume_command(run)}"
+    )
+
+
+def _write_adapter(loop: Loop, base_path: str) -> Path:
+    """Save the adapter as a standard PEFT folder, atomically, and check it
+    reads back to the same tensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    target = loop.run.adapter_dir
+    model = loop.model
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        config_file = tmp / "adapter_config.json"
+        config = json.loads(config_file.read_text())
+        config["base_model_name_or_path"] = base_path
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
+        saved = load_file(str(tmp / "adapter_model.safetensors"))
+        from peft import get_peft_model_state_dict
+
+        expected = get_peft_model_state_dict(model)
+        if set(saved) != set(expected) or any(
+            not torch.equal(saved[k].cpu(), expected[k].detach().cpu()) for k in expected
+        ):
+            raise TrainError(
+                f"the adapter written to {tmp} does not read back as trained; the disk may be "
+                "failing — check it and run training again"
+            )
+    return target
 
 
 def summary_table(result: TrainResult) -> Any:
@@ -1127,7 +727,7 @@ def summary_table(result: TrainResult) -> Any:
     table.add_row("throughput", f"{result.tokens_per_second:.0f} tokens/s")
     table.add_row(
         "validation loss",
-        f"{_fmt(result.base_val_loss)} before → {_fmt(result.best_val_loss)} best",
+        f"{fmt_loss(result.base_val_loss)} before → {fmt_loss(result.best_val_loss)} best",
     )
     table.add_row("wall time", f"{result.wall_seconds / 60:.1f} min")
     table.add_row("adapter", str(result.adapter_dir))

@@ -1,0 +1,384 @@
+"""The training loop of one phase: a typed budget (`PhaseBudget`), the
+pieces a phase runs with (`Loop`), one optimizer step over this process's
+micro-batches, validation with the best weights kept, a checkpoint at the
+validation cadence, and Ctrl-C/SIGTERM turned into a clean stop
+(`StopRequest`). Each phase reports a `Progress` (label, step, speed, loss)
+for a bar.
+
+Used by the run (`shoptalk.trainer.train`); uses the checkpoints
+(`shoptalk.trainer.checkpoints`).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from shoptalk.models.files import write_failure
+from shoptalk.models.progress import Progress, Report, quiet
+from shoptalk.models.settings import TrainSettings
+from shoptalk.trainer.checkpoints import (
+    PHASE_SFT,
+    TrainError,
+    TrainState,
+    latest_checkpoint,
+    progress_fields,
+    resume_command,
+    save_checkpoint,
+    trainable_state,
+)
+from shoptalk.trainer.run_record import LossRow, RunFolder
+
+if TYPE_CHECKING:
+    import torch
+
+    from shoptalk.trainer.formats import Example
+    from shoptalk.trainer.train_model import DevicePlan
+
+MAX_GRAD_NORM = 1.0
+# What the report gets when Ctrl-C (or SIGTERM) asks training to stop.
+STOP_MESSAGE = "stopping after this step: saving a checkpoint…"
+
+
+@dataclass
+class Distributed:
+    """Rank and world size under `accelerate launch`; one process otherwise."""
+
+    accelerator: Any = None
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wait(self) -> None:
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+
+
+def distributed() -> Distributed:
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Distributed()
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    return Distributed(accelerator, accelerator.process_index, accelerator.num_processes)
+
+
+def lr_factor(step: int, planned: int | None) -> float:
+    """Linear warm-up, then cosine decay to 10% over `planned` steps (constant
+    when the run is bounded only by time)."""
+    warmup = min(20, max(1, (planned or 400) // 20))
+    if step < warmup:
+        return (step + 1) / warmup
+    if planned is None or planned <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, planned - warmup))
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current
+    step, save, and exit cleanly; a second Ctrl-C interrupts at once."""
+
+    def __init__(self, report: Report = quiet) -> None:
+        self.report = report
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.report(STOP_MESSAGE)
+
+    def __enter__(self) -> StopRequest:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class Loop:
+    """The pieces one phase of training runs with."""
+
+    model: Any
+    loss_module: Any
+    optimizer: Any
+    scaler: Any
+    plan: DevicePlan
+    pad_id: int
+    batch_size: int
+    run: RunFolder
+    dist: Distributed
+    state: TrainState
+    losses: list[LossRow]
+    val: list[Example]
+    best: dict[str, torch.Tensor] | None = None
+    report: Report = quiet  # a bar's events go here only with show_progress
+    show_progress: bool = True
+
+
+def validation_loss(loop: Loop) -> float:
+    from shoptalk.trainer.train_model import mean_loss
+
+    return mean_loss(loop.loss_module, loop.val, loop.pad_id, loop.plan, max(1, loop.batch_size))
+
+
+def fmt_loss(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+@dataclass(frozen=True)
+class PhaseBudget:
+    """What one phase of training may spend and how it steps: a step budget
+    and/or a time budget (neither: one pass over the data), validation and
+    checkpoint cadence, early-stopping patience (0: never), the schedule."""
+
+    learning_rate: float
+    grad_accum: int
+    seed: int
+    max_steps: int | None = None
+    max_seconds: float | None = None
+    val_every: int = 50
+    patience: int = 0
+    ordered: bool = False  # keep the examples' order in the first pass
+
+    @classmethod
+    def pretraining(cls, cfg: TrainSettings) -> PhaseBudget:
+        return cls(
+            cfg.learning_rate,
+            cfg.grad_accum,
+            cfg.seed,
+            max_seconds=cfg.pretrain_minutes * 60,
+            val_every=cfg.val_every,
+        )
+
+    @classmethod
+    def fine_tuning(cls, cfg: TrainSettings) -> PhaseBudget:
+        return cls(
+            cfg.learning_rate,
+            cfg.grad_accum,
+            cfg.seed,
+            max_steps=cfg.max_steps,
+            max_seconds=cfg.max_minutes * 60 if cfg.max_minutes else None,
+            val_every=cfg.val_every,
+            patience=cfg.patience,
+            ordered=cfg.recent_first,
+        )
+
+
+def optimizer_step(loop: Loop, micro: list[list[Example]], answer_total: int) -> tuple[float, int]:
+    """Forward and backward over this process's micro-batches, then one
+    optimizer step; returns the summed loss and the tokens seen."""
+    import torch
+
+    from shoptalk.trainer.train_model import batch_loss, collate
+
+    mine = [mb for k, mb in enumerate(micro) if k % loop.dist.world == loop.dist.rank]
+    step_loss = 0.0
+    step_tokens = 0
+    for mb in mine:
+        batch = collate(mb, loop.pad_id, loop.plan.device)
+        loss = batch_loss(loop.loss_module, batch, loop.plan)
+        # DDP averages gradients over processes; scale back to a sum.
+        scaled = loss * (loop.dist.world / max(1, answer_total))
+        if loop.scaler is not None:
+            loop.scaler.scale(scaled).backward()
+        elif loop.dist.accelerator is not None:
+            loop.dist.accelerator.backward(scaled)
+        else:
+            scaled.backward()
+        step_loss += float(loss.detach())
+        step_tokens += batch.tokens
+    if loop.scaler is not None:
+        loop.scaler.unscale_(loop.optimizer)
+    params = [p for g in loop.optimizer.param_groups for p in g["params"]]
+    torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+    if loop.scaler is not None:
+        loop.scaler.step(loop.optimizer)
+        loop.scaler.update()
+    else:
+        loop.optimizer.step()
+    loop.optimizer.zero_grad(set_to_none=True)
+    return step_loss, step_tokens
+
+
+def validate_step(loop: Loop) -> float:
+    """Validation loss now; keeps the weights when they are the best yet."""
+    state = loop.state
+    val_loss = validation_loss(loop)
+    if state.best_val_loss is None or val_loss < state.best_val_loss:
+        state.best_val_loss, state.best_step, state.bad_evals = val_loss, state.step, 0
+        loop.best = trainable_state(loop.model)
+    else:
+        state.bad_evals += 1
+    return val_loss
+
+
+def run_phase(
+    loop: Loop,
+    phase: str,
+    examples: Sequence[Example],
+    budget: PhaseBudget,
+    stop: StopRequest,
+) -> str:
+    """Train until a budget or early stopping ends the phase; returns why it ended."""
+    from shoptalk.trainer.train_data import BatchSchedule
+    from shoptalk.trainer.train_model import is_out_of_memory
+
+    state = loop.state
+    schedule = BatchSchedule(
+        examples, loop.batch_size, budget.grad_accum, budget.seed, budget.ordered
+    )
+    max_steps, max_seconds = budget.max_steps, budget.max_seconds
+    learning_rate, val_every, patience = budget.learning_rate, budget.val_every, budget.patience
+    one_epoch = max_steps is None and max_seconds is None
+    if one_epoch:
+        max_steps = schedule.steps_per_epoch
+    planned = max_steps
+    is_sft = phase == PHASE_SFT
+
+    def step_of() -> int:
+        return state.step if is_sft else state.pretrain_steps
+
+    def seconds_of() -> float:
+        return state.train_seconds if is_sft else state.pretrain_seconds
+
+    label = "continued pre-training" if not is_sft else "fine-tuning"
+    total = float(max_steps) if max_steps is not None else float(max_seconds or 1)
+
+    def show(steps: str, speed: float, loss: str, final: bool = False) -> None:
+        """The phase's bar: how far, and the step, speed, loss and best
+        validation loss so far."""
+        if not loop.show_progress:
+            return
+        done = step_of() if max_steps is not None else min(total, seconds_of())
+        figures = (
+            steps,
+            f"{speed:.0f} tok/s",
+            f"loss {loss}",
+            f"val {fmt_loss(state.best_val_loss)}",
+        )
+        detail = " ".join(figure for figure in figures if figure)
+        loop.report(Progress(done, total, label, detail, final))
+
+    last_loss: float | None = None
+    reason = ""
+    step_text, speed, loss_text = "", 0.0, "-"
+    show(step_text, speed, loss_text)
+    while True:
+        if max_steps is not None and step_of() >= max_steps:
+            reason = "one pass over the data done" if one_epoch else "step budget reached"
+            break
+        if max_seconds is not None and seconds_of() >= max_seconds:
+            reason = "time budget reached"
+            break
+        if stop.requested:
+            raise KeyboardInterrupt
+        started = time.perf_counter()
+        micro = schedule.step(step_of())
+        answer_total = sum(e.answer_tokens for mb in micro for e in mb)
+        factor = lr_factor(step_of(), planned)
+        for group in loop.optimizer.param_groups:
+            group["lr"] = learning_rate * factor
+        try:
+            step_loss, step_tokens = optimizer_step(loop, micro, answer_total)
+        except (RuntimeError, MemoryError) as exc:
+            if is_out_of_memory(exc):
+                raise TrainError(
+                    f"out of memory on {loop.plan.description} at step {step_of()} "
+                    f"(micro-batch of {loop.batch_size} × up to "
+                    f"{max(len(e) for mb in micro for e in mb)} tokens): lower "
+                    "train.batch_size (raise train.grad_accum to keep the step size) or "
+                    "train.max_seq_tokens, or set train.layers_from (e.g. 0.5)"
+                ) from None
+            raise
+        elapsed = time.perf_counter() - started
+        last_loss = step_loss / max(1, answer_total)
+        tokens_all = step_tokens * loop.dist.world
+        state.tokens += tokens_all
+        state.answer_tokens += answer_total
+        if is_sft:
+            state.step += 1
+            state.train_seconds += elapsed
+        else:
+            state.pretrain_steps += 1
+            state.pretrain_seconds += elapsed
+        val_loss: float | None = None
+        evaluate = is_sft and loop.val and step_of() % val_every == 0
+        if evaluate:
+            val_loss = validate_step(loop)
+        loop.losses.append(
+            LossRow(
+                phase,
+                step_of(),
+                state.tokens,
+                state.train_seconds + state.pretrain_seconds,
+                learning_rate * factor,
+                last_loss,
+                val_loss,
+            )
+        )
+        step_text = f"step {step_of()}" + (f"/{max_steps}" if max_steps else "")
+        speed, loss_text = tokens_all / max(elapsed, 1e-9), f"{last_loss:.3f}"
+        show(step_text, speed, loss_text)
+        if evaluate or step_of() % val_every == 0:
+            checkpoint_now(loop)
+        if evaluate and patience and state.bad_evals >= patience:
+            reason = (
+                f"early stop: validation loss did not improve for {patience} evaluations "
+                f"(best {state.best_val_loss:.4f} at step {state.best_step})"
+            )
+            break
+    show(step_text, speed, loss_text, final=True)
+    return reason
+
+
+def checkpoint_now(loop: Loop) -> None:
+    if loop.dist.is_main:
+        try:
+            save_checkpoint(
+                loop.run,
+                loop.model,
+                loop.optimizer,
+                loop.scaler,
+                loop.state,
+                loop.best,
+                loop.losses,
+            )
+            loop.run.write_losses(loop.losses)
+            record = loop.run.read_record()
+            record.update(progress_fields(loop.state))
+            loop.run.write_record(record)
+        except Exception as exc:
+            reason = write_failure(exc)  # None: not a failed write, a bug
+            if reason is None:
+                raise
+            latest = latest_checkpoint(loop.run)
+            safe = (
+                f"the last complete checkpoint ({latest}) is kept. Free some space and "
+                f"resume with {resume_command(loop.run)}"
+                if latest
+                else "no checkpoint was complete yet. Free some space and start the run again"
+            )
+            raise TrainError(
+                f"could not write a checkpoint to {loop.run.checkpoints_dir}: {reason}. "
+                f"Nothing is lost: the dataset and earlier runs are untouched, and {safe}"
+            ) from None
+    loop.dist.wait()

@@ -15,6 +15,9 @@ Entry point for other stages (the watcher calls it after each commit):
 4. builds the dataset from all kept instances: author ids (aliases merged),
    temporal splits, test/train dedup, module balance; then writes the shards
    and manifest into a temp folder renamed into place (all or nothing).
+
+This module reads the history (steps 1-3); the state it keeps is
+`shoptalk.trainer.mine_state`, and step 4 is `shoptalk.trainer.dataset_build`.
 """
 
 from __future__ import annotations
@@ -23,24 +26,24 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import re
-import stat
-import statistics
-import time
-import uuid
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from shoptalk.models.errors import ShopTalkError
-from shoptalk.models.files import atomic_dir, atomic_open, sha256_file, write_json_atomic
 from shoptalk.models.progress import Progress, Report, quiet
 from shoptalk.models.settings import MineSettings
 from shoptalk.models.store import RepoStore
-from shoptalk.trainer.authors import Alias, AliasFileError, is_bot, merge_aliases
+from shoptalk.trainer.authors import Alias, AliasFileError, is_bot
+from shoptalk.trainer.dataset_build import (
+    SHARD_NAME,
+    SPLIT_NAMES,
+    build_dataset,
+    current_manifest,
+    is_shoptalk_manifest,
+    scrub_texts,
+)
 from shoptalk.trainer.git_log import (
     BlobReader,
     Commit,
@@ -48,7 +51,6 @@ from shoptalk.trainer.git_log import (
     FileChange,
     GitError,
     is_text_path,
-    iso_utc,
     iter_commits,
     list_commits,
     run_git,
@@ -56,9 +58,7 @@ from shoptalk.trainer.git_log import (
 )
 from shoptalk.trainer.hygiene import (
     SecretScrubber,
-    cap_module_share,
     has_placeholder,
-    remove_test_overlap,
 )
 from shoptalk.trainer.instances import (
     SourceFile,
@@ -72,6 +72,7 @@ from shoptalk.trainer.instances import (
     message_lookup_instance,
     test_pair_instances,
 )
+from shoptalk.trainer.mine_state import MineState, branch_key, mass_change_threshold
 from shoptalk.trainer.source_files import (
     SkipRules,
     decode_source,
@@ -80,33 +81,20 @@ from shoptalk.trainer.source_files import (
     language_of,
     parse_ignore_file,
 )
-from shoptalk.trainer.splits import CommitPoint, parse_cutoff, plan_splits
+from shoptalk.trainer.splits import parse_cutoff
 
 log = logging.getLogger(__name__)
 
 # Bump when instance extraction changes: cached instances are then re-mined.
 # 2: exact paths (git quoting, no trailing tab); 3: secrets scrubbed in every field
 EXTRACTION_VERSION = 3
-STATE_VERSION = 1
 IGNORE_FILE = ".shoptalkignore"
-MIN_MASS_CHANGE_FILES = 20
-KINDS = ("completion", "module_lookup", "commit_message", "test_pair", "doc_modules")
-SPLIT_NAMES = ("train", "validation", "test")
-# Fields a record carries only until the dataset is built.
-_INTERNAL = ("author_name", "author_email", "author_time")
 # Fields of an instance that hold no text from the repository (everything
 # else — texts, path, module ids, symbol — is scrubbed for secrets).
 _STRUCTURAL_FIELDS = frozenset(
     {"id", "kind", "split", "commit", "author_id", "author_time", "author_date", "language"}
     | {"source", "line", "masked_tokens", "modification"}
 )
-# The manifest names its producer, so that only a folder ShopTalk wrote is
-# ever replaced (`--out`); older datasets are known by the keys they hold.
-DATASET_PRODUCER = "shoptalk mine"
-_LEGACY_MANIFEST_KEYS = frozenset(
-    {"format", "repo", "repo_name", "branch", "head", "cutoff", "counts", "shards"}
-)
-_SHARD_NAME = re.compile(r"\A[a-z_]+\.(?:train|validation|test)\.jsonl\Z")
 
 
 class MineError(ShopTalkError):
@@ -230,93 +218,7 @@ def _config_hash(settings: MineSettings, ignore_text: str, alias_file: Path | No
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def mass_change_threshold(counts: list[int], factor: float) -> float:
-    """Q3 + factor·IQR of files touched per commit (inf for tiny histories),
-    never below MIN_MASS_CHANGE_FILES: where most commits touch one or two
-    files the IQR is ~0, and the bare rule would skip every ordinary feature."""
-    if len(counts) < 4:
-        return float("inf")
-    q1, _, q3 = statistics.quantiles(counts, n=4, method="inclusive")
-    return max(float(MIN_MASS_CHANGE_FILES), q3 + factor * (q3 - q1))
-
-
 # ---- state: what was mined already ------------------------------------------------
-
-
-def _branch_key(branch: str, label: str) -> str:
-    """The state folder's name: readable from `label` (the branch name with
-    any secret replaced), unique by a hash of the name itself."""
-    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in label)[:60]
-    return f"{safe}-{hashlib.sha1(branch.encode()).hexdigest()[:8]}"
-
-
-@dataclass
-class MineState:
-    """Per repository + branch: commits seen (with what mining them gave) and
-    the batch files holding their scrubbed instances."""
-
-    directory: Path
-    config_hash: str
-    mass_threshold: float
-    commits: dict[str, dict[str, Any]] = field(default_factory=dict)
-    batches: list[str] = field(default_factory=list)
-
-    @property
-    def file(self) -> Path:
-        return self.directory / "state.json"
-
-    @classmethod
-    def load(cls, directory: Path) -> MineState | None:
-        try:
-            data = json.loads((directory / "state.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-        if data.get("version") != STATE_VERSION:
-            return None
-        threshold = data.get("mass_threshold")
-        return cls(
-            directory=directory,
-            config_hash=data["config_hash"],
-            mass_threshold=float("inf") if threshold is None else float(threshold),
-            commits=data["commits"],
-            batches=data["batches"],
-        )
-
-    def save(self, repo: Path, branch: str) -> None:
-        threshold = None if self.mass_threshold == float("inf") else self.mass_threshold
-        write_json_atomic(
-            self.file,
-            {
-                "version": STATE_VERSION,
-                "repo": str(repo),
-                "branch": branch,
-                "config_hash": self.config_hash,
-                "mass_threshold": threshold,
-                "commits": self.commits,
-                "batches": self.batches,
-            },
-        )
-
-    def records(self) -> Iterator[dict[str, Any]]:
-        for name in self.batches:
-            with (self.directory / name).open(encoding="utf-8") as handle:
-                for line in handle:
-                    if line.strip():
-                        yield json.loads(line)
-
-    def write_batch(self, records: Iterable[dict[str, Any]]) -> str:
-        name = f"batch-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:12]}.jsonl"
-        with atomic_open(self.directory / name) as handle:
-            for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        return name
-
-    def remove_stray_batches(self) -> None:
-        """Delete batch files the state does not name: replaced ones, and any
-        a killed run wrote before its state (their commits get mined again)."""
-        for path in self.directory.glob("batch-*.jsonl"):
-            if path.name not in self.batches:
-                path.unlink(missing_ok=True)
 
 
 # ---- mining one commit -----------------------------------------------------------
@@ -363,105 +265,26 @@ def _path_secrets(changes: list[FileChange], scrubber: SecretScrubber) -> Counte
     return found
 
 
+@dataclass
+class _CommitFiles:
+    """What one commit's files gave: the source and doc files read (secrets
+    scrubbed), the changes that belong to its diff, the modules it touched."""
+
+    sources: list[SourceFile] = field(default_factory=list)
+    docs: list[SourceFile] = field(default_factory=list)
+    diff_changes: list[FileChange] = field(default_factory=list)
+    touched_modules: set[str] = field(default_factory=set)
+    read_paths: set[str] = field(default_factory=set)
+
+
 def _mine_commit(commit: Commit, ctx: _Context) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Instances of one commit and what happened to its files and secrets."""
     settings = ctx.settings
-    kinds = set(settings.kinds)
     skipped: Counter[str] = Counter()
     ctx.scrubber.forget()  # secrets of earlier commits are not looked for here
     secrets: Counter[str] = _path_secrets(commit.files, ctx.scrubber)
-    sources: list[SourceFile] = []
-    docs: list[SourceFile] = []
-    diff_changes: list[FileChange] = []
-    touched_modules: set[str] = set()
-    read_paths: set[str] = set()
-    # Module ids of Python files depend only on where `__init__.py` files are:
-    # the tip's, plus those this commit adds (a small set, not the whole tree).
-    package_files = ctx.package_files | {
-        c.new_path
-        for c in commit.files
-        if c.new_path is not None
-        and c.new_path.endswith("__init__.py")
-        and is_text_path(c.new_path)
-    }
-    for change in commit.files:
-        reason = _change_skip_reason(change, ctx.rules)
-        if reason:
-            skipped[reason] += 1
-            continue
-        path = change.path
-        if change.new_path is None or not change.hunks or not change.new_blob:
-            diff_changes.append(change)
-            continue  # deleted, or renamed/mode change without new lines
-        language = language_of(path)
-        is_doc = is_doc_file(path)
-        if language is None and not is_doc:
-            # Not read (configs, data): its lines still belong to the diff,
-            # unless they are minified/huge ones no prompt should carry.
-            longest = max(len(line) for h in change.hunks for line in (*h.added, *h.removed, ""))
-            if longest <= ctx.rules.max_line_chars:
-                diff_changes.append(change)
-            continue
-        data = ctx.blobs.read(change.new_blob, ctx.rules.max_file_bytes)
-        if data is None:
-            skipped["huge"] += 1
-            continue
-        content_reason = ctx.rules.content_reason(data)
-        if content_reason:
-            skipped[content_reason] += 1
-            continue
-        text = decode_source(data)
-        if text is None:
-            skipped["encoding"] += 1
-            continue
-        diff_changes.append(change)
-        read_paths.add(path)
-        added = {a.line for a in added_lines(change.hunks)}
-        text, found = ctx.scrubber.scrub(text, path, count_lines=added)
-        secrets.update(found)
-        source = SourceFile(change, path, language, text, package_files)
-        if is_doc and language is None:
-            docs.append(source)
-            continue
-        sources.append(source)
-        module = ctx.module_of_path.get(path)
-        if module is None and source.summary is not None:
-            module = source.summary.module_id
-        if module:
-            touched_modules.add(module)
-    records: list[dict[str, Any]] = []
-    if "completion" in kinds:
-        records += completion_instances(
-            commit,
-            sources,
-            settings.seed,
-            settings.prefix_chars,
-            settings.suffix_chars,
-            settings.max_instances_per_commit,
-        )
-    message, message_secrets = ctx.scrubber.scrub(clean_message(commit.message), "COMMIT_EDITMSG")
-    secrets.update(message_secrets)
-    budget = settings.prefix_chars + settings.suffix_chars
-    if "commit_message" in kinds and diff_changes:
-        diff, found = _scrubbed_diff(diff_changes, read_paths, ctx.scrubber, budget)
-        secrets.update(found)
-        record = commit_message_instance(commit, diff_changes, message, diff, budget)
-        if record:
-            records.append(record)
-    if "module_lookup" in kinds:
-        first_path = sources[0].path if sources else (diff_changes[0].path if diff_changes else "")
-        record = message_lookup_instance(commit, message, sorted(touched_modules), first_path)
-        if record:
-            records.append(record)
-        for source in sources:
-            records += docstring_lookup_instances(commit, source)
-    if "test_pair" in kinds:
-        records += test_pair_instances(commit, sources, is_test_file, settings.prefix_chars)
-    if "doc_modules" in kinds:
-        for doc in docs:
-            record = doc_modules_instance(commit, doc, ctx.module_of_path, budget)
-            if record:
-                records.append(record)
+    files = _read_files(commit, ctx, skipped, secrets)
+    records = _commit_instances(commit, ctx, files, secrets)
     kept: list[dict[str, Any]] = []
     dropped = scrubbed = 0
     for record in records:
@@ -484,6 +307,114 @@ def _mine_commit(commit: Commit, ctx: _Context) -> tuple[list[dict[str, Any]], d
         "secret_instances_scrubbed": scrubbed,
     }
     return kept, stats
+
+
+def _read_files(
+    commit: Commit, ctx: _Context, skipped: Counter[str], secrets: Counter[str]
+) -> _CommitFiles:
+    """The commit's changed files, each skipped (counted in `skipped` by
+    reason), kept for the diff only, or read and scrubbed (secrets counted)."""
+    files = _CommitFiles()
+    # Module ids of Python files depend only on where `__init__.py` files are:
+    # the tip's, plus those this commit adds (a small set, not the whole tree).
+    package_files = ctx.package_files | {
+        c.new_path
+        for c in commit.files
+        if c.new_path is not None
+        and c.new_path.endswith("__init__.py")
+        and is_text_path(c.new_path)
+    }
+    for change in commit.files:
+        reason = _change_skip_reason(change, ctx.rules)
+        if reason:
+            skipped[reason] += 1
+            continue
+        path = change.path
+        if change.new_path is None or not change.hunks or not change.new_blob:
+            files.diff_changes.append(change)
+            continue  # deleted, or renamed/mode change without new lines
+        language = language_of(path)
+        is_doc = is_doc_file(path)
+        if language is None and not is_doc:
+            # Not read (configs, data): its lines still belong to the diff,
+            # unless they are minified/huge ones no prompt should carry.
+            longest = max(len(line) for h in change.hunks for line in (*h.added, *h.removed, ""))
+            if longest <= ctx.rules.max_line_chars:
+                files.diff_changes.append(change)
+            continue
+        data = ctx.blobs.read(change.new_blob, ctx.rules.max_file_bytes)
+        if data is None:
+            skipped["huge"] += 1
+            continue
+        content_reason = ctx.rules.content_reason(data)
+        if content_reason:
+            skipped[content_reason] += 1
+            continue
+        text = decode_source(data)
+        if text is None:
+            skipped["encoding"] += 1
+            continue
+        files.diff_changes.append(change)
+        files.read_paths.add(path)
+        added = {a.line for a in added_lines(change.hunks)}
+        text, found = ctx.scrubber.scrub(text, path, count_lines=added)
+        secrets.update(found)
+        source = SourceFile(change, path, language, text, package_files)
+        if is_doc and language is None:
+            files.docs.append(source)
+            continue
+        files.sources.append(source)
+        module = ctx.module_of_path.get(path)
+        if module is None and source.summary is not None:
+            module = source.summary.module_id
+        if module:
+            files.touched_modules.add(module)
+    return files
+
+
+def _commit_instances(
+    commit: Commit, ctx: _Context, files: _CommitFiles, secrets: Counter[str]
+) -> list[dict[str, Any]]:
+    """The instances of each kind mined from the commit's files and message
+    (the message and diff scrubbed, their secrets counted)."""
+    settings = ctx.settings
+    kinds = set(settings.kinds)
+    sources, diff_changes = files.sources, files.diff_changes
+    records: list[dict[str, Any]] = []
+    if "completion" in kinds:
+        records += completion_instances(
+            commit,
+            sources,
+            settings.seed,
+            settings.prefix_chars,
+            settings.suffix_chars,
+            settings.max_instances_per_commit,
+        )
+    message, message_secrets = ctx.scrubber.scrub(clean_message(commit.message), "COMMIT_EDITMSG")
+    secrets.update(message_secrets)
+    budget = settings.prefix_chars + settings.suffix_chars
+    if "commit_message" in kinds and diff_changes:
+        diff, found = _scrubbed_diff(diff_changes, files.read_paths, ctx.scrubber, budget)
+        secrets.update(found)
+        record = commit_message_instance(commit, diff_changes, message, diff, budget)
+        if record:
+            records.append(record)
+    if "module_lookup" in kinds:
+        first_path = sources[0].path if sources else (diff_changes[0].path if diff_changes else "")
+        modules = sorted(files.touched_modules)
+        record = message_lookup_instance(commit, message, modules, first_path)
+        if record:
+            records.append(record)
+        for source in sources:
+            records += docstring_lookup_instances(commit, source)
+    if "test_pair" in kinds:
+        records += test_pair_instances(commit, sources, is_test_file, settings.prefix_chars)
+    if "doc_modules" in kinds:
+        for doc in files.docs:
+            record = doc_modules_instance(commit, doc, ctx.module_of_path, budget)
+            if record:
+                records.append(record)
+    return records
 
 
 # Diff text scrubbed beyond the prompt's budget, for secrets a placeholder made shorter.
@@ -549,243 +480,6 @@ def _module_index(known_paths: frozenset[str]) -> dict[str, str]:
 # ---- building the dataset ----------------------------------------------------------
 
 
-def _assign_authors(
-    records: list[dict[str, Any]],
-    summaries: list[CommitSummary],
-    bots: set[str],
-    cache_file: Path | None = None,
-) -> tuple[dict[Alias, Any], dict[str, str]]:
-    first_seen: dict[Alias, int] = {}
-    counts: Counter[Alias] = Counter()
-    for summary in summaries:
-        if summary.sha in bots:
-            continue
-        alias = Alias(summary.author_name, summary.author_email)
-        first_seen[alias] = min(first_seen.get(alias, summary.author_time), summary.author_time)
-        counts[alias] += 1
-    people = merge_aliases(first_seen, dict(counts), cache_file)
-    commit_author: dict[str, str] = {}
-    for summary in summaries:
-        person = people.get(Alias(summary.author_name, summary.author_email))
-        if person is not None:
-            commit_author[summary.sha] = person.id
-    for record in records:
-        record["author_id"] = commit_author.get(record["commit"], "unknown")
-    return dict(people), commit_author
-
-
-def _public(record: dict[str, Any], repo_name: str) -> dict[str, Any]:
-    out = {k: v for k, v in record.items() if k not in _INTERNAL}
-    out["repo"] = repo_name
-    order = ["id", "kind", "split", "repo", "commit", "author_id", "author_date", "path"]
-    return {k: out[k] for k in order if k in out} | {k: v for k, v in out.items() if k not in order}
-
-
-def _sum_counts(items: Iterable[dict[str, int]]) -> dict[str, int]:
-    total: Counter[str] = Counter()
-    for item in items:
-        total.update(item)
-    return dict(sorted(total.items()))
-
-
-def build_dataset(
-    out_dir: Path,
-    records: list[dict[str, Any]],
-    summaries: list[CommitSummary],
-    state: MineState,
-    settings: MineSettings,
-    *,
-    repo: Path,
-    branch: str,
-    tip: str,
-    extra: dict[str, Any],
-) -> dict[str, Any]:
-    """Split, dedup, balance and write `records` to `out_dir` (atomically);
-    returns the manifest."""
-    in_range = {s.sha for s in summaries}
-    commit_stats = {sha: info for sha, info in state.commits.items() if sha in in_range}
-    bots = {sha for sha, info in commit_stats.items() if info["status"] == "bot"}
-    people, commit_author = _assign_authors(
-        records, summaries, bots, state.directory / "gambit-cache.json"
-    )
-    mined = [s for s in summaries if commit_stats.get(s.sha, {}).get("status") == "mined"]
-    points = [
-        CommitPoint(
-            s.sha,
-            commit_author.get(s.sha, "unknown"),
-            s.author_time,
-            int(commit_stats[s.sha].get("completions", 0)),
-        )
-        for s in mined
-    ]
-    cutoff = parse_cutoff(settings.cutoff) if settings.cutoff else None
-    plan = plan_splits(
-        points, settings.test_share, settings.validation_share, settings.test_per_author, cutoff
-    )
-    for record in records:
-        record["split"] = plan.split_of.get(record["commit"], "train")
-    test = [r for r in records if r["split"] == "test"]
-    others = [r for r in records if r["split"] != "test"]
-    dedup = remove_test_overlap(others, test)
-    train_all = [r for r in dedup.kept if r["split"] == "train"]
-    validation = [r for r in dedup.kept if r["split"] == "validation"]
-    train: list[dict[str, Any]] = []
-    balance: dict[str, dict[str, Any]] = {}
-    for kind in KINDS:
-        of_kind = [r for r in train_all if r["kind"] == kind]
-        if of_kind:
-            capped = cap_module_share(of_kind, settings.module_share_cap, settings.seed)
-            train += capped.kept
-            balance[kind] = {
-                "applied": capped.applied,
-                "reason": capped.reason,
-                "modules": capped.distribution,
-            }
-    final = train + validation + test
-    final.sort(key=lambda r: (r["kind"], r["split"], r["author_time"], r["id"]))
-    repo_name = _scrub_texts([repo.name])[0]  # every record carries it
-    counts: dict[str, dict[str, int]] = {k: dict.fromkeys(SPLIT_NAMES, 0) for k in KINDS}
-    by_author: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(SPLIT_NAMES, 0))
-    by_language: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(SPLIT_NAMES, 0))
-    for record in final:
-        counts[record["kind"]][record["split"]] += 1
-        by_author[record["author_id"]][record["split"]] += 1
-        by_language[record["language"]][record["split"]] += 1
-    shards: dict[str, dict[str, Any]] = {}
-    folder_mode = _folder_mode(out_dir)
-    with atomic_dir(out_dir) as tmp:
-        os.chmod(tmp, folder_mode)
-        handles: dict[str, Any] = {}
-        try:
-            for record in final:
-                name = f"{record['kind']}.{record['split']}.jsonl"
-                if name not in handles:
-                    handles[name] = (tmp / name).open("w", encoding="utf-8")
-                handles[name].write(json.dumps(_public(record, repo_name), ensure_ascii=False))
-                handles[name].write("\n")
-        finally:
-            for handle in handles.values():
-                handle.flush()
-                os.fsync(handle.fileno())
-                handle.close()
-        for name in sorted(handles):
-            kind, split = name.split(".")[:2]
-            shards[name] = {"sha256": sha256_file(tmp / name), "records": counts[kind][split]}
-        skipped_commits = Counter(
-            info["status"] for info in commit_stats.values() if info["status"] != "mined"
-        )
-        manifest = {
-            "producer": DATASET_PRODUCER,
-            "format": 1,
-            "repo": str(repo),
-            "repo_name": repo_name,
-            "branch": branch,
-            "head": tip,
-            "created_at": iso_utc(int(time.time())),
-            "commit_range": {
-                "first": iso_utc(min(s.author_time for s in summaries)),
-                "last": iso_utc(max(s.author_time for s in summaries)),
-                "commits": len(summaries),
-                "mined_commits": len(mined),
-                "since": settings.since,
-                "until": settings.until,
-            },
-            "cutoff": iso_utc(plan.cutoff),
-            "validation_from": iso_utc(plan.validation_from),
-            "per_author_test_commits": plan.moved_to_test,
-            "total": len(final),
-            "counts": counts,
-            "counts_by_author": dict(sorted(by_author.items())),
-            "counts_by_language": dict(sorted(by_language.items())),
-            "authors": {
-                person.id: {
-                    "names": person.names,
-                    "emails": person.emails,
-                    "commits": person.commits,
-                }
-                for person in {p.id: p for p in people.values()}.values()
-            },
-            "skipped_commits": dict(sorted(skipped_commits.items())),
-            "mass_change_threshold": None
-            if state.mass_threshold == float("inf")
-            else state.mass_threshold,
-            "skipped_files": _sum_counts(i.get("skipped_files", {}) for i in commit_stats.values()),
-            "secrets": {
-                "policy": settings.secrets,
-                "found": _sum_counts(i.get("secrets", {}) for i in commit_stats.values()),
-                "instances_dropped": sum(
-                    int(i.get("secret_instances_dropped", 0)) for i in commit_stats.values()
-                ),
-                "instances_scrubbed": sum(
-                    int(i.get("secret_instances_scrubbed", 0)) for i in commit_stats.values()
-                ),
-            },
-            "dedup": {"exact": dedup.exact, "near": dedup.near, "by_kind": dedup.by_kind},
-            "balance": {"cap": settings.module_share_cap, "train_by_module": balance},
-            "config": json.loads(settings.model_dump_json()),
-            "shards": shards,
-            **extra,
-        }
-        manifest = _scrub_manifest(manifest)
-        write_json_atomic(tmp / "manifest.json", manifest)
-        os.chmod(tmp / "manifest.json", 0o666 & ~_umask())  # as the shards (not 0600)
-    return manifest
-
-
-# Manifest entries that hold no text from the repository's history: the
-# user's own path and settings, hashes, dates and numbers (kept as they are:
-# they identify the dataset).
-_MANIFEST_AS_IS = frozenset(
-    {"producer", "format", "repo", "head", "created_at", "commit_range", "cutoff"}
-    | {"validation_from", "total", "mass_change_threshold", "config", "shards"}
-)
-
-
-def _scrub_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
-    """Every other entry (branch, authors, warnings, module names...) with any
-    secret replaced, keys included."""
-    with SecretScrubber() as scrubber:
-        return {
-            key: value if key in _MANIFEST_AS_IS else scrubber.scrub_value(value, "manifest.json")
-            for key, value in manifest.items()
-        }
-
-
-def _current_manifest(dataset_dir: Path, tip: str, settings: MineSettings) -> dict[str, Any] | None:
-    """The dataset's manifest when it was built from `tip` with these
-    settings and all its shards are there; else None."""
-    try:
-        manifest: dict[str, Any] = json.loads((dataset_dir / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if manifest.get("head") != tip or manifest.get("config") != json.loads(
-        settings.model_dump_json()
-    ):
-        return None
-    shards = manifest.get("shards", {})
-    if not all((dataset_dir / name).is_file() for name in shards):
-        return None
-    return manifest
-
-
-def is_shoptalk_manifest(manifest: object) -> bool:
-    """Whether `manifest` is the manifest of a dataset `shoptalk mine` wrote:
-    it carries DATASET_PRODUCER, or (written before that marker existed)
-    format 1 with the keys mining has always written and shard names of
-    `<kind>.<split>.jsonl`."""
-    if not isinstance(manifest, dict):
-        return False
-    if manifest.get("producer") == DATASET_PRODUCER:
-        return True
-    shards = manifest.get("shards")
-    return (
-        manifest.get("format") == 1
-        and manifest.keys() >= _LEGACY_MANIFEST_KEYS
-        and isinstance(shards, dict)
-        and all(isinstance(n, str) and _SHARD_NAME.match(n) for n in shards)
-    )
-
-
 def _not_replaceable(folder: Path) -> str | None:
     """Why `folder` must not be replaced as a whole, or None when it is new,
     empty, or a dataset ShopTalk wrote holding nothing else."""
@@ -802,7 +496,7 @@ def _not_replaceable(folder: Path) -> str | None:
         manifest = None
     if not is_shoptalk_manifest(manifest):
         return "is not empty and is not a dataset ShopTalk wrote (no ShopTalk manifest.json)"
-    others = [n for n in entries if n != "manifest.json" and not _SHARD_NAME.match(n)]
+    others = [n for n in entries if n != "manifest.json" and not SHARD_NAME.match(n)]
     if others:
         shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
         return f"holds a ShopTalk dataset but also files ShopTalk did not write ({shown})"
@@ -830,29 +524,6 @@ def _safe_out_dir(out_dir: Path, chosen: bool = True) -> None:
         )
 
 
-def _umask() -> int:
-    """The process's umask, read without changing it where /proc tells it
-    (setting and restoring it could give another thread's file mode 0o666)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _folder_mode(folder: Path) -> int:
-    """The mode the rebuilt dataset folder gets: the one it has now, or the
-    mode a new folder gets from the umask (never the temp folder's 0700)."""
-    try:
-        return stat.S_IMODE(folder.stat().st_mode)
-    except OSError:
-        return 0o777 & ~_umask()
-
-
 def _scrub_history_labels(
     summaries: list[CommitSummary], branch: str
 ) -> tuple[list[CommitSummary], str]:
@@ -876,15 +547,101 @@ def _scrub_history_labels(
     return scrubbed, label
 
 
-def _scrub_texts(texts: list[str]) -> list[str]:
-    """Messages for the user (warnings) with any secret replaced."""
-    if not texts:
-        return texts
-    with SecretScrubber() as scrubber:
-        return [scrubber.scrub_value(text, "WARNING") for text in texts]
-
-
 # ---- the entry point -----------------------------------------------------------------
+
+
+def _open_state(
+    state_dir: Path,
+    config_hash: str,
+    full: bool,
+    summaries: list[CommitSummary],
+    settings: MineSettings,
+) -> tuple[MineState, bool]:
+    """The branch's state, or a fresh one (with `full`, or when the settings
+    that shape instances changed); True when fresh."""
+    state = None if full else MineState.load(state_dir)
+    fresh = state is None or state.config_hash != config_hash
+    if state is None or fresh:
+        if state is not None:
+            log.info("mining settings changed since the last run: mining everything again")
+        human = [
+            s.files_touched
+            for s in summaries
+            if not is_bot(Alias(s.author_name, s.author_email), settings.bot_patterns)
+        ]
+        state = MineState(
+            directory=state_dir,
+            config_hash=config_hash,
+            mass_threshold=mass_change_threshold(human, settings.mass_change_iqr_factor),
+        )
+    state_dir.mkdir(parents=True, exist_ok=True)
+    return state, fresh
+
+
+@dataclass(frozen=True)
+class _ReadPlan:
+    """Where the commits to read are, and how to read them."""
+
+    repo: Path
+    tip: str
+    branch: str
+    settings: MineSettings
+    rules: SkipRules
+    alias_file: Path | None
+
+
+def _read_commits(
+    plan: _ReadPlan, to_read: list[CommitSummary], state: MineState, report: Report
+) -> list[dict[str, Any]]:
+    """Mine each commit of `to_read` (one `git log -p` stream), recording
+    what each gave in `state`; returns their instances. `report` gets a
+    `Progress(done, total)` per commit."""
+    repo = plan.repo
+    new_records: list[dict[str, Any]] = []
+    known_paths = frozenset(p for p in tree_paths(repo, plan.tip) if is_text_path(p))
+    with BlobReader(repo) as blobs, SecretScrubber() as scrubber:
+        ctx = _Context(
+            repo=repo,
+            settings=plan.settings,
+            rules=plan.rules,
+            blobs=blobs,
+            scrubber=scrubber,
+            package_files=frozenset(p for p in known_paths if p.endswith("__init__.py")),
+            module_of_path=_module_index(known_paths),
+        )
+        stream = iter_commits(repo, (s.sha for s in to_read), plan.alias_file)
+        for done, commit in enumerate(stream, 1):
+            records, stats = _mine_commit(commit, ctx)
+            new_records += records
+            state.commits[commit.sha] = stats
+            report(Progress(done, len(to_read)))
+        missing = [s.sha for s in to_read if s.sha not in state.commits]
+        if missing:
+            raise GitError(f"git did not return {len(missing)} commit(s) of {plan.branch}; retry")
+    return new_records
+
+
+def _save_state(
+    state: MineState,
+    repo: Path,
+    branch_label: str,
+    current: set[str],
+    removed: list[str],
+    new_records: list[dict[str, Any]],
+) -> None:
+    """Drop the instances of commits that left the branch, add the new ones
+    as a batch, and save the state."""
+    if removed:
+        kept_records = [r for r in state.records() if r["commit"] in current]
+        for sha in removed:
+            del state.commits[sha]
+        state.batches = [state.write_batch(kept_records)]
+    if new_records:
+        state.batches.append(state.write_batch(new_records))
+    # The state names its batches; it is saved only after they are complete,
+    # then files it no longer names (replaced, or left by a killed run) go.
+    state.save(repo, branch_label)
+    state.remove_stray_batches()
 
 
 def mine_repository(
@@ -931,24 +688,9 @@ def mine_repository(
     store = RepoStore.for_repo(data_dir, repo)
     if target is None:
         _safe_out_dir(store.dataset_dir, chosen=False)
-    state_dir = store.root / "mine-state" / _branch_key(branch, branch_label)
+    state_dir = store.root / "mine-state" / branch_key(branch, branch_label)
     config_hash = _config_hash(settings, ignore_text, alias_file)
-    state = None if full else MineState.load(state_dir)
-    fresh = state is None or state.config_hash != config_hash
-    if state is None or fresh:
-        if state is not None:
-            log.info("mining settings changed since the last run: mining everything again")
-        human = [
-            s.files_touched
-            for s in summaries
-            if not is_bot(Alias(s.author_name, s.author_email), settings.bot_patterns)
-        ]
-        state = MineState(
-            directory=state_dir,
-            config_hash=config_hash,
-            mass_threshold=mass_change_threshold(human, settings.mass_change_iqr_factor),
-        )
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state, fresh = _open_state(state_dir, config_hash, full, summaries, settings)
     current = {s.sha for s in summaries}
     removed = [sha for sha in state.commits if sha not in current]
     todo = [s for s in reversed(summaries) if s.sha not in state.commits]
@@ -957,7 +699,6 @@ def mine_repository(
             f"{len(removed)} commit(s) mined before are no longer on {branch} "
             "(rewritten history or a narrower range): their instances were dropped"
         )
-    new_records: list[dict[str, Any]] = []
     to_read: list[CommitSummary] = []
     for summary in todo:
         if is_bot(Alias(summary.author_name, summary.author_email), settings.bot_patterns):
@@ -966,41 +707,14 @@ def mine_repository(
             state.commits[summary.sha] = {"status": "mass_change", "files": summary.files_touched}
         else:
             to_read.append(summary)
+    new_records: list[dict[str, Any]] = []
     if to_read:
-        known_paths = frozenset(p for p in tree_paths(repo, tip) if is_text_path(p))
-        with BlobReader(repo) as blobs, SecretScrubber() as scrubber:
-            ctx = _Context(
-                repo=repo,
-                settings=settings,
-                rules=rules,
-                blobs=blobs,
-                scrubber=scrubber,
-                package_files=frozenset(p for p in known_paths if p.endswith("__init__.py")),
-                module_of_path=_module_index(known_paths),
-            )
-            stream = iter_commits(repo, (s.sha for s in to_read), alias_file)
-            for done, commit in enumerate(stream, 1):
-                records, stats = _mine_commit(commit, ctx)
-                new_records += records
-                state.commits[commit.sha] = stats
-                report(Progress(done, len(to_read)))
-            missing = [s.sha for s in to_read if s.sha not in state.commits]
-            if missing:
-                raise GitError(f"git did not return {len(missing)} commit(s) of {branch}; retry")
-    if removed:
-        kept_records = [r for r in state.records() if r["commit"] in current]
-        for sha in removed:
-            del state.commits[sha]
-        state.batches = [state.write_batch(kept_records)]
-    if new_records:
-        state.batches.append(state.write_batch(new_records))
-    # The state names its batches; it is saved only after they are complete,
-    # then files it no longer names (replaced, or left by a killed run) go.
-    state.save(repo, branch_label)
-    state.remove_stray_batches()
-    warnings = _scrub_texts(warnings)
+        read_plan = _ReadPlan(repo, tip, branch, settings, rules, alias_file)
+        new_records = _read_commits(read_plan, to_read, state, report)
+    _save_state(state, repo, branch_label, current, removed, new_records)
+    warnings = scrub_texts(warnings)
     dataset_dir = target or store.dataset_dir
-    up_to_date = _current_manifest(dataset_dir, tip, settings)
+    up_to_date = current_manifest(dataset_dir, tip, settings)
     if up_to_date is not None and not todo and not removed and not fresh:
         # Nothing new on the branch and the same settings: the dataset on disk
         # is what a rebuild would write (the watcher calls this often).

@@ -703,6 +703,71 @@ class ShopTalkServer(LanguageServer):
 
         self.worker.submit(job)
 
+    # ---- what the handlers use (they never reach into the server's state) ----
+
+    def begin_session(self, client_options: Any) -> None:
+        """At `initialize`: the event loop the handlers run on (work done on
+        other threads reports back through it) and the client's
+        initializationOptions (the top settings layer)."""
+        self._loop = asyncio.get_running_loop()
+        self._client_options = client_options
+
+    @property
+    def looked_for_repo(self) -> bool:
+        """Whether the repository was already looked for from a document."""
+        return self._looked_for_repo
+
+    @property
+    def loading(self) -> bool:
+        """True until the first model load has finished (or failed)."""
+        return not self._ready.is_set()
+
+    def in_background(self, action: Callable[..., Any], *args: Any) -> None:
+        """Run `action(*args)` on the server's worker (model and index work)."""
+        self._background.submit(action, *args)
+
+    async def find_modules(self, query: str, limit: int) -> dict[str, Any]:
+        """The findModule answer: the modules that implement `query`, best
+        first, with their ranges, reasons and the lookup's confidence."""
+        index = self.module_index
+        if index is None:
+            if self.workspace_root is None:
+                return {"modules": [], "error": "no workspace folder is open"}
+            await asyncio.get_running_loop().run_in_executor(
+                self._background, self._build_module_map, self.workspace_root
+            )
+            index = self.module_index
+            if index is None:
+                return {"modules": [], "error": "the module map could not be built; see the log"}
+        if retriever_changed(index, self._lookup_store()) and self.workspace_root is not None:
+            # a new retriever was promoted
+            self._background.submit(self._build_module_map, self.workspace_root)
+        # BM25 + the retriever (numpy, tens of ms): off the model's worker, so a
+        # running completion never delays it; the language model is left out
+        # (35-80 s per query on CPU for no gain, docs/benchmarks.md).
+        answer: LookupAnswer = await asyncio.get_running_loop().run_in_executor(
+            None, lookup_modules, query, index, None, limit
+        )
+        root = self.workspace_root
+        modules = []
+        for hit in answer.hits:
+            uri = (root / hit.path).as_uri() if root is not None else hit.path
+            modules.append(
+                {
+                    "id": hit.id,
+                    "uri": uri,
+                    "range": {
+                        "start": {"line": hit.start_line, "character": 0},
+                        "end": {"line": hit.end_line, "character": 0},
+                    },
+                    "score": hit.score,
+                    "reason": hit.reason,
+                    "confidence": hit.confidence,
+                }
+            )
+        verdict = {"confidence": answer.confidence, "abstained": answer.abstained}
+        return {"modules": modules, **verdict, "message": answer.message}
+
     def shutdown(self) -> None:
         # Also reached when the client vanishes (stdin closed): stop the model
         # work first, or the interpreter would wait for queued jobs to finish.
@@ -786,247 +851,225 @@ def _word_start(text: str, offset: int) -> int:
     return start
 
 
-def create_server(config: ServerConfig) -> ShopTalkServer:
-    server = ShopTalkServer(config)
+# ---- handlers: one per LSP method, over the server's public methods --------------
 
-    @server.feature(types.INITIALIZE)
-    def initialize(ls: ShopTalkServer, params: types.InitializeParams) -> None:
-        ls._loop = asyncio.get_running_loop()
-        ls._client_options = params.initialization_options
-        root = _root_of(params)
-        repo = ls.repository_of(root)
-        ls.settings = ls.settings_for(repo)
-        ls.start_loading(root, repo)
 
-    @server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
-    def did_change_configuration(
-        ls: ShopTalkServer, params: types.DidChangeConfigurationParams
-    ) -> None:
-        settings, problems = parse_client_options(params.settings, ls.settings)
-        if problems:
-            ls.show_once(
-                "ShopTalk: some settings were ignored (kept the previous values): "
-                + "; ".join(problems)
-            )
-        ls.settings = settings
-        registry = ls.registry
-        if registry is not None and registry.update_settings(settings):
-            ls._background.submit(registry.load)
-        ls.sync_workspace(ls.workspace_root)
+def initialize(ls: ShopTalkServer, params: types.InitializeParams) -> None:
+    ls.begin_session(params.initialization_options)
+    root = _root_of(params)
+    repo = ls.repository_of(root)
+    ls.settings = ls.settings_for(repo)
+    ls.start_loading(root, repo)
 
-    @server.feature(types.TEXT_DOCUMENT_DID_OPEN)
-    def did_open(ls: ShopTalkServer, params: types.DidOpenTextDocumentParams) -> None:
-        if ls.repo is None and not ls._looked_for_repo:
-            ls.adopt_repository(params.text_document.uri)
-        if ls.workspace_sync is not None:
-            ls.workspace_sync.document(params.text_document.uri, params.text_document.text)
-        ls.schedule_prefill(params.text_document.uri, None, 0.0)
 
-    @server.feature(types.TEXT_DOCUMENT_DID_CHANGE)
-    def did_change(ls: ShopTalkServer, params: types.DidChangeTextDocumentParams) -> None:
+def did_change_configuration(
+    ls: ShopTalkServer, params: types.DidChangeConfigurationParams
+) -> None:
+    settings, problems = parse_client_options(params.settings, ls.settings)
+    if problems:
+        ls.show_once(
+            "ShopTalk: some settings were ignored (kept the previous values): "
+            + "; ".join(problems)
+        )
+    ls.settings = settings
+    registry = ls.registry
+    if registry is not None and registry.update_settings(settings):
+        ls.in_background(registry.load)
+    ls.sync_workspace(ls.workspace_root)
+
+
+def did_open(ls: ShopTalkServer, params: types.DidOpenTextDocumentParams) -> None:
+    if ls.repo is None and not ls.looked_for_repo:
+        ls.adopt_repository(params.text_document.uri)
+    if ls.workspace_sync is not None:
+        ls.workspace_sync.document(params.text_document.uri, params.text_document.text)
+    ls.schedule_prefill(params.text_document.uri, None, 0.0)
+
+
+def did_change(ls: ShopTalkServer, params: types.DidChangeTextDocumentParams) -> None:
+    text = ls.document_text(params.text_document.uri)
+    if text is None or not params.content_changes:
+        return
+    change = params.content_changes[-1]
+    offset: int | None = None
+    if isinstance(change, types.TextDocumentContentChangePartial):
+        lines = change.text.split("\n")
+        end_line = change.range.start.line + len(lines) - 1
+        end_char = (
+            change.range.start.character + len(lines[0]) if len(lines) == 1 else len(lines[-1])
+        )
+        offset = utf16_to_offset(text, end_line, end_char)
+    if ls.workspace_sync is not None:
+        ls.workspace_sync.document(params.text_document.uri, text, debounce=True)
+    delay = ls.settings.serve.idle_prefill_ms / 1000.0
+    ls.schedule_prefill(params.text_document.uri, offset, delay)
+
+
+def did_save(ls: ShopTalkServer, params: types.DidSaveTextDocumentParams) -> None:
+    ls.update_module(params.text_document.uri, ls.document_text(params.text_document.uri))
+    if ls.workspace_sync is not None:
         text = ls.document_text(params.text_document.uri)
-        if text is None or not params.content_changes:
-            return
-        change = params.content_changes[-1]
-        offset: int | None = None
-        if isinstance(change, types.TextDocumentContentChangePartial):
-            lines = change.text.split("\n")
-            end_line = change.range.start.line + len(lines) - 1
-            end_char = (
-                change.range.start.character + len(lines[0]) if len(lines) == 1 else len(lines[-1])
+        ls.workspace_sync.document(params.text_document.uri, text)
+
+
+def did_close(ls: ShopTalkServer, params: types.DidCloseTextDocumentParams) -> None:
+    if ls.workspace_sync is not None:  # unsaved edits are gone: the file on disk counts
+        ls.workspace_sync.document(params.text_document.uri, None)
+
+
+def did_change_watched_files(ls: ShopTalkServer, params: types.DidChangeWatchedFilesParams) -> None:
+    if ls.workspace_sync is not None:
+        ls.workspace_sync.files_changed([change.uri for change in params.changes])
+
+
+def last_prompt(ls: ShopTalkServer, params: Any) -> dict[str, Any] | None:
+    """The prompt of the last completion the model answered, its context
+    block and token counts (for tests, benchmarks and debugging)."""
+    return ls.last_completion
+
+
+def prefill(ls: ShopTalkServer, params: Any) -> None:
+    document = _field(params, "textDocument")
+    position = _field(params, "position")
+    uri = _field(document, "uri")
+    text = ls.document_text(str(uri)) if uri else None
+    if text is None:
+        return
+    offset = utf16_to_offset(
+        text, int(_field(position, "line", 0) or 0), int(_field(position, "character", 0) or 0)
+    )
+    ls.schedule_prefill(str(uri), offset, 0.0)
+
+
+async def inline_completion(
+    ls: ShopTalkServer, params: types.InlineCompletionParams
+) -> types.InlineCompletionList | None:
+    answer = await ls.suggest(params.text_document.uri, params.position)
+    if answer is None:
+        return None
+    suggestion, offset, text = answer
+    line, character = offset_to_utf16(text, offset)
+    here = types.Position(line=line, character=character)
+    return types.InlineCompletionList(
+        items=[
+            types.InlineCompletionItem(
+                insert_text=suggestion, range=types.Range(start=here, end=here)
             )
-            offset = utf16_to_offset(text, end_line, end_char)
-        if ls.workspace_sync is not None:
-            ls.workspace_sync.document(params.text_document.uri, text, debounce=True)
-        delay = ls.settings.serve.idle_prefill_ms / 1000.0
-        ls.schedule_prefill(params.text_document.uri, offset, delay)
+        ]
+    )
 
-    @server.feature(types.TEXT_DOCUMENT_DID_SAVE)
-    def did_save(ls: ShopTalkServer, params: types.DidSaveTextDocumentParams) -> None:
-        ls.update_module(params.text_document.uri, ls.document_text(params.text_document.uri))
-        if ls.workspace_sync is not None:
-            text = ls.document_text(params.text_document.uri)
-            ls.workspace_sync.document(params.text_document.uri, text)
 
-    @server.feature(types.TEXT_DOCUMENT_DID_CLOSE)
-    def did_close(ls: ShopTalkServer, params: types.DidCloseTextDocumentParams) -> None:
-        if ls.workspace_sync is not None:  # unsaved edits are gone: the file on disk counts
-            ls.workspace_sync.document(params.text_document.uri, None)
+async def completion(
+    ls: ShopTalkServer, params: types.CompletionParams
+) -> types.CompletionList | None:
+    answer = await ls.suggest(params.text_document.uri, params.position)
+    if answer is None:
+        return types.CompletionList(is_incomplete=True, items=[])
+    suggestion, offset, text = answer
+    start = _word_start(text, offset)
+    word = text[start:offset]
+    start_line, start_char = offset_to_utf16(text, start)
+    end_line, end_char = offset_to_utf16(text, offset)
+    edit_range = types.Range(
+        start=types.Position(line=start_line, character=start_char),
+        end=types.Position(line=end_line, character=end_char),
+    )
+    first_line = suggestion.split("\n", 1)[0]
+    label = (word + first_line).strip() or suggestion.strip()
+    item = types.CompletionItem(
+        label=label[:80],
+        kind=types.CompletionItemKind.Snippet,
+        detail="ShopTalk",
+        documentation=suggestion,
+        filter_text=word + suggestion,
+        sort_text="0",
+        preselect=True,
+        text_edit=types.TextEdit(range=edit_range, new_text=word + suggestion),
+        insert_text_format=types.InsertTextFormat.PlainText,
+    )
+    return types.CompletionList(is_incomplete=True, items=[item])
 
-    @server.feature(types.WORKSPACE_DID_CHANGE_WATCHED_FILES)
-    def did_change_watched_files(
-        ls: ShopTalkServer, params: types.DidChangeWatchedFilesParams
-    ) -> None:
-        if ls.workspace_sync is not None:
-            ls.workspace_sync.files_changed([change.uri for change in params.changes])
 
-    @server.feature(LAST_PROMPT_METHOD)
-    def last_prompt(ls: ShopTalkServer, params: Any) -> dict[str, Any] | None:
-        """The prompt of the last completion the model answered, its context
-        block and token counts (for tests, benchmarks and debugging)."""
-        return ls.last_completion
+def _query_args(query: Any, limit: Any) -> tuple[str, int]:
+    text = query if isinstance(query, str) else ""
+    try:
+        count = int(limit) if limit is not None else 5
+    except (TypeError, ValueError):
+        count = 5
+    return text, max(1, min(count, 50))
 
-    @server.feature(PREFILL_METHOD)
-    def prefill(ls: ShopTalkServer, params: Any) -> None:
-        document = _field(params, "textDocument")
-        position = _field(params, "position")
-        uri = _field(document, "uri")
-        text = ls.document_text(str(uri)) if uri else None
-        if text is None:
-            return
-        offset = utf16_to_offset(
-            text, int(_field(position, "line", 0) or 0), int(_field(position, "character", 0) or 0)
-        )
-        ls.schedule_prefill(str(uri), offset, 0.0)
 
-    @server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
-    async def inline_completion(
-        ls: ShopTalkServer, params: types.InlineCompletionParams
-    ) -> types.InlineCompletionList | None:
-        answer = await ls.suggest(params.text_document.uri, params.position)
-        if answer is None:
-            return None
-        suggestion, offset, text = answer
-        line, character = offset_to_utf16(text, offset)
-        here = types.Position(line=line, character=character)
-        return types.InlineCompletionList(
-            items=[
-                types.InlineCompletionItem(
-                    insert_text=suggestion, range=types.Range(start=here, end=here)
-                )
-            ]
-        )
+async def find_module(ls: ShopTalkServer, params: Any) -> dict[str, Any]:
+    query, limit = _query_args(_field(params, "query"), _field(params, "limit"))
+    if not query.strip():
+        return {"modules": [], "error": "the query is empty"}
+    return await ls.find_modules(query, limit)
 
-    @server.feature(
+
+async def find_module_command(ls: ShopTalkServer, *args: Any) -> dict[str, Any]:
+    values = list(args[0]) if len(args) == 1 and isinstance(args[0], list | tuple) else list(args)
+    query, limit = _query_args(
+        values[0] if values else None, values[1] if len(values) > 1 else None
+    )
+    if not query.strip():
+        return {"modules": [], "error": "the query is empty"}
+    return await ls.find_modules(query, limit)
+
+
+def exclusion(ls: ShopTalkServer, params: Any) -> dict[str, Any]:
+    document = _field(params, "textDocument")
+    return ls.exclusion.describe(
+        str(_field(document, "uri", "")),
+        ls.exclusion_root(),
+        tuple(ls.settings.mine.ignore_globs),
+    )
+
+
+def status(ls: ShopTalkServer, params: Any) -> dict[str, Any]:
+    registry = ls.registry
+    info: dict[str, Any] = registry.status() if registry else {"model": None}
+    info["loading"] = ls.loading
+    info["modules"] = len(ls.module_map) if ls.module_map is not None else None
+    info["index"] = ls.workspace_sync.stats() if ls.workspace_sync is not None else None
+    info["counters"] = dict(ls.counters)
+    notes = ls.answer_notes.status()
+    info["answer"] = notes["answer"]  # the last answer: ok, loading, over budget (...)
+    info["counters"].update(notes["counters"])
+    info["repo"] = str(ls.repo) if ls.repo is not None else None
+    info["serve"] = ls.settings.serve.model_dump(mode="json")
+    info.update(_training_status(ls))
+    return info
+
+
+def shutdown(ls: ShopTalkServer, params: Any) -> None:
+    ls.shutdown_workers()
+
+
+def create_server(config: ServerConfig) -> ShopTalkServer:
+    """The language server with every handler registered (the handlers are
+    the top-level functions above, over the server's public methods)."""
+    server = ShopTalkServer(config)
+    server.feature(types.INITIALIZE)(initialize)
+    server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)(did_change_configuration)
+    server.feature(types.TEXT_DOCUMENT_DID_OPEN)(did_open)
+    server.feature(types.TEXT_DOCUMENT_DID_CHANGE)(did_change)
+    server.feature(types.TEXT_DOCUMENT_DID_SAVE)(did_save)
+    server.feature(types.TEXT_DOCUMENT_DID_CLOSE)(did_close)
+    server.feature(types.WORKSPACE_DID_CHANGE_WATCHED_FILES)(did_change_watched_files)
+    server.feature(LAST_PROMPT_METHOD)(last_prompt)
+    server.feature(PREFILL_METHOD)(prefill)
+    server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())(
+        inline_completion
+    )
+    server.feature(
         types.TEXT_DOCUMENT_COMPLETION,
         types.CompletionOptions(trigger_characters=[".", "(", " "], resolve_provider=False),
-    )
-    async def completion(
-        ls: ShopTalkServer, params: types.CompletionParams
-    ) -> types.CompletionList | None:
-        answer = await ls.suggest(params.text_document.uri, params.position)
-        if answer is None:
-            return types.CompletionList(is_incomplete=True, items=[])
-        suggestion, offset, text = answer
-        start = _word_start(text, offset)
-        word = text[start:offset]
-        start_line, start_char = offset_to_utf16(text, start)
-        end_line, end_char = offset_to_utf16(text, offset)
-        edit_range = types.Range(
-            start=types.Position(line=start_line, character=start_char),
-            end=types.Position(line=end_line, character=end_char),
-        )
-        first_line = suggestion.split("\n", 1)[0]
-        label = (word + first_line).strip() or suggestion.strip()
-        item = types.CompletionItem(
-            label=label[:80],
-            kind=types.CompletionItemKind.Snippet,
-            detail="ShopTalk",
-            documentation=suggestion,
-            filter_text=word + suggestion,
-            sort_text="0",
-            preselect=True,
-            text_edit=types.TextEdit(range=edit_range, new_text=word + suggestion),
-            insert_text_format=types.InsertTextFormat.PlainText,
-        )
-        return types.CompletionList(is_incomplete=True, items=[item])
-
-    async def _find(ls: ShopTalkServer, query: str, limit: int) -> dict[str, Any]:
-        index = ls.module_index
-        if index is None:
-            if ls.workspace_root is None:
-                return {"modules": [], "error": "no workspace folder is open"}
-            await asyncio.get_running_loop().run_in_executor(
-                ls._background, ls._build_module_map, ls.workspace_root
-            )
-            index = ls.module_index
-            if index is None:
-                return {"modules": [], "error": "the module map could not be built; see the log"}
-        if retriever_changed(index, ls._lookup_store()) and ls.workspace_root is not None:
-            ls._background.submit(ls._build_module_map, ls.workspace_root)  # a new one was promoted
-        # BM25 + the retriever (numpy, tens of ms): off the model's worker, so a
-        # running completion never delays it; the language model is left out
-        # (35-80 s per query on CPU for no gain, docs/benchmarks.md).
-        answer: LookupAnswer = await asyncio.get_running_loop().run_in_executor(
-            None, lookup_modules, query, index, None, limit
-        )
-        hits = answer.hits
-        root = ls.workspace_root
-        modules = []
-        for hit in hits:
-            uri = (root / hit.path).as_uri() if root is not None else hit.path
-            modules.append(
-                {
-                    "id": hit.id,
-                    "uri": uri,
-                    "range": {
-                        "start": {"line": hit.start_line, "character": 0},
-                        "end": {"line": hit.end_line, "character": 0},
-                    },
-                    "score": hit.score,
-                    "reason": hit.reason,
-                    "confidence": hit.confidence,
-                }
-            )
-        verdict = {"confidence": answer.confidence, "abstained": answer.abstained}
-        return {"modules": modules, **verdict, "message": answer.message}
-
-    def _query_args(query: Any, limit: Any) -> tuple[str, int]:
-        text = query if isinstance(query, str) else ""
-        try:
-            count = int(limit) if limit is not None else 5
-        except (TypeError, ValueError):
-            count = 5
-        return text, max(1, min(count, 50))
-
-    @server.feature(FIND_MODULE_METHOD)
-    async def find_module(ls: ShopTalkServer, params: Any) -> dict[str, Any]:
-        query, limit = _query_args(_field(params, "query"), _field(params, "limit"))
-        if not query.strip():
-            return {"modules": [], "error": "the query is empty"}
-        return await _find(ls, query, limit)
-
-    @server.command(FIND_MODULE_COMMAND)
-    async def find_module_command(ls: ShopTalkServer, *args: Any) -> dict[str, Any]:
-        values = (
-            list(args[0]) if len(args) == 1 and isinstance(args[0], list | tuple) else list(args)
-        )
-        query, limit = _query_args(
-            values[0] if values else None, values[1] if len(values) > 1 else None
-        )
-        if not query.strip():
-            return {"modules": [], "error": "the query is empty"}
-        return await _find(ls, query, limit)
-
-    @server.feature(EXCLUSION_METHOD)
-    def exclusion(ls: ShopTalkServer, params: Any) -> dict[str, Any]:
-        document = _field(params, "textDocument")
-        return ls.exclusion.describe(
-            str(_field(document, "uri", "")),
-            ls.exclusion_root(),
-            tuple(ls.settings.mine.ignore_globs),
-        )
-
-    @server.feature(STATUS_METHOD)
-    def status(ls: ShopTalkServer, params: Any) -> dict[str, Any]:
-        registry = ls.registry
-        info: dict[str, Any] = registry.status() if registry else {"model": None}
-        info["loading"] = not ls._ready.is_set()
-        info["modules"] = len(ls.module_map) if ls.module_map is not None else None
-        info["index"] = ls.workspace_sync.stats() if ls.workspace_sync is not None else None
-        info["counters"] = dict(ls.counters)
-        notes = ls.answer_notes.status()
-        info["answer"] = notes["answer"]  # the last answer: ok, loading, over budget (...)
-        info["counters"].update(notes["counters"])
-        info["repo"] = str(ls.repo) if ls.repo is not None else None
-        info["serve"] = ls.settings.serve.model_dump(mode="json")
-        info.update(_training_status(ls))
-        return info
-
-    @server.feature(types.SHUTDOWN)
-    def shutdown(ls: ShopTalkServer, params: Any) -> None:
-        ls.shutdown_workers()
-
+    )(completion)
+    server.feature(FIND_MODULE_METHOD)(find_module)
+    server.command(FIND_MODULE_COMMAND)(find_module_command)
+    server.feature(EXCLUSION_METHOD)(exclusion)
+    server.feature(STATUS_METHOD)(status)
+    server.feature(types.SHUTDOWN)(shutdown)
     return server
 
 

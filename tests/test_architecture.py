@@ -18,8 +18,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"models": "shoptalk.models", "server": "shoptalk.server", "trainer": "shoptalk.trainer"}
 CLI_ROOT = "shoptalk.models.cli"
@@ -352,12 +350,6 @@ def long_functions(limit: int = MAX_FUNCTION_LINES) -> list[str]:
     return sorted(found)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15, 'Recipes of readable size': train.py:_train, lsp.py:create_server and "
-    "mine.py's mine_repository/build_dataset/_mine_commit are still over the limit; the "
-    "mark goes once they are split",
-)
 def test_no_function_is_over_the_size_limit() -> None:
     broken = long_functions()
     assert not broken, (

@@ -235,6 +235,10 @@ def train(
             report=report,
         )
     stdout_console.print(summary_table(result))
+    if result.adapter_dir is not None and purpose == "org":  # the module lookup learns here too
+        from shoptalk.trainer.retriever import train_retriever_after
+
+        train_retriever_after(repo, settings, result.run_dir, dataset, report=stdout_console.print)
 
 
 def export(

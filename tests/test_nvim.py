@@ -567,3 +567,171 @@ def test_checkhealth_reports_a_damaged_promoted_model(
     assert "does not match its manifest" in report
     assert "shoptalk models rollback" in report
     assert "model loaded" in report and "tiny-gemma3-f32.gguf" in report
+
+
+# ------------------------------------------------------------------ controls
+
+
+def _requests(editor: Nvim) -> int:
+    status = editor.status()
+    assert status is not None
+    return int(status["counters"]["requests"])
+
+
+def _statusline(editor: Nvim, expected: str, timeout: float = 15) -> str:
+    seen: str = editor.wait_for(
+        lambda: (
+            (line := editor.lua("return require('shoptalk').statusline()")) == expected and line
+        ),
+        timeout,
+        f"the statusline to say {expected!r} (it says "
+        f"{editor.lua('return require(' + repr('shoptalk') + ').statusline()')!r})",
+    )
+    return seen
+
+
+def test_toggle_snooze_filetype_and_manual_trigger(
+    nvim: NvimFactory, promoted_tiny_model: Path
+) -> None:
+    editor = nvim({**BASE, "inline": "native"})
+    editor.wait_model_loaded()
+    _statusline(editor, "ShopTalk: team")
+
+    editor.lua("vim.cmd('ShopTalkToggle') return true")
+    _statusline(editor, "ShopTalk: off")
+    before = _requests(editor)
+    editor.send(KEYS)
+    time.sleep(1.5)  # the native completor would have asked after 200 ms
+    assert editor.lua("return require('shoptalk').visible()") is None
+    assert _requests(editor) == before  # nothing was asked
+
+    # <M-\\> asks now, even while suggestions are off.
+    editor.send("<M-\\>")
+    _wait_for_ghost(editor, "ghost text after the manual trigger")
+    assert _requests(editor) > before
+
+    editor.send("<Esc>")
+    editor.lua("vim.cmd('ShopTalkToggle') return true")
+    _statusline(editor, "ShopTalk: team")
+    editor.lua("vim.cmd('ShopTalkSnooze 10') return true")
+    _statusline(editor, "ShopTalk: snoozed (10 min)")
+    editor.lua("vim.cmd('ShopTalkSnooze 0') return true")
+    _statusline(editor, "ShopTalk: team")
+    editor.lua("vim.cmd('ShopTalkToggle filetype') return true")
+    _statusline(editor, "ShopTalk: off for python")
+    before = _requests(editor)
+    editor.send("o    x = ")
+    time.sleep(1.5)
+    assert _requests(editor) == before
+    editor.send("<Esc>")
+    editor.lua("vim.cmd('ShopTalkToggle filetype') return true")
+    _statusline(editor, "ShopTalk: team")
+    editor.send("o    y = ")
+    _wait_for_ghost(editor, "ghost text once the filetype is on again")
+
+
+def test_excluded_files_are_never_asked_about(
+    nvim: NvimFactory, promoted_tiny_model: Path, repo: Path
+) -> None:
+    (repo / "secret_keys.py").write_text(APP_PY)
+    (repo / "private").mkdir()
+    (repo / "private" / "notes.py").write_text(APP_PY)
+    (repo / ".shoptalkignore").write_text("private/\n")
+    editor = nvim({**BASE, "inline": "extmark"}, files=("secret_keys.py",))
+    editor.wait_model_loaded()
+    _statusline(
+        editor, "ShopTalk: off for this file (never sent (keys, secrets, environment files))"
+    )
+    before = _requests(editor)
+    editor.send(KEYS)
+    time.sleep(1.5)
+    assert editor.lua("return require('shoptalk').visible()") is None
+    assert _requests(editor) == before
+    # The manual trigger does not open an excluded file either.
+    editor.send("<M-\\>")
+    time.sleep(1.0)
+    assert _requests(editor) == before
+    editor.send("<Esc>")
+    editor.lua("vim.cmd('edit private/notes.py') return true")
+    _statusline(editor, "ShopTalk: off for this file (listed in .shoptalkignore)")
+    editor.lua("vim.cmd('edit app.py') return true")
+    _statusline(editor, "ShopTalk: team")
+
+
+def test_no_suggestion_while_the_completion_menu_is_open(
+    nvim: NvimFactory, promoted_tiny_model: Path
+) -> None:
+    editor = nvim({**BASE, "inline": "extmark"})
+    editor.wait_model_loaded()
+    editor.send(KEYS)
+    _wait_for_ghost(editor, "ghost text after typing")
+    # A completion menu opens (as a completion plugin opens it): the
+    # suggestion goes away, and <Tab> belongs to the menu while it is open.
+    editor.send("<Cmd>lua vim.fn.complete(vim.fn.col('.'), { 'HOME', 'PATH' })<CR>")
+    editor.wait_for(lambda: editor.lua("return vim.fn.pumvisible() == 1"), 10, "the popup menu")
+    editor.wait_for(
+        lambda: editor.lua("return require('shoptalk').visible() == nil"), 5, "the ghost to hide"
+    )
+    time.sleep(1.0)  # and it stays hidden while the menu is open
+    assert editor.lua("return vim.fn.pumvisible() == 1")
+    assert editor.lua("return require('shoptalk').visible() == nil")
+    assert editor.lua("return require('shoptalk').accept() == false")
+
+
+def test_native_path_honours_a_longer_debounce(
+    nvim: NvimFactory, promoted_tiny_model: Path
+) -> None:
+    editor = nvim({**BASE, "inline": "native", "debounce_ms": 3000})
+    editor.wait_model_loaded()
+    before = _requests(editor)
+    editor.send(KEYS)
+    typed_at = time.monotonic()
+    time.sleep(1.5)  # past the native 200 ms, well before 3 s
+    assert _requests(editor) == before
+    _wait_for_ghost(editor, "ghost text after the 3 s pause")
+    assert time.monotonic() - typed_at >= 2.9
+
+
+def _readme_block(marker: str) -> str:
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    return text.split(marker, 1)[1].split("```lua\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_lazy_nvim_spec_installs_from_this_repository_layout(
+    tmp_path: Path, repo: Path, promoted_tiny_model: Path
+) -> None:
+    """What lazy.nvim does with the README's spec: the repository is the
+    plugin's `dir`, and `config(plugin)` runs after startup (so plugin/ is
+    never sourced). The plugin's commands, mappings, health check and server
+    must work from there."""
+    spec = _readme_block("<!-- lazy.nvim spec:").replace(
+        "/path/to/shoptalk/.venv/bin/python", PYTHON
+    )
+    init = "\n".join(
+        [
+            "_G.notes = {}",
+            "vim.notify = function(msg) table.insert(_G.notes, msg) end",
+            "vim.opt.swapfile = false",
+            f"local spec = {spec}",
+            "assert(type(spec[1]) == 'string' and spec[1]:match('/shoptalk$'), 'a repository spec')",
+            "vim.api.nvim_create_autocmd('VimEnter', { callback = function()",
+            f"  spec.config({{ dir = {json.dumps(str(REPO_ROOT))}, name = 'shoptalk' }})",
+            "end })",
+        ]
+    )
+    editor = Nvim(nvim_binary(), tmp_path / "lazy-home", repo, init)
+    try:
+        editor.start("app.py")
+        commands = editor.lua(
+            "local out = {} for _, c in ipairs({ 'ShopTalkToggle', 'ShopTalkSnooze', "
+            "'ShopTalkModule', 'ShopTalkStatus', 'ShopTalkRestart' }) do "
+            "out[c] = vim.fn.exists(':' .. c) == 2 end return out"
+        )
+        assert all(commands.values()), commands
+        assert editor.lua("return vim.g.loaded_shoptalk") is None  # plugin/ was not sourced
+        assert editor.lua("return (pcall(require, 'shoptalk.health'))")
+        assert editor.lua("return vim.fn.maparg('<Plug>(shoptalk-trigger)', 'i') ~= ''")
+        editor.wait_model_loaded()
+        _statusline(editor, "ShopTalk: team")
+    finally:
+        editor.close()

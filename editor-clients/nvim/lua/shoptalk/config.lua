@@ -8,6 +8,7 @@ local M = {}
 ---@field accept_word string|false Accept the next word of the suggestion.
 ---@field accept_line string|false Accept the rest of the suggestion's current line.
 ---@field dismiss string|false Hide the suggestion.
+---@field trigger string|false Ask for a suggestion now (also when off or snoozed).
 
 ---@class shoptalk.Options
 ---@field python string|nil Interpreter that has `shoptalk[serve]` installed.
@@ -17,7 +18,10 @@ local M = {}
 ---@field serve table<string, any> `[serve]` settings sent as initializationOptions.
 ---@field personal { enabled: boolean, identity: string[] } Personal adapter opt-in.
 ---@field inline "auto"|"native"|"extmark"|"off" How inline suggestions are shown.
----@field debounce_ms integer Pause after typing before asking (extmark mode).
+---@field enabled boolean Suggestions on at start (`:ShopTalkToggle` flips it).
+---@field disabled_filetypes string[] Filetypes with suggestions off (`:ShopTalkToggle filetype`).
+---@field hide_with_menu boolean No suggestion while a completion menu is open.
+---@field debounce_ms integer Pause after typing before asking (native: at least its own 200 ms).
 ---@field keymaps shoptalk.Keymaps Insert-mode keys; a key the user already mapped is left alone.
 ---@field picker "select"|"quickfix" How :ShopTalkModule presents several modules.
 ---@field module_limit integer How many modules :ShopTalkModule asks for.
@@ -46,12 +50,16 @@ M.defaults = {
   serve = {},
   personal = { enabled = false, identity = {} },
   inline = "auto",
+  enabled = true,
+  disabled_filetypes = {},
+  hide_with_menu = true,
   debounce_ms = 150,
   keymaps = {
     accept = "<Tab>",
     accept_word = "<M-Right>",
     accept_line = "<M-Down>",
     dismiss = "<C-]>",
+    trigger = "<M-\\>",
   },
   picker = "select",
   module_limit = 10,
@@ -108,6 +116,15 @@ local checks = {
     "expected auto, native, extmark or off"
   ),
   picker = one_of({ select = true, quickfix = true }, "expected select or quickfix"),
+  enabled = function(v)
+    return type(v) == "boolean", "expected true or false"
+  end,
+  disabled_filetypes = function(v)
+    return list_of_strings(v), "expected a list of filetypes"
+  end,
+  hide_with_menu = function(v)
+    return type(v) == "boolean", "expected true or false"
+  end,
   debounce_ms = function(v)
     return type(v) == "number" and v >= 0, "expected a number >= 0"
   end,
@@ -160,7 +177,7 @@ function M.setup(opts)
   opts = opts or {}
   local merged = vim.tbl_deep_extend("force", vim.deepcopy(M.defaults), opts)
   -- Lists replace, not merge: deep_extend would splice a user's list into ours.
-  for _, key in ipairs({ "filetypes", "root_markers", "cmd" }) do
+  for _, key in ipairs({ "filetypes", "root_markers", "cmd", "disabled_filetypes" }) do
     if opts[key] ~= nil then
       merged[key] = opts[key]
     end

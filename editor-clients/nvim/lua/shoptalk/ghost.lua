@@ -4,14 +4,22 @@
 --- 0.10–0.11 (or with `inline = "extmark"`) this module asks the server for
 --- `textDocument/inlineCompletion` itself, after a pause in typing, and draws
 --- the answer with an extmark. Either way the same functions accept the whole
---- suggestion, its next word or its next line, or dismiss it.
+--- suggestion, its next word or its next line, or dismiss it; the switches of
+--- `shoptalk.controls` (on/off, snooze, filetype, the file's exclusion) decide
+--- whether anything is asked, nothing is shown while a completion menu is
+--- open, and `debounce_ms` is the pause on both paths (the native one waits
+--- its own 200 ms, and the rest of `debounce_ms` on top).
 local config = require("shoptalk.config")
+local controls = require("shoptalk.controls")
 local lsp = require("shoptalk.lsp")
 
 local M = {}
 
 M.ns = vim.api.nvim_create_namespace("shoptalk.ghost")
 local NATIVE_NS = "nvim.lsp.inline_completion"
+local NATIVE_DEBOUNCE_MS = 200 -- vim.lsp.inline_completion's own pause
+local INLINE_METHOD = "textDocument/inlineCompletion"
+local TRIGGER_INVOKED = 1
 local TRIGGER_AUTOMATIC = 2
 local has_011 = vim.fn.has("nvim-0.11") == 1
 local uv = vim.uv or vim.loop
@@ -37,6 +45,26 @@ local buffers = {}
 local function buf_state(bufnr)
   buffers[bufnr] = buffers[bufnr] or {}
   return buffers[bufnr]
+end
+
+--- Whether a completion menu is open: the built-in popup menu, nvim-cmp's or blink.cmp's.
+function M.menu_visible()
+  if vim.fn.pumvisible() == 1 then
+    return true
+  end
+  local cmp = package.loaded["cmp"]
+  if type(cmp) == "table" and type(cmp.visible) == "function" and cmp.visible() then
+    return true
+  end
+  local blink = package.loaded["blink.cmp"]
+  if type(blink) == "table" then
+    for _, name in ipairs({ "is_menu_visible", "is_visible" }) do
+      if type(blink[name]) == "function" and blink[name]() then
+        return true
+      end
+    end
+  end
+  return false
 end
 
 local function line_at(bufnr, row)
@@ -192,16 +220,19 @@ local function show_item(bufnr, client, item, row, col)
   render(bufnr, state.suggestion)
 end
 
-local function request(bufnr)
+local function request(bufnr, manual)
   local state = buf_state(bufnr)
   local client = lsp.client(bufnr)
   local row, col, win = cursor_of(bufnr)
   if not client or not row or vim.api.nvim_get_mode().mode:sub(1, 1) ~= "i" then
     return
   end
+  if not controls.may_request(bufnr, manual) or (not manual and M.menu_visible()) then
+    return
+  end
   cancel_pending(state)
   local params = vim.lsp.util.make_position_params(win, client.offset_encoding)
-  params.context = { triggerKind = TRIGGER_AUTOMATIC }
+  params.context = { triggerKind = manual and TRIGGER_INVOKED or TRIGGER_AUTOMATIC }
   local tick = vim.api.nvim_buf_get_changedtick(bufnr)
   local request_id
   local ok
@@ -223,7 +254,7 @@ local function request(bufnr)
       return
     end
     local items = result.items or result
-    if type(items) == "table" and items[1] then
+    if type(items) == "table" and items[1] and not M.menu_visible() then
       show_item(bufnr, client, items[1], row, col)
     end
   end, bufnr)
@@ -308,6 +339,132 @@ local function extmark_attach(bufnr)
       clear(bufnr)
     end,
   })
+end
+
+-- Native mode: the switches and the debounce at the client ------------------
+
+---@type table<integer, boolean> buffers whose next request is a manual trigger
+local manual_next = {}
+---@type table<integer, uv.uv_timer_t>
+local native_pending = {}
+
+local function stop_native_pending(bufnr)
+  local timer = native_pending[bufnr]
+  native_pending[bufnr] = nil
+  if timer and not timer:is_closing() then
+    timer:stop()
+    timer:close()
+  end
+end
+
+--- The native completor asks `client:request` itself: wrap it once per client
+--- so that the switches, the open menu and `debounce_ms` apply to its
+--- requests (a manual trigger goes at once).
+---@param client vim.lsp.Client
+local function wrap_native_requests(client)
+  if rawget(client, "_shoptalk_native") then
+    return
+  end
+  rawset(client, "_shoptalk_native", true)
+  local original = client.request
+  client.request = function(self, method, params, handler, bufnr)
+    if method ~= INLINE_METHOD then
+      return original(self, method, params, handler, bufnr)
+    end
+    local uri = params and params.textDocument and params.textDocument.uri
+    local buf = bufnr or (uri and vim.uri_to_bufnr(uri)) or vim.api.nvim_get_current_buf()
+    local manual = manual_next[buf] == true
+    manual_next[buf] = nil
+    if not controls.may_request(buf, manual) or (not manual and M.menu_visible()) then
+      return false, nil
+    end
+    local extra = manual and 0 or math.max(0, config.options.debounce_ms - NATIVE_DEBOUNCE_MS)
+    stop_native_pending(buf)
+    if extra == 0 then
+      return original(self, method, params, handler, bufnr)
+    end
+    local tick = vim.api.nvim_buf_get_changedtick(buf)
+    local cursor = vim.api.nvim_win_get_cursor(0)
+    native_pending[buf] = vim.defer_fn(function()
+      native_pending[buf] = nil
+      local now = vim.api.nvim_win_get_cursor(0)
+      if
+        vim.api.nvim_buf_is_valid(buf)
+        and vim.api.nvim_buf_get_changedtick(buf) == tick
+        and now[1] == cursor[1]
+        and now[2] == cursor[2]
+        and vim.api.nvim_get_mode().mode:sub(1, 1) == "i"
+      then
+        original(self, method, params, handler, bufnr)
+      end
+    end, extra)
+    return true, nil
+  end
+end
+
+--- Forget what the native completor shows and holds (its current item comes
+--- back on the next cursor move otherwise).
+local function reset_native(bufnr)
+  stop_native_pending(bufnr)
+  if vim.lsp.inline_completion and vim.api.nvim_buf_is_valid(bufnr) then
+    pcall(vim.lsp.inline_completion.enable, false, { bufnr = bufnr })
+    pcall(vim.lsp.inline_completion.enable, true, { bufnr = bufnr })
+  end
+end
+
+--- Hide what is shown in a buffer (a menu opened, a switch went off).
+---@param bufnr integer
+function M.hide(bufnr)
+  if not vim.api.nvim_buf_is_valid(bufnr) then
+    return
+  end
+  if config.inline_mode() == "native" then
+    reset_native(bufnr)
+    return
+  end
+  local state = buffers[bufnr]
+  if state then
+    stop_timer(state)
+    cancel_pending(state)
+  end
+  clear(bufnr)
+end
+
+--- After a switch changed: hide the suggestion of every buffer that may no
+--- longer have one.
+function M.apply_controls()
+  for bufnr in pairs(buffers) do
+    if not controls.may_request(bufnr, false) then
+      M.hide(bufnr)
+    end
+  end
+end
+
+local menu_group = nil
+
+--- Hide suggestions while a completion menu is open (the built-in one,
+--- nvim-cmp's, blink.cmp's); they come back with the next keystroke after it.
+local function watch_menus()
+  if menu_group then
+    return
+  end
+  menu_group = vim.api.nvim_create_augroup("shoptalk.menu", { clear = true })
+  local function hide_current()
+    local bufnr = vim.api.nvim_get_current_buf()
+    if buffers[bufnr] then
+      M.hide(bufnr)
+    end
+  end
+  vim.api.nvim_create_autocmd("CompleteChanged", { group = menu_group, callback = hide_current })
+  vim.api.nvim_create_autocmd("User", {
+    group = menu_group,
+    pattern = { "BlinkCmpMenuOpen", "BlinkCmpShow" },
+    callback = hide_current,
+  })
+  local cmp = package.loaded["cmp"]
+  if type(cmp) == "table" and type(cmp.event) == "table" and cmp.event.on then
+    pcall(cmp.event.on, cmp.event, "menu_opened", hide_current)
+  end
 end
 
 local function extmark_accept(bufnr, kind)
@@ -407,7 +564,12 @@ end
 ---@param client vim.lsp.Client
 function M.attach(bufnr, client)
   local mode = config.inline_mode()
+  buf_state(bufnr)
+  if config.options.hide_with_menu then
+    watch_menus()
+  end
   if mode == "native" then
+    wrap_native_requests(client)
     vim.lsp.inline_completion.enable(true, { bufnr = bufnr })
   elseif mode == "extmark" then
     extmark_attach(bufnr)
@@ -417,6 +579,8 @@ end
 --- Stop showing suggestions in a buffer.
 ---@param bufnr integer
 function M.detach(bufnr)
+  stop_native_pending(bufnr)
+  manual_next[bufnr] = nil
   local state = buffers[bufnr]
   if state then
     stop_timer(state)
@@ -450,6 +614,9 @@ end
 ---@return boolean
 function M.accept(bufnr)
   bufnr = (bufnr == nil or bufnr == 0) and vim.api.nvim_get_current_buf() or bufnr
+  if M.menu_visible() then
+    return false -- the menu's key: <Tab> selects in the menu
+  end
   if config.inline_mode() == "native" then
     return vim.lsp.inline_completion.get({ bufnr = bufnr })
   end
@@ -461,6 +628,9 @@ end
 ---@return boolean
 function M.accept_word(bufnr)
   bufnr = (bufnr == nil or bufnr == 0) and vim.api.nvim_get_current_buf() or bufnr
+  if M.menu_visible() then
+    return false
+  end
   if config.inline_mode() == "native" then
     return vim.lsp.inline_completion.get({
       bufnr = bufnr,
@@ -477,6 +647,9 @@ end
 ---@return boolean
 function M.accept_line(bufnr)
   bufnr = (bufnr == nil or bufnr == 0) and vim.api.nvim_get_current_buf() or bufnr
+  if M.menu_visible() then
+    return false
+  end
   if config.inline_mode() == "native" then
     return vim.lsp.inline_completion.get({
       bufnr = bufnr,
@@ -510,17 +683,25 @@ function M.dismiss(bufnr)
   return true
 end
 
---- Ask for a suggestion now, without waiting for a pause in typing.
+--- Ask for a suggestion now (`<Plug>(shoptalk-trigger)`), without waiting
+--- for a pause in typing; also when suggestions are off or snoozed, never
+--- for an excluded file. Returns true (the key is used).
 ---@param bufnr integer|nil
+---@return boolean
 function M.trigger(bufnr)
   bufnr = (bufnr == nil or bufnr == 0) and vim.api.nvim_get_current_buf() or bufnr
   if config.inline_mode() == "native" then
-    -- The native completor asks on cursor movement; nudge it the same way.
+    -- The native completor asks on cursor movement; nudge it the same way,
+    -- marked manual so that the switches and the extra pause let it through.
+    manual_next[bufnr] = true
     vim.api.nvim_exec_autocmds("CursorMovedI", { buffer = bufnr })
-    return
+    return true
   end
   buf_state(bufnr).suppressed_tick = nil
-  request(bufnr)
+  vim.schedule(function()
+    request(bufnr, true)
+  end)
+  return true
 end
 
 return M

@@ -4,6 +4,7 @@
 ---
 --- require("shoptalk").setup({ python = "~/.venvs/shoptalk/bin/python" })
 local config = require("shoptalk.config")
+local controls = require("shoptalk.controls")
 local ghost = require("shoptalk.ghost")
 local lsp = require("shoptalk.lsp")
 
@@ -16,6 +17,7 @@ local actions = {
   accept_word = { fn = ghost.accept_word, desc = "accept the next word of the suggestion" },
   accept_line = { fn = ghost.accept_line, desc = "accept the next line of the suggestion" },
   dismiss = { fn = ghost.dismiss, desc = "dismiss the suggestion" },
+  trigger = { fn = ghost.trigger, desc = "ask for a suggestion now" },
 }
 
 --- The insert-mode mapping of `lhs` that applies in a buffer, if any.
@@ -102,20 +104,140 @@ local function watch_cursor(bufnr, client)
   })
 end
 
+-- The server's last shoptalk/status per client, for the statusline.
+---@type table<integer, table>
+local last_status = {}
+local STATUS_POLL_MS = 3000
+local pollers = {}
+
+--- Ask the server for its status every few seconds while it runs, so that
+--- statusline() is a table lookup (it is called at every redraw).
+local function poll_status(client)
+  if pollers[client.id] then
+    return
+  end
+  local timer = uv.new_timer()
+  pollers[client.id] = timer
+  local function tick()
+    if client.is_stopped and client:is_stopped() then
+      timer:stop()
+      if not timer:is_closing() then
+        timer:close()
+      end
+      pollers[client.id] = nil
+      last_status[client.id] = nil
+      return
+    end
+    lsp.request(client, "shoptalk/status", vim.empty_dict(), function(err, result)
+      if not err and type(result) == "table" then
+        local before = M.statusline()
+        last_status[client.id] = result
+        if M.statusline() ~= before then
+          pcall(vim.cmd.redrawstatus)
+        end
+      end
+    end)
+  end
+  timer:start(0, STATUS_POLL_MS, vim.schedule_wrap(tick))
+end
+
+--- Ask the server whether the buffer's file may reach the model at all.
+local function ask_exclusion(bufnr, client)
+  local params = { textDocument = { uri = vim.uri_from_bufnr(bufnr) } }
+  lsp.request(client, "shoptalk/exclusion", params, function(err, result)
+    if not err and vim.api.nvim_buf_is_valid(bufnr) then
+      controls.set_exclusion(bufnr, result)
+    end
+  end, bufnr)
+end
+
 local function on_attach(bufnr, client)
   if config.inline_mode() == "off" then
     return
   end
+  ask_exclusion(bufnr, client)
+  poll_status(client)
   ghost.attach(bufnr, client)
   set_keymaps(bufnr)
   watch_cursor(bufnr, client)
 end
 
+local function model_kind(status)
+  if status.personal == true or status.source == "personal" then
+    return "personal"
+  end
+  return status.source == "promoted" and "team" or "base"
+end
+
+--- A statusline component: "ShopTalk: team", "ShopTalk: loading",
+--- "ShopTalk: over budget (2.1 s > 1.5 s)", "ShopTalk: off", "ShopTalk:
+--- snoozed (14 min)", "ShopTalk: off for python", "ShopTalk: off for this
+--- file (...)"; "" in a buffer ShopTalk does not serve. Cheap: it reads what
+--- the server said last. For lualine: `lualine_x = { require("shoptalk").statusline }`;
+--- for 'statusline': `%{v:lua.require'shoptalk'.statusline()}`.
+---@return string
+function M.statusline()
+  local bufnr = vim.api.nvim_get_current_buf()
+  local client = lsp.client(bufnr)
+  local off = controls.off_reason(bufnr)
+  if not client then
+    local served = vim.tbl_contains(config.options.filetypes, vim.bo[bufnr].filetype)
+    return (served and off) and ("ShopTalk: " .. off.text) or ""
+  end
+  if off then
+    return "ShopTalk: " .. off.text
+  end
+  local status = last_status[client.id]
+  if not status then
+    return "ShopTalk: starting"
+  end
+  return "ShopTalk: " .. (M.answer_note(status) or model_kind(status))
+end
+
+--- Turn suggestions off or on everywhere, or (`what` = "filetype") for the
+--- current buffer's filetype. Returns whether they are now on.
+---@param what string|nil
+---@return boolean
+function M.toggle(what)
+  local on
+  if what == "filetype" or what == "ft" then
+    local ft = vim.bo.filetype
+    on = controls.toggle_filetype(ft)
+    vim.notify(("shoptalk: suggestions %s for %s"):format(on and "on" or "off", ft))
+  elseif what == nil or what == "" then
+    on = controls.toggle()
+    vim.notify("shoptalk: suggestions " .. (on and "on" or "off"))
+  else
+    vim.notify(("shoptalk: :ShopTalkToggle [filetype], not %q"):format(what), vim.log.levels.ERROR)
+    return controls.may_request(vim.api.nvim_get_current_buf(), false)
+  end
+  return on
+end
+
+--- Pause suggestions for `minutes` (0 ends the snooze).
+---@param minutes number
+function M.snooze(minutes)
+  controls.snooze(minutes)
+  if minutes > 0 then
+    vim.notify(("shoptalk: suggestions snoozed for %d min"):format(minutes))
+  else
+    vim.notify("shoptalk: suggestions on again")
+  end
+end
+
 --- Configure the plugin and start the server for the configured filetypes.
 --- Calling it again applies new options to running servers.
 ---@param opts table|nil see :help shoptalk-options
+local listening = false
+
 function M.setup(opts)
   config.setup(opts)
+  controls.setup(config.options)
+  if not listening then
+    listening = true
+    controls.on_change(ghost.apply_controls)
+  end
+  require("shoptalk.commands").define()
   vim.api.nvim_set_hl(0, "ShopTalkGhost", { link = "Comment", default = true })
   for name, action in pairs(actions) do
     vim.keymap.set("i", ("<Plug>(shoptalk-%s)"):format(name:gsub("_", "-")), function()
@@ -148,6 +270,7 @@ function M.setup(opts)
       local client = vim.lsp.get_client_by_id(args.data.client_id)
       if client and client.name == lsp.name then
         ghost.detach(args.buf)
+        controls.forget(args.buf)
       end
     end,
   })

@@ -129,3 +129,54 @@ async def test_excluded_files_get_no_completion_and_the_client_is_told(
         assert plain_answers[2]["excluded"] is False
     finally:
         await stop_session(session)
+
+
+@pytest.mark.e2e
+def test_probe_asks_the_real_server_like_an_editor(tmp_path: Path, model: Path) -> None:
+    """The demo's completion step: `python -m shoptalk.server.probe` starts the
+    real server through pygls' LanguageClient and prints what it suggested."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from shoptalk.models.store import RepoStore
+
+    workspace = _make_workspace(tmp_path)
+    data_dir = tmp_path / "data"
+    RepoStore.for_repo(data_dir, workspace).promote(
+        {"run_id": "run-a", "model": str(model), "adapter": None}
+    )
+    target = workspace / "billing" / "invoices.py"
+    typed = SOURCE.splitlines()[7][:16]  # "        result +"
+    document = "\n".join([*SOURCE.splitlines()[:7], typed, *SOURCE.splitlines()[8:]]) + "\n"
+    text_file = tmp_path / "document.txt"
+    text_file.write_text(document)
+    env = {**os.environ, "SHOPTALK_SERVE__MAX_LATENCY_MS": "30000", "SHOPTALK_SERVE__THREADS": "1"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shoptalk.server.probe",
+            "--repo",
+            str(workspace),
+            "--file",
+            str(target),
+            "--line",
+            "7",
+            "--character",
+            str(len(typed)),
+            "--data-dir",
+            str(data_dir),
+            "--text-file",
+            str(text_file),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer["suggestion"] and "\n" not in answer["suggestion"].strip("\n")
+    assert 0 < answer["seconds"] < 120

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
 
 from rich.table import Table
 
@@ -39,63 +39,6 @@ class DemoResult:
     completion: tuple[str, str] = ("", "")
 
 
-class LspClient:
-    """Just enough JSON-RPC over stdio to ask the real server for a completion."""
-
-    def __init__(self, command: list[str], cwd: Path):
-        self.process = subprocess.Popen(
-            command,
-            cwd=cwd,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-        )
-        self._next_id = 0
-
-    def _send(self, message: dict[str, Any]) -> None:
-        body = json.dumps({"jsonrpc": "2.0", **message}).encode()
-        stdin: IO[bytes] = self.process.stdin  # type: ignore[assignment]
-        stdin.write(f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        stdin.flush()
-
-    def _read(self) -> dict[str, Any]:
-        stdout: IO[bytes] = self.process.stdout  # type: ignore[assignment]
-        length = 0
-        while line := stdout.readline():
-            if line in (b"\r\n", b"\n"):
-                break
-            name, _, value = line.decode().partition(":")
-            if name.lower() == "content-length":
-                length = int(value)
-        if not length:
-            raise DemoError(
-                "the language server closed its output; run `shoptalk serve --stdio -v`"
-            )
-        message: dict[str, Any] = json.loads(stdout.read(length))
-        return message
-
-    def request(self, method: str, params: Any) -> Any:
-        self._next_id += 1
-        self._send({"id": self._next_id, "method": method, "params": params})
-        while True:
-            message = self._read()
-            if message.get("id") == self._next_id and "method" not in message:
-                if "error" in message:
-                    raise DemoError(f"{method} failed: {message['error'].get('message')}")
-                return message.get("result")
-
-    def notify(self, method: str, params: Any) -> None:
-        self._send({"method": method, "params": params})
-
-    def close(self) -> None:
-        try:
-            self.request("shutdown", None)
-            self.notify("exit", None)
-            self.process.wait(timeout=10)
-        except (DemoError, OSError, subprocess.TimeoutExpired):
-            self.process.kill()
-
-
 def sample_point(repo: Path) -> tuple[Path, int, int]:
     """A cursor in a real file of the repository: the middle of the last
     non-trivial line of the largest Python file in the newest commit."""
@@ -120,57 +63,32 @@ def sample_point(repo: Path) -> tuple[Path, int, int]:
 
 
 def complete_through_server(repo: Path, data_dir: Path) -> tuple[str, str, float]:
-    """(line before the cursor, suggestion, seconds) from `shoptalk serve`."""
+    """(line before the cursor, suggestion, seconds) from the real `shoptalk
+    serve --stdio`, asked as an editor asks (`shoptalk.server.probe`, pygls'
+    LanguageClient, run as a process: the training half never imports the
+    LSP stack)."""
     path, line, character = sample_point(repo)
     text = path.read_text(encoding="utf-8", errors="replace")
     lines = text.splitlines()
     # The document as the user has it: the rest of the line not yet typed.
     typed = lines[line][:character]
     document = "\n".join([*lines[:line], typed, *lines[line + 1 :]]) + "\n"
-    command = [
-        sys.executable,
-        "-m",
-        "shoptalk.models.cli",
-        "--data-dir",
-        str(data_dir),
-        "serve",
-        "--stdio",
-        "--repo",
-        str(repo),
-    ]
-    client = LspClient(command, repo)
-    try:
-        uri = path.resolve().as_uri()
-        client.request(
-            "initialize",
-            {"processId": None, "rootUri": repo.resolve().as_uri(), "capabilities": {}},
+    with tempfile.TemporaryDirectory(prefix="shoptalk-demo-") as scratch:
+        text_file = Path(scratch) / "document.txt"
+        text_file.write_text(document, encoding="utf-8")
+        command = [sys.executable, "-m", "shoptalk.server.probe", "--repo", str(repo)]
+        command += ["--file", str(path), "--line", str(line), "--character", str(character)]
+        command += ["--data-dir", str(data_dir), "--text-file", str(text_file)]
+        done = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-3:]
+        raise DemoError(
+            "asking the language server for a completion failed ("
+            + " / ".join(tail)
+            + "); run `shoptalk serve --stdio -v` to see why"
         )
-        client.notify("initialized", {})
-        client.notify(
-            "textDocument/didOpen",
-            {"textDocument": {"uri": uri, "languageId": "python", "version": 1, "text": document}},
-        )
-        params = {
-            "textDocument": {"uri": uri},
-            "position": {"line": line, "character": character},
-            "context": {"triggerKind": 2},
-        }
-        suggestion = ""
-        seconds = 0.0
-        # The first request may arrive while the model is still loading.
-        for _ in range(30):
-            started = time.perf_counter()
-            result = client.request("textDocument/inlineCompletion", params)
-            seconds = time.perf_counter() - started
-            items = result.get("items", []) if isinstance(result, dict) else (result or [])
-            if items:
-                insert = items[0].get("insertText")
-                suggestion = insert if isinstance(insert, str) else insert.get("value", "")
-                break
-            time.sleep(1.0)
-        return typed, suggestion, seconds
-    finally:
-        client.close()
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    return typed, str(answer["suggestion"]), float(answer["seconds"])
 
 
 STAGES = 6

@@ -249,7 +249,9 @@ def bench_repo(source: Path, cutoff: str, work: Path, args: RetrieverArgs) -> di
     out, meta = train_lookup_retriever(
         data, base, work / f"{repo.name}-retriever", args, "bench", print
     )
-    trained = ModuleIndex(data.module_map, data.history_before, load_export(out))
+    dense = load_export(out)
+    dense.memory = dense.memory.only({"train", "validation"})  # the queries' own subjects left out
+    trained = ModuleIndex(data.module_map, data.history_before, dense)
     rank_queries(trained, queries, "trained", rankings)
     return {
         "repo": source.parent.name,

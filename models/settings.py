@@ -113,7 +113,9 @@ class ServeSettings(_Section):
     multiline: Literal["auto", "always", "never"] = "auto"
     # llama.cpp's context; raised to what the budgets below need (~3 chars/token).
     context_tokens: int = Field(1024, ge=256)
-    prefix_chars: int = Field(1600, gt=0)
+    # 6,000 characters before the cursor: +5 exact-match points over 1,600 on
+    # two public repositories' newest commits, untuned base (docs/benchmarks.md).
+    prefix_chars: int = Field(6000, gt=0)
     suffix_chars: int = Field(400, ge=0)
     # Where the code after the cursor goes: auto (FIM for FIM models, else
     # none), fim, before (plain text ahead of the prefix, for bases without

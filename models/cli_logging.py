@@ -15,6 +15,7 @@ callback rather than Python's logging.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import logging.handlers
@@ -39,6 +40,17 @@ class _OwnRecords(logging.Filter):
         return own or record.levelno >= logging.ERROR
 
 
+class _LogFile(logging.handlers.RotatingFileHandler):
+    """The rotating log file; a write that fails (a full disk) closes it for
+    the rest of the command instead of printing logging's traceback over the
+    message the command itself gives."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self.failed = True
+
+
 class LazyFileHandler(logging.Handler):
     """A rotating log file whose path is found and opened on the first record
     (most commands log nothing, and the data dir is known only then)."""
@@ -61,6 +73,11 @@ class LazyFileHandler(logging.Handler):
             self._file = self._open()
         if self._file is not None:
             self._file.emit(record)
+            if isinstance(self._file, _LogFile) and self._file.failed:
+                self._failed = True
+                self._file, file = None, self._file
+                with contextlib.suppress(Exception):  # flushing fails again on a full disk
+                    file.close()
 
     def _open(self) -> logging.Handler | None:
         try:
@@ -68,9 +85,7 @@ class LazyFileHandler(logging.Handler):
             if path is None:
                 raise OSError("no data dir")
             path.parent.mkdir(parents=True, exist_ok=True)
-            handler = logging.handlers.RotatingFileHandler(
-                path, maxBytes=5_000_000, backupCount=2, encoding="utf-8"
-            )
+            handler = _LogFile(path, maxBytes=5_000_000, backupCount=2, encoding="utf-8")
         except Exception:  # a broken data dir is reported by the command itself
             self._failed = True
             return None

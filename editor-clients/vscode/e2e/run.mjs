@@ -83,6 +83,12 @@ fs.writeFileSync(
   ),
 );
 
+// code-server runs the extension host as a remote one: settings of machine
+// scope (shoptalk.pythonPath) belong in the remote machine's settings, which
+// survive a settings update (the user file's copy is dropped on reload).
+fs.mkdirSync(path.join(userData, "Machine"), { recursive: true });
+fs.writeFileSync(path.join(userData, "Machine", "settings.json"), JSON.stringify({ "shoptalk.pythonPath": args.python }, null, 2));
+
 const common = ["--user-data-dir", userData, "--extensions-dir", extensions, "--config", path.join(out, "config.yaml")];
 fs.writeFileSync(path.join(out, "config.yaml"), "auth: none\ncert: false\n");
 const install = spawnSync(process.execPath, [entry, ...common, "--install-extension", args.vsix], { encoding: "utf8" });
@@ -211,6 +217,86 @@ try {
   const details = (await rowLabels()).map((label) => label.trim());
   note("status-details", { details });
   await page.keyboard.press("Escape");
+
+  const statusText = async () => (await statusItem.innerText()).trim();
+  const waitStatus = async (pattern, step, timeout = 60000) => {
+    for (let waited = 0; ; waited += 250) {
+      const text = await statusText();
+      if (pattern.test(text)) {
+        note(step, { text });
+        return text;
+      }
+      if (waited > timeout) throw new Error(`status bar says "${text}", waiting for ${pattern}`);
+      await page.waitForTimeout(250);
+    }
+  };
+  // The request count the status menu shows (shoptalk/status counters).
+  const requestCount = async () => {
+    await statusItem.click();
+    await page.waitForSelector('.quick-input-widget .quick-input-title:has-text("ShopTalk")', { timeout: 30000 });
+    const line = (await rowLabels()).find((label) => label.startsWith("Requests:")) ?? "";
+    await page.keyboard.press("Escape");
+    return Number((line.match(/Requests: (\d+)/) ?? [])[1]);
+  };
+  const typeAtEnd = async (text) => {
+    await page.locator(".monaco-editor .view-lines").first().click();
+    await page.keyboard.press("Control+End");
+    await page.keyboard.type(text, { delay: 15 });
+  };
+  const runCommand = async (title) => {
+    await page.keyboard.press("F1");
+    await page.waitForSelector(".quick-input-widget .quick-input-box input", { timeout: 30000 });
+    await page.keyboard.type(title);
+    await page.waitForSelector(`.quick-input-list .monaco-list-row[aria-label*="${title.replace(/^ShopTalk: /, "")}"]`, { timeout: 30000 });
+    await page.keyboard.press("Enter");
+  };
+
+  // Off from the status-bar menu: the status bar says so and nothing is asked.
+  await statusItem.click();
+  await page.waitForSelector('.quick-input-list .monaco-list-row[aria-label*="Turn suggestions off"]', { timeout: 30000 });
+  const menu = (await rowLabels()).map((label) => label.trim());
+  note("switch-menu", { rows: menu });
+  await page.locator('.quick-input-list .monaco-list-row[aria-label*="Turn suggestions off"]').first().click();
+  await waitStatus(/^ShopTalk: off$/, "switched-off");
+  const before = await requestCount();
+  await typeAtEnd("\n    answer = read_config(");
+  await page.waitForTimeout(4000);
+  note("typed-while-off", { before, after: await requestCount(), ghosts: await page.locator(ghostSelector).count() });
+  // On again from the command palette.
+  await runCommand("ShopTalk: Toggle Suggestions");
+  await waitStatus(/^ShopTalk: (team|base)/, "switched-on");
+
+  // A settings change reaches the running server without a restart: a 1 ms
+  // budget is over at once, and the status bar says by how much.
+  // (Edited as a user edits it: in VS Code's own settings.json editor.)
+  const settingsFile = path.join(userData, "User", "settings.json");
+  const userSettings = JSON.parse(fs.readFileSync(settingsFile, "utf8"));
+  await runCommand("Preferences: Open User Settings (JSON)");
+  await page.waitForSelector('.tab.active[aria-label*="settings.json"]', { timeout: 30000 });
+  await page.locator(".monaco-editor .view-lines").first().click();
+  await page.keyboard.press("Control+A");
+  await page.keyboard.insertText(JSON.stringify({ ...userSettings, "shoptalk.maxLatencyMs": 1 }, null, 2));
+  await page.keyboard.press("Control+S");
+  for (let i = 0; i < 40 && !fs.readFileSync(settingsFile, "utf8").includes('"shoptalk.maxLatencyMs": 1,'); i += 1) {
+    await page.waitForTimeout(250);
+  }
+  await page.keyboard.press("Control+W");
+  await page.waitForTimeout(1500);
+  await typeAtEnd(" path");
+  await waitStatus(/over budget \(.+ > 1 ms\)/, "over-budget");
+
+  // A file the server never sends to a model: "off for this file", no request.
+  await page.keyboard.press("Control+P");
+  await page.waitForSelector(".quick-input-widget .quick-input-box input", { timeout: 30000 });
+  await page.keyboard.type("secret_keys.py");
+  await page.waitForSelector('.quick-input-list .monaco-list-row[aria-label*="secret_keys.py"]', { timeout: 30000 });
+  await page.keyboard.press("Enter");
+  await page.waitForSelector('.tab.active[aria-label*="secret_keys.py"]', { timeout: 30000 });
+  await waitStatus(/^ShopTalk: off for this file$/, "excluded-file");
+  const beforeSecret = await requestCount();
+  await typeAtEnd("\n    token = os.environ.get(");
+  await page.waitForTimeout(3000);
+  note("typed-in-excluded", { before: beforeSecret, after: await requestCount(), ghosts: await page.locator(ghostSelector).count() });
 } catch (error) {
   failed = true;
   note("failed", { error: String(error && error.stack ? error.stack : error).slice(0, 2000) });

@@ -1,20 +1,26 @@
 /**
  * The ShopTalk extension: starts `shoptalk serve --stdio` through
  * vscode-languageclient (inline completions come from the server's
- * textDocument/inlineCompletion), restarts it when settings change, and adds
- * "Find module…", the status bar item and clear errors when Python, the
- * package or the server is not right.
+ * textDocument/inlineCompletion), sends changed settings as
+ * workspace/didChangeConfiguration (restarting only when the interpreter,
+ * the command or the languages change), and adds "Find module…", the
+ * on/off, snooze and per-language switches (status bar menu and commands),
+ * the status bar item and clear errors when Python, the package or the
+ * server is not right.
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import * as vscode from "vscode";
 import {
   CloseAction,
+  DidChangeConfigurationNotification,
   ErrorAction,
   LanguageClient,
   State,
   type LanguageClientOptions,
   type ServerOptions,
 } from "vscode-languageclient/node";
+
+import { mayRequest, offReason, SNOOZE_CHOICES, toggled, type Exclusion, type Off } from "./controls";
 
 import {
   checkInterpreter,
@@ -27,11 +33,12 @@ import {
   type LaunchProblem,
 } from "./launcher";
 import { parseModules, parseVerdict, toPicks, type ModulePick, type Verdict } from "./modules";
-import { initializationOptions, readSettings, debounce, type ShopTalkSettings } from "./settings";
+import { initializationOptions, readSettings, debounce, settingsChange, type ShopTalkSettings } from "./settings";
 import { describeStatus, type ServerStatus } from "./status";
 
 const SECTION = "shoptalk";
 const STATUS_POLL_MS = 5000;
+const SNOOZE_KEY = "shoptalk.snoozedUntil";
 
 let client: LanguageClient | undefined;
 let interpreter: Interpreter | undefined;
@@ -42,6 +49,9 @@ let statusTimer: NodeJS.Timeout | undefined;
 let lastStatus: ServerStatus | undefined;
 let stopping = false;
 const logTail = new LogTail(12);
+let snoozeState: vscode.Memento | undefined;
+/** The server's `shoptalk/exclusion` answers, by document URI. */
+const exclusions = new Map<string, Exclusion>();
 
 /** The API of the Python extension that gives the active interpreter. */
 interface PythonExtensionApi {
@@ -145,7 +155,7 @@ async function refreshStatus(): Promise<ServerStatus | undefined> {
   try {
     const status = await client.sendRequest<ServerStatus>("shoptalk/status", {});
     lastStatus = status;
-    const view = describeStatus(status);
+    const view = describeStatus(status, await activeOff());
     setStatusText(view.text, view.details.join("\n"));
     return status;
   } catch (error) {
@@ -171,6 +181,7 @@ function spawnServer(command: string, args: string[], cwd: string | undefined): 
 async function startClient(): Promise<void> {
   settings = readCurrentSettings();
   interpreter = undefined;
+  exclusions.clear(); // asked again: the new server may read other rules
   if (settings.serverCommand.length === 0) {
     const resolved = resolveInterpreter(settings, await pythonFromExtension(), process.env);
     if (isProblem(resolved)) {
@@ -190,6 +201,16 @@ async function startClient(): Promise<void> {
     documentSelector: settings.languages.map((language) => ({ scheme: "file", language })),
     initializationOptions: initializationOptions(settings),
     outputChannel: output,
+    middleware: {
+      // The switches and the file's exclusion decide before anything is asked.
+      provideInlineCompletionItems: async (document, position, context, token, next) => {
+        const explicit = context.triggerKind === vscode.InlineCompletionTriggerKind.Invoke;
+        if (!mayRequest(await offFor(document), explicit)) {
+          return undefined;
+        }
+        return next(document, position, context, token);
+      },
+    },
     errorHandler: {
       error: () => ({ action: ErrorAction.Continue }),
       closed: () => {
@@ -297,11 +318,118 @@ async function runCli(args: string[], title: string): Promise<void> {
   }
 }
 
+/** The snooze's end (epoch ms), if one is running. */
+function snoozedUntil(): number | undefined {
+  const until = snoozeState?.get<number>(SNOOZE_KEY);
+  return until !== undefined && until > Date.now() ? until : undefined;
+}
+
+/** The server's exclusion of a document, asked once per document. */
+async function exclusionOf(document: vscode.TextDocument): Promise<Exclusion | undefined> {
+  const uri = document.uri.toString();
+  const known = exclusions.get(uri);
+  if (known !== undefined || client === undefined || client.state !== State.Running) {
+    return known;
+  }
+  try {
+    const answer = await client.sendRequest<Exclusion>("shoptalk/exclusion", { textDocument: { uri } });
+    exclusions.set(uri, answer);
+    return answer;
+  } catch (error) {
+    output.appendLine(`shoptalk/exclusion failed: ${String(error)}`);
+    return undefined;
+  }
+}
+
+/** Why a document (none: no editor) gets no suggestions — switches, snooze, language, exclusion — if it does not. */
+async function offFor(document: vscode.TextDocument | undefined): Promise<Off | undefined> {
+  const current = settings ?? readCurrentSettings();
+  const controls = { enabled: current.enable, snoozedUntil: snoozedUntil(), disabledLanguages: current.disabledLanguages };
+  const handled = document !== undefined && document.uri.scheme === "file" && current.languages.includes(document.languageId);
+  const exclusion = handled ? await exclusionOf(document) : undefined;
+  return offReason(controls, document?.languageId, exclusion, Date.now());
+}
+
+async function activeOff(): Promise<Off | undefined> {
+  return offFor(vscode.window.activeTextEditor?.document);
+}
+
+function switchActions(language: string | undefined): { label: string; action: string }[] {
+  const current = settings ?? readCurrentSettings();
+  const snoozed = snoozedUntil() !== undefined;
+  const actions = [
+    { label: current.enable ? "$(circle-slash) Turn suggestions off" : "$(check) Turn suggestions on", action: "toggle" },
+    { label: snoozed ? "$(play) Resume suggestions (end the snooze)" : "$(clock) Snooze suggestions…", action: "snooze" },
+  ];
+  if (language !== undefined) {
+    const off = current.disabledLanguages.includes(language);
+    actions.push({ label: off ? `$(check) Turn suggestions on for ${language}` : `$(circle-slash) Turn suggestions off for ${language}`, action: "language" });
+  }
+  return actions;
+}
+
+async function toggleSuggestions(): Promise<void> {
+  const current = settings ?? readCurrentSettings();
+  await vscode.workspace.getConfiguration(SECTION).update("enable", !current.enable, vscode.ConfigurationTarget.Global);
+}
+
+async function snooze(): Promise<void> {
+  if (snoozedUntil() !== undefined) {
+    await snoozeState?.update(SNOOZE_KEY, undefined);
+  } else {
+    const choice = await vscode.window.showQuickPick(
+      SNOOZE_CHOICES.map((c) => ({ label: c.label, minutes: c.minutes })),
+      { title: "ShopTalk: snooze suggestions for" },
+    );
+    if (choice === undefined) {
+      return;
+    }
+    await snoozeState?.update(SNOOZE_KEY, Date.now() + choice.minutes * 60000);
+  }
+  await refreshStatus();
+}
+
+async function toggleLanguage(): Promise<void> {
+  const language = vscode.window.activeTextEditor?.document.languageId;
+  if (language === undefined) {
+    void vscode.window.showInformationMessage("ShopTalk: open a file to turn suggestions off or on for its language.");
+    return;
+  }
+  const current = settings ?? readCurrentSettings();
+  await vscode.workspace
+    .getConfiguration(SECTION)
+    .update("disabledLanguages", toggled(current.disabledLanguages, language), vscode.ConfigurationTarget.Global);
+}
+
+/**
+ * A settings change: the server's settings go over
+ * workspace/didChangeConfiguration (the loaded model stays); only a new
+ * interpreter, command or language list restarts it.
+ */
+function applySettings(restartSoon: () => void): void {
+  const before = settings;
+  const after = readCurrentSettings();
+  const change = before === undefined ? "restart" : settingsChange(before, after);
+  settings = after;
+  output.appendLine(`settings changed: ${change === "restart" ? "restarting the server" : change === "configure" ? "sent to the server" : "switches only"}`);
+  if (change === "restart") {
+    restartSoon();
+    return;
+  }
+  if (change === "configure" && client !== undefined && client.state === State.Running) {
+    void client.sendNotification(DidChangeConfigurationNotification.type, { settings: initializationOptions(after) });
+  }
+  void refreshStatus();
+}
+
 async function showStatus(): Promise<void> {
   const status = (await refreshStatus()) ?? lastStatus;
-  const view = status ? describeStatus(status) : undefined;
+  const off = await activeOff();
+  const view = status ? describeStatus(status, off) : undefined;
   const personal = settings?.personal.enabled === true;
+  const language = vscode.window.activeTextEditor?.document.languageId;
   const actions = [
+    ...switchActions(language),
     { label: "$(debug-restart) Restart server", action: "restart" },
     { label: "$(sync) Retrain now", action: "retrain" },
     { label: "$(history) Roll back to the previous model", action: "rollback" },
@@ -316,6 +444,15 @@ async function showStatus(): Promise<void> {
   const choice = await vscode.window.showQuickPick(rows, { title: "ShopTalk" });
   const root = workspaceRoot();
   switch (choice?.action) {
+    case "toggle":
+      await toggleSuggestions();
+      break;
+    case "snooze":
+      await snooze();
+      break;
+    case "language":
+      await toggleLanguage();
+      break;
     case "restart":
       await restartClient();
       break;
@@ -345,6 +482,7 @@ async function showStatus(): Promise<void> {
 }
 
 export async function activate(context: vscode.ExtensionContext): Promise<void> {
+  snoozeState = context.globalState;
   output = vscode.window.createOutputChannel("ShopTalk", { log: true });
   statusItem = vscode.window.createStatusBarItem(vscode.StatusBarAlignment.Right, 100);
   statusItem.command = "shoptalk.showStatus";
@@ -368,10 +506,19 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
     vscode.commands.registerCommand("shoptalk.showLog", () => {
       output.show();
     }),
+    vscode.commands.registerCommand("shoptalk.toggle", toggleSuggestions),
+    vscode.commands.registerCommand("shoptalk.snooze", snooze),
+    vscode.commands.registerCommand("shoptalk.toggleLanguage", toggleLanguage),
     vscode.workspace.onDidChangeConfiguration((event) => {
       if (event.affectsConfiguration(SECTION)) {
-        restartSoon();
+        applySettings(restartSoon);
       }
+    }),
+    vscode.window.onDidChangeActiveTextEditor(() => {
+      void refreshStatus();
+    }),
+    vscode.workspace.onDidCloseTextDocument((document) => {
+      exclusions.delete(document.uri.toString());
     }),
   );
   // Tell the server where the cursor rests (shoptalk/prefill) so it evaluates

@@ -11,6 +11,10 @@ export type Backend = "llama" | "openai";
 export type Multiline = "auto" | "always" | "never";
 
 export interface ShopTalkSettings {
+  /** Suggestions on (the status-bar menu and "ShopTalk: Toggle Suggestions" flip it). */
+  enable: boolean;
+  /** Languages with suggestions off ("ShopTalk: Toggle Suggestions for This Language"). */
+  disabledLanguages: string[];
   /** Interpreter with `shoptalk[serve]`; empty: the Python extension's, then python3. */
   pythonPath: string;
   /** Full server command; overrides pythonPath when not empty. */
@@ -27,6 +31,8 @@ export interface ShopTalkSettings {
 }
 
 export const DEFAULTS: ShopTalkSettings = {
+  enable: true,
+  disabledLanguages: [],
   pythonPath: "",
   serverCommand: [],
   languages: [
@@ -94,6 +100,8 @@ export function readSettings(read: SettingReader): ReadResult {
       typeof value === "string" && (options as readonly string[]).includes(value);
 
   const settings: ShopTalkSettings = {
+    enable: pick("enable", DEFAULTS.enable, isBool, "true or false"),
+    disabledLanguages: pick("disabledLanguages", DEFAULTS.disabledLanguages, isStringList, "a list of language ids"),
     pythonPath: pick("pythonPath", DEFAULTS.pythonPath, isString, "a path").trim(),
     serverCommand: pick("serverCommand", DEFAULTS.serverCommand, isStringList, "a list of strings"),
     languages: pick("languages", DEFAULTS.languages, isStringList, "a list of language ids"),
@@ -144,9 +152,29 @@ export function initializationOptions(settings: ShopTalkSettings): Record<string
   return options;
 }
 
+/**
+ * What a settings change asks of the running server: `restart` when the
+ * process itself changes (interpreter, command, the languages it is attached
+ * to), `configure` when only what it reads changes (sent as
+ * workspace/didChangeConfiguration: the loaded model stays), `none` when
+ * only the extension's own switches changed (on/off, languages off).
+ */
+export type SettingsChange = "restart" | "configure" | "none";
+
+export function settingsChange(before: ShopTalkSettings, after: ShopTalkSettings): SettingsChange {
+  const process = (s: ShopTalkSettings): string => JSON.stringify([s.pythonPath, s.serverCommand, s.languages]);
+  if (process(before) !== process(after)) {
+    return "restart";
+  }
+  if (JSON.stringify(initializationOptions(before)) !== JSON.stringify(initializationOptions(after))) {
+    return "configure";
+  }
+  return "none";
+}
+
 /** Whether two settings differ in anything that needs the server restarted. */
 export function needsRestart(before: ShopTalkSettings, after: ShopTalkSettings): boolean {
-  return JSON.stringify(before) !== JSON.stringify(after);
+  return settingsChange(before, after) === "restart";
 }
 
 /**

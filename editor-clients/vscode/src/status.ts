@@ -7,6 +7,7 @@
  *
  * Pure: no `vscode` import, so the unit tests run in plain node.
  */
+import type { Off } from "./controls";
 
 export type ModelKind = "base" | "team" | "personal";
 
@@ -38,7 +39,7 @@ export interface ServerStatus {
   training?: TrainingJob | null;
   queue?: number | null;
   answer?: AnswerNote | null;
-  counters?: Record<string, number> | null;
+  counters?: Partial<Record<string, number>> | null;
 }
 
 export interface StatusView {
@@ -86,7 +87,11 @@ function baseName(file: string): string {
   return parts[parts.length - 1] ?? file;
 }
 
-export function describeStatus(status: ServerStatus): StatusView {
+/**
+ * The status bar's view of a `shoptalk/status` answer; `off` (the editor's
+ * own switches or the file's exclusion, see controls.ts) takes the text.
+ */
+export function describeStatus(status: ServerStatus, off?: Off): StatusView {
   const kind = modelKind(status);
   const training = trainingState(status);
   const device = status.device ?? "?";
@@ -113,12 +118,19 @@ export function describeStatus(status: ServerStatus): StatusView {
   } else if (slow !== undefined) {
     details.push(`Last suggestion: ${slow}; raise shoptalk.maxLatencyMs or use a smaller model`);
   }
-  const hits = status.counters?.budget_hits;
+  const counters = status.counters ?? {};
+  if (typeof counters.requests === "number") {
+    details.push(`Requests: ${counters.requests} (${counters.answered ?? 0} answered)`);
+  }
+  const hits = counters.budget_hits;
   if (typeof hits === "number" && hits > 0) {
     details.push(`Over the time budget: ${hits} request(s) so far`);
   }
   if (status.error) {
     details.push(`Problem: ${status.error}`);
+  }
+  if (off !== undefined) {
+    return { kind, training, text: off.text, details: [off.detail, ...details] };
   }
   return { kind, training, text, details };
 }

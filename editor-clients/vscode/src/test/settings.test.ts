@@ -4,7 +4,7 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import { test } from "node:test";
 
-import { DEFAULTS, debounce, initializationOptions, needsRestart, readSettings } from "../settings";
+import { DEFAULTS, debounce, initializationOptions, needsRestart, readSettings, settingsChange } from "../settings";
 
 interface Property {
   default: unknown;
@@ -76,9 +76,21 @@ void test("initializationOptions carry the [serve] keys and personal, as the ser
   assert.equal(remote.openai_model, "team");
 });
 
-void test("needsRestart sees any change", () => {
-  assert.equal(needsRestart(DEFAULTS, { ...DEFAULTS }), false);
-  assert.equal(needsRestart(DEFAULTS, { ...DEFAULTS, watch: true }), true);
+void test("a settings change restarts the server only for a new process; the rest is sent to it", () => {
+  assert.equal(settingsChange(DEFAULTS, { ...DEFAULTS }), "none");
+  // What the server reads: workspace/didChangeConfiguration, the model stays loaded.
+  assert.equal(settingsChange(DEFAULTS, { ...DEFAULTS, watch: true }), "configure");
+  assert.equal(settingsChange(DEFAULTS, { ...DEFAULTS, maxLatencyMs: 900 }), "configure");
+  assert.equal(settingsChange(DEFAULTS, { ...DEFAULTS, personal: { enabled: true, identity: ["me@example.com"] } }), "configure");
+  // The extension's own switches: nothing to tell the server.
+  assert.equal(settingsChange(DEFAULTS, { ...DEFAULTS, enable: false }), "none");
+  assert.equal(settingsChange(DEFAULTS, { ...DEFAULTS, disabledLanguages: ["go"] }), "none");
+  // Another interpreter, command or language list: a new process.
+  assert.equal(settingsChange(DEFAULTS, { ...DEFAULTS, pythonPath: "/opt/py/bin/python" }), "restart");
+  assert.equal(settingsChange(DEFAULTS, { ...DEFAULTS, serverCommand: ["shoptalk", "serve"] }), "restart");
+  assert.equal(settingsChange(DEFAULTS, { ...DEFAULTS, languages: ["python"] }), "restart");
+  assert.equal(needsRestart(DEFAULTS, { ...DEFAULTS, watch: true }), false);
+  assert.equal(needsRestart(DEFAULTS, { ...DEFAULTS, languages: ["go"] }), true);
 });
 
 void test("debounce runs once after a burst", async () => {

@@ -75,7 +75,7 @@ class LazyFileHandler(logging.Handler):
             self._file.emit(record)
             if isinstance(self._file, _LogFile) and self._file.failed:
                 self._failed = True
-                self._file, file = None, self._file
+                file, self._file = self._file, None
                 with contextlib.suppress(Exception):  # flushing fails again on a full disk
                     file.close()
 

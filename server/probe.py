@@ -16,6 +16,7 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from lsprotocol import types
@@ -24,7 +25,9 @@ from pygls.lsp.client import LanguageClient
 REQUEST_TIMEOUT_S = 120.0
 
 
-def _text(result: types.InlineCompletionList | list[types.InlineCompletionItem] | None) -> str:
+def _text(
+    result: types.InlineCompletionList | Sequence[types.InlineCompletionItem] | None,
+) -> str:
     items = result.items if isinstance(result, types.InlineCompletionList) else (result or [])
     if not items:
         return ""

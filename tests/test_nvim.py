@@ -735,3 +735,26 @@ def test_the_readme_lazy_nvim_spec_installs_from_this_repository_layout(
         _statusline(editor, "ShopTalk: team")
     finally:
         editor.close()
+
+
+def test_statusline_says_when_suggestions_are_over_budget(
+    nvim: NvimFactory, promoted_tiny_model: Path
+) -> None:
+    editor = nvim({"python": PYTHON, "serve": {"max_latency_ms": 1}, "inline": "extmark"})
+    editor.wait_model_loaded()
+    editor.send(KEYS)
+    line: str = editor.wait_for(
+        lambda: (
+            (text := editor.lua("return require('shoptalk').statusline()")).startswith(
+                "ShopTalk: over budget ("
+            )
+            and text
+        ),
+        30,
+        "the statusline to say over budget",
+    )
+    assert line.endswith("> 1 ms)"), line
+    status = editor.status()
+    assert status is not None and status["counters"]["budget_hits"] >= 1
+    lines = editor.lua(f"return require('shoptalk').status_lines({lua_literal(status)})")
+    assert any(text.startswith("answer:") and "over budget (" in text for text in lines), lines

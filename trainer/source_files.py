@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+import pathspec
+
 from shoptalk.models.module_map import MODULE_LANGUAGES
 
 # The module map's languages (parsed for symbols) plus ones only mined as text.
@@ -104,78 +106,21 @@ _GENERATED_MARKER = re.compile(
 )
 
 
-@dataclass(frozen=True)
-class IgnoreRule:
-    pattern: str
-    negated: bool
-    directory_only: bool
-    anchored: bool
+def parse_ignore_file(text: str) -> tuple[str, ...]:
+    """The lines of a gitignore-syntax file (`.shoptalkignore`); `ignored_by`
+    matches them with pathspec's GitIgnoreSpec, git's own rules (`**`,
+    anchors, directory-only patterns, `!` re-includes, escapes)."""
+    return tuple(text.splitlines())
 
 
-def parse_ignore_file(text: str) -> list[IgnoreRule]:
-    """gitignore syntax: globs, `**`, leading `/` anchors, trailing `/` means
-    a directory, `!` re-includes, `#` comments."""
-    rules: list[IgnoreRule] = []
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        negated = line.startswith("!")
-        if negated:
-            line = line[1:]
-        directory_only = line.endswith("/")
-        line = line.rstrip("/")
-        anchored = line.startswith("/") or "/" in line
-        rules.append(IgnoreRule(line.lstrip("/"), negated, directory_only, anchored))
-    return rules
+@functools.lru_cache(maxsize=64)
+def _ignore_spec(lines: tuple[str, ...]) -> pathspec.GitIgnoreSpec:
+    return pathspec.GitIgnoreSpec.from_lines(lines)
 
 
-@functools.lru_cache(maxsize=4096)
-def _glob_regex(pattern: str) -> re.Pattern[str]:
-    out = []
-    i = 0
-    while i < len(pattern):
-        if pattern.startswith("**/", i):
-            out.append("(?:.*/)?")
-            i += 3
-        elif pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-        else:
-            char = pattern[i]
-            if char == "*":
-                out.append("[^/]*")
-            elif char == "?":
-                out.append("[^/]")
-            else:
-                out.append(re.escape(char))
-            i += 1
-    return re.compile("".join(out) + r"\Z")
-
-
-def _rule_matches(rule: IgnoreRule, path: str) -> bool:
-    parts = path.split("/")
-    # A rule matching a directory matches everything below it.
-    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-    for index, prefix in enumerate(prefixes):
-        is_dir = index < len(parts) - 1
-        if rule.directory_only and not is_dir:
-            continue
-        regex = _glob_regex(rule.pattern)
-        if rule.anchored:
-            if regex.match(prefix):
-                return True
-        elif regex.match(parts[index]):
-            return True
-    return False
-
-
-def ignored_by(rules: Iterable[IgnoreRule], path: str) -> bool:
-    ignored = False
-    for rule in rules:
-        if _rule_matches(rule, path):
-            ignored = not rule.negated
-    return ignored
+def ignored_by(rules: Iterable[str], path: str) -> bool:
+    lines = tuple(rules)
+    return bool(lines) and _ignore_spec(lines).match_file(path)
 
 
 def language_of(path: str) -> str | None:
@@ -231,7 +176,7 @@ class SkipRules:
     as a counter key, or None to keep the file."""
 
     globs: tuple[str, ...] = ()
-    ignore_rules: tuple[IgnoreRule, ...] = ()
+    ignore_rules: tuple[str, ...] = ()  # .shoptalkignore lines
     max_file_bytes: int = 1_000_000
     max_line_chars: int = 1000
 

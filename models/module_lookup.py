@@ -69,9 +69,9 @@ BASE_MODEL_WEIGHT = 0.05
 BM25_WEIGHT = 1.0
 TRAINED_WEIGHT = 4.0
 ZERO_SHOT_WEIGHT = 0.5
-# The trained retriever's memory of past subjects (5 nearest vote): measured
-# offline on the three benchmark repositories' exports, weight 2 lifted top-1
-# on click 56.5 -> 61.7 and textual 30.8 -> 33.6, typer unchanged.
+# The trained retriever's memory of past subjects (5 nearest vote), weight 2:
+# served top-1 on click 56.5 -> 63.6, textual 30.8 -> 34.2, typer 73.6 -> 72.4
+# (docs/benchmarks.md).
 MEMORY_WEIGHT = 2.0
 # A test module that the query asks about still ranks below the code it tests.
 TEST_PENALTY = 0.5

@@ -552,7 +552,12 @@ class CompletionEngine:
         suggestion = postfilter(answer, prefix, suffix)
         source: Literal["model", "copy"] = "model"
         if candidates and generation.stop_reason != "budget":
-            copied = self._copy_choice(plan, answer, candidates, request.deadline, cancelled)
+            # The budget bounds the answer, not the reading of the prompt (see the
+            # backend): scoring the candidates gets it from when the answer was
+            # ready, so a first request on a newly opened file still scores them.
+            answered_at = started + generation.elapsed_s
+            deadline = max(request.deadline, answered_at + budget)
+            copied = self._copy_choice(plan, answer, candidates, deadline, cancelled)
             copied = postfilter(copied, prefix, suffix) if copied else ""
             if copied:
                 suggestion, source = copied, "copy"

@@ -34,6 +34,7 @@ from shoptalk.models.progress import Report
 from shoptalk.models.prompt import served_with_fim
 from shoptalk.models.provision import base_paths, ensure_gguf, gguf_status
 from shoptalk.models.settings import ServeSettings, Settings
+from shoptalk.models.speed import FALLBACK_MS, DecodeSpeed, auto_budget_ms, budget_from_speed
 from shoptalk.models.store import (
     DamagedPointer,
     InvalidPromotion,
@@ -219,10 +220,17 @@ def remote_choice(settings: Settings) -> ModelChoice:
     return ModelChoice(Path(url), None, base, base.fim.trained, None, "openai")
 
 
-def engine_options(serve: ServeSettings) -> EngineOptions:
+def latency_budget_ms(serve: ServeSettings, speed: DecodeSpeed | None) -> int:
+    """`max_latency_ms`, or under "auto" what the measured speed allows."""
+    if serve.max_latency_ms != "auto":
+        return serve.max_latency_ms
+    return budget_from_speed(speed, serve.max_tokens) if speed is not None else FALLBACK_MS
+
+
+def engine_options(serve: ServeSettings, speed: DecodeSpeed | None = None) -> EngineOptions:
     return EngineOptions(
         max_tokens=serve.max_tokens,
-        max_latency_ms=serve.max_latency_ms,
+        max_latency_ms=latency_budget_ms(serve, speed),
         multiline=serve.multiline,
         prefix_chars=serve.prefix_chars,
         suffix_chars=serve.suffix_chars,
@@ -296,6 +304,7 @@ class ModelRegistry:
         self._current_stamp: bytes | None = None
         self._reload_thread: threading.Thread | None = None
         self.swaps = 0
+        self.speed: DecodeSpeed | None = None  # the "auto" budget's probe
 
     @property
     def current_file(self) -> Path | None:
@@ -358,8 +367,14 @@ class ModelRegistry:
                     + (f" + {choice.adapter.name}" if choice.adapter else "")
                 )
                 backend = self._factory(choice, self.settings.serve)
+            if self.settings.serve.max_latency_ms == "auto":
+                report("measuring this machine's decoding speed")
+                self.speed = auto_budget_ms(backend, self.settings.serve.max_tokens)[1]
             engine = CompletionEngine(
-                backend, choice.template, choice.use_fim, engine_options(self.settings.serve)
+                backend,
+                choice.template,
+                choice.use_fim,
+                engine_options(self.settings.serve, self.speed),
             )
         except ShopTalkError as exc:
             message = str(exc)
@@ -411,7 +426,7 @@ class ModelRegistry:
         new = settings.serve
         loaded = self.loaded()
         if loaded is not None:
-            loaded.engine.options = engine_options(new)
+            loaded.engine.options = engine_options(new, self.speed)
             loaded.engine.cache.clear()
         reload_keys = (
             "backend",
@@ -423,6 +438,16 @@ class ModelRegistry:
         )
         resized = llama_context_tokens(old) != llama_context_tokens(new)
         return resized or any(getattr(old, key) != getattr(new, key) for key in reload_keys)
+
+    def budget_status(self, loaded: Loaded) -> dict[str, Any]:
+        """The answer's time budget in force and where it comes from."""
+        per_token = self.speed.ms_per_token if self.speed is not None else None
+        auto = self.settings.serve.max_latency_ms == "auto"
+        return {
+            "ms": loaded.engine.options.max_latency_ms,
+            "source": "measured" if auto and per_token is not None else "setting",
+            "ms_per_token": round(per_token, 2) if per_token is not None else None,
+        }
 
     def status(self) -> dict[str, Any]:
         loaded = self.loaded()
@@ -438,6 +463,7 @@ class ModelRegistry:
                 run_id=loaded.choice.run_id,
                 base=loaded.choice.base.key,
                 fim=loaded.choice.use_fim,
+                budget=self.budget_status(loaded),
             )
         info["error"] = self._error or self._problem
         info["swaps"] = self.swaps

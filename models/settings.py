@@ -16,7 +16,7 @@ import os
 import tempfile
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
@@ -108,7 +108,9 @@ class ServeSettings(_Section):
     backend: Literal["llama", "openai"] = "llama"
     openai_url: str | None = None
     openai_model: str | None = None
-    max_latency_ms: int = Field(1500, gt=0)
+    # The answer's time budget: "auto" measures this machine's decode speed
+    # when the model loads (shoptalk.models.speed); a number fixes it.
+    max_latency_ms: Annotated[int, Field(gt=0)] | Literal["auto"] = "auto"
     max_tokens: int = Field(48, gt=0)
     multiline: Literal["auto", "always", "never"] = "auto"
     # llama.cpp's context; raised to what the budgets below need (~3 chars/token).

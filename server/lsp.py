@@ -620,7 +620,7 @@ class ShopTalkServer(LanguageServer):
             self.counters["cache_hits"] += 1
             self.counters["answered"] += 1
             return cached, offset, text
-        budget = self.settings.serve.max_latency_ms
+        budget = engine.options.max_latency_ms  # measured when "auto"
 
         def job() -> str:
             # A request that waited is not dropped for it: a newer request or

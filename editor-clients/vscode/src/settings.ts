@@ -53,7 +53,7 @@ export const DEFAULTS: ShopTalkSettings = {
   backend: "llama",
   openaiUrl: "",
   openaiModel: "",
-  maxLatencyMs: 1500,
+  maxLatencyMs: 0, // 0: "auto", the server measures the machine's decoding speed
   maxTokens: 48,
   multiline: "auto",
   watch: false,
@@ -94,6 +94,8 @@ export function readSettings(read: SettingReader): ReadResult {
   const isBool = (value: unknown): value is boolean => typeof value === "boolean";
   const positiveInt = (value: unknown): value is number =>
     typeof value === "number" && Number.isInteger(value) && value > 0;
+  const wholeNumber = (value: unknown): value is number =>
+    typeof value === "number" && Number.isInteger(value) && value >= 0;
   const oneOf =
     <T extends string>(options: readonly T[]) =>
     (value: unknown): value is T =>
@@ -108,7 +110,12 @@ export function readSettings(read: SettingReader): ReadResult {
     backend: pick("backend", DEFAULTS.backend, oneOf(["llama", "openai"] as const), '"llama" or "openai"'),
     openaiUrl: pick("openaiUrl", DEFAULTS.openaiUrl, isString, "a URL").trim(),
     openaiModel: pick("openaiModel", DEFAULTS.openaiModel, isString, "a model name").trim(),
-    maxLatencyMs: pick("maxLatencyMs", DEFAULTS.maxLatencyMs, positiveInt, "a whole number of milliseconds > 0"),
+    maxLatencyMs: pick(
+      "maxLatencyMs",
+      DEFAULTS.maxLatencyMs,
+      wholeNumber,
+      "a whole number of milliseconds (0 = measured on this machine)",
+    ),
     maxTokens: pick("maxTokens", DEFAULTS.maxTokens, positiveInt, "a whole number > 0"),
     multiline: pick(
       "multiline",
@@ -137,7 +144,7 @@ export function readSettings(read: SettingReader): ReadResult {
 export function initializationOptions(settings: ShopTalkSettings): Record<string, unknown> {
   const options: Record<string, unknown> = {
     backend: settings.backend,
-    max_latency_ms: settings.maxLatencyMs,
+    max_latency_ms: settings.maxLatencyMs > 0 ? settings.maxLatencyMs : "auto",
     max_tokens: settings.maxTokens,
     multiline: settings.multiline,
     watch: settings.watch,

@@ -71,6 +71,7 @@ void test("initializationOptions carry the [serve] keys and personal, as the ser
     watch: true,
     personal: { enabled: true, identity: ["me@example.com"] },
   });
+  assert.equal(initializationOptions(DEFAULTS).max_latency_ms, "auto");
   const remote = initializationOptions({ ...DEFAULTS, backend: "openai", openaiUrl: "http://127.0.0.1:8000", openaiModel: "team" });
   assert.equal(remote.openai_url, "http://127.0.0.1:8000");
   assert.equal(remote.openai_model, "team");

@@ -36,7 +36,14 @@ class MineSettings(_Section):
     branch: str | None = None  # None: the checked-out branch
     since: str | None = None  # ISO date or git date expression
     until: str | None = None
-    cutoff: str | None = None  # ISO date; None: chosen so that test_share of commits are after it
+    cutoff: str | None = None  # ISO date; None: the newest test_instances, see below
+    # The held-out windows are as long as the measurement needs, by instances:
+    # the newest commits that hold `test_instances` completion instances are the
+    # test window, the `validation_instances` before them validation; neither
+    # ever longer than its share of all commits (a short history keeps today's
+    # 10% / 5%). 0 instances: the share alone (the windows before issue 20).
+    test_instances: int = Field(500, ge=0)
+    validation_instances: int = Field(300, ge=0)
     test_share: float = Field(0.1, gt=0, lt=1)
     validation_share: float = Field(0.05, ge=0, lt=1)
     test_per_author: int = Field(20, ge=0)
@@ -91,6 +98,17 @@ class TrainSettings(_Section):
     kind_weights: dict[str, float] = {}
     val_every: int = Field(50, gt=0)
     patience: int = Field(4, ge=0)
+    # Checkpoints are chosen by greedy exact match on this many validation
+    # completions (one line) at each evaluation, ties by validation loss;
+    # 0: by validation loss alone.
+    select_instances: int = Field(32, ge=0)
+    # The chosen checkpoint and the base are measured on this many of the
+    # newest test-window completions (paired exact match) before the final
+    # pass; promotion reads this measurement. 0: not measured.
+    measure_instances: int = Field(200, ge=0)
+    # After the checkpoint is chosen and measured, one pass over the held-out
+    # windows (validation + test), so the served adapter knows the newest code.
+    final_pass: bool = True
     threads: int | None = Field(None, gt=0)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     seed: int = 0

@@ -43,7 +43,7 @@ from shoptalk.trainer.source_files import (
     parse_ignore_file,
     stem_under_test,
 )
-from shoptalk.trainer.splits import CommitPoint, parse_cutoff, plan_splits
+from shoptalk.trainer.splits import CommitPoint, WindowSizes, parse_cutoff, plan_splits
 
 
 @pytest.mark.parametrize("tokens", [4, 5, 10, 51, 52, 120])
@@ -238,7 +238,7 @@ def test_splits_keep_everything_at_or_after_the_cutoff_out_of_train() -> None:
     points = [CommitPoint(f"c{i}", "alice" if i % 2 else "bob", 1000 + i, 5) for i in range(40)]
     points.append(CommitPoint("late-carol", "carol", 1100, 1))
     points += [CommitPoint(f"carol{i}", "carol", 900 + i, 4) for i in range(10)]
-    plan = plan_splits(points, test_share=0.1, validation_share=0.1, test_per_author=6)
+    plan = plan_splits(points, WindowSizes(test_share=0.1, validation_share=0.1), test_per_author=6)
     by_sha = {p.sha: p for p in points}
     for sha, split in plan.split_of.items():
         if by_sha[sha].time >= plan.cutoff:
@@ -250,7 +250,9 @@ def test_splits_keep_everything_at_or_after_the_cutoff_out_of_train() -> None:
     # Carol had 1 instance after the cutoff; her newest earlier commits top her up to 6+.
     assert sum(p.completions for p in carol_test) >= 6
     assert plan.moved_to_test["carol"] == 2
-    fixed = plan_splits(points, 0.1, 0.0, 0, cutoff=parse_cutoff("1970-01-01T00:16:50Z"))
+    fixed = plan_splits(
+        points, WindowSizes(validation_share=0.0), 0, cutoff=parse_cutoff("1970-01-01T00:16:50Z")
+    )
     assert fixed.cutoff == 1010
     assert all(s != "validation" for s in fixed.split_of.values())
 

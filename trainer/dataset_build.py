@@ -31,7 +31,13 @@ from shoptalk.trainer.hygiene import (
     remove_test_overlap,
 )
 from shoptalk.trainer.mine_state import MineState
-from shoptalk.trainer.splits import CommitPoint, SplitPlan, parse_cutoff, plan_splits
+from shoptalk.trainer.splits import (
+    CommitPoint,
+    SplitPlan,
+    WindowSizes,
+    parse_cutoff,
+    plan_splits,
+)
 
 KINDS = ("completion", "module_lookup", "commit_message", "test_pair", "doc_modules")
 SPLIT_NAMES = ("train", "validation", "test")
@@ -200,9 +206,13 @@ def _split_records(
         for s in mined
     ]
     cutoff = parse_cutoff(settings.cutoff) if settings.cutoff else None
-    plan = plan_splits(
-        points, settings.test_share, settings.validation_share, settings.test_per_author, cutoff
+    sizes = WindowSizes(
+        settings.test_instances,
+        settings.validation_instances,
+        settings.test_share,
+        settings.validation_share,
     )
+    plan = plan_splits(points, sizes, settings.test_per_author, cutoff)
     for record in records:
         record["split"] = plan.split_of.get(record["commit"], "train")
     test = [r for r in records if r["split"] == "test"]

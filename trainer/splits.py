@@ -1,11 +1,17 @@
 """Temporal splits of mined instances, decided per commit by author date.
 
-- test: every commit at or after the cutoff (given, or chosen so that
-  `test_share` of the commits are after it), plus, for an author with fewer
-  than `test_per_author` completion instances there, their newest earlier
+- test: every commit at or after the cutoff (given, or chosen so that the
+  newest commits hold `test_instances` completion instances, and never more
+  than `test_share` of the commits), plus, for an author with fewer than
+  `test_per_author` completion instances there, their newest earlier
   commits until they have that many (never more than half of their own);
-- validation: the newest `validation_share` of the commits before the cutoff;
+- validation: the newest commits before the cutoff that hold
+  `validation_instances` completions (at most `validation_share` of them);
 - train: the rest. Nothing at or after the cutoff is ever in train.
+
+The windows are as long as the measurement needs, not a share of the
+history: with 10% / 5% of a large repository's commits, the served model
+was a year behind the code (issue 20). 0 instances: the share alone.
 
 All instances of one commit share its split, so a change is never half
 learned, half tested.
@@ -57,10 +63,33 @@ def parse_cutoff(text: str) -> int:
     return int(moment.timestamp())
 
 
+@dataclass(frozen=True)
+class WindowSizes:
+    """How long the held-out windows are: completion instances wanted
+    (0: the share alone) and the share of all commits neither exceeds."""
+
+    test_instances: int = 0
+    validation_instances: int = 0
+    test_share: float = 0.1
+    validation_share: float = 0.05
+
+
+def _window_start(newest_first: Sequence[CommitPoint], instances: int, cap: int) -> int:
+    """How many of the newest commits a window takes: enough to hold
+    `instances` completions (all of `cap` with 0), never more than `cap`."""
+    if instances <= 0:
+        return cap
+    held = 0
+    for taken, commit in enumerate(newest_first[:cap], start=1):
+        held += commit.completions
+        if held >= instances:
+            return taken
+    return cap
+
+
 def plan_splits(
     commits: Sequence[CommitPoint],
-    test_share: float,
-    validation_share: float,
+    sizes: WindowSizes,
     test_per_author: int,
     cutoff: int | None = None,
 ) -> SplitPlan:
@@ -69,10 +98,14 @@ def plan_splits(
         return SplitPlan(cutoff=cutoff or 0, validation_from=cutoff or 0)
     count = len(ordered)
     if cutoff is None:
-        index = min(count - 1, max(0, math.floor(count * (1 - test_share))))
-        cutoff = ordered[index].time
+        share_cap = count - min(count - 1, max(0, math.floor(count * (1 - sizes.test_share))))
+        taken = _window_start(ordered[::-1], sizes.test_instances, share_cap)
+        cutoff = ordered[count - taken].time
     before = [c for c in ordered if c.time < cutoff]
-    validation_commits = math.floor(count * validation_share)
+    validation_cap = math.floor(count * sizes.validation_share)
+    validation_commits = _window_start(
+        before[::-1], sizes.validation_instances, min(validation_cap, len(before))
+    )
     if validation_commits and before:
         validation_from = before[max(0, len(before) - validation_commits)].time
     else:

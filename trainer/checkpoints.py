@@ -14,7 +14,7 @@ import json
 import random
 import shlex
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,9 +62,36 @@ class TrainState:
     best_step: int = 0
     bad_evals: int = 0
     stop_reason: str = ""
+    base_val_em: float | None = None  # held-out exact match (percent) before training
+    best_val_em: float | None = None  # ... of the checkpoint kept
+    # Every evaluation: {"step", "val_loss", "val_em"} (val_em None: by loss alone).
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    final_steps: int = 0  # the final pass over the held-out windows
+    final_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+def better(state: TrainState, val_loss: float, val_em: float | None) -> bool:
+    """Whether weights scoring `val_loss` / `val_em` beat the kept ones:
+    higher held-out exact match, ties broken by lower validation loss (by
+    loss alone without exact match)."""
+    if state.best_val_loss is None:
+        return True
+    if val_em is not None and state.best_val_em is not None and val_em != state.best_val_em:
+        return val_em > state.best_val_em
+    return val_loss < state.best_val_loss
+
+
+def record_evaluation(state: TrainState, val_loss: float, val_em: float | None) -> bool:
+    """Add an evaluation at the current step; returns whether its weights are
+    now the kept ones (the state's best figures then are theirs)."""
+    state.evaluations.append({"step": state.step, "val_loss": val_loss, "val_em": val_em})
+    if not better(state, val_loss, val_em):
+        return False
+    state.best_val_loss, state.best_val_em, state.best_step = val_loss, val_em, state.step
+    return True
 
 
 def trainable_state(model: Any) -> dict[str, torch.Tensor]:
@@ -208,4 +235,7 @@ def progress_fields(state: TrainState) -> dict[str, Any]:
         "base_val_loss": state.base_val_loss,
         "best_val_loss": state.best_val_loss,
         "best_step": state.best_step,
+        "base_val_em": state.base_val_em,
+        "best_val_em": state.best_val_em,
+        "evaluations": state.evaluations,
     }

@@ -30,12 +30,12 @@ from __future__ import annotations
 import posixpath
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from shoptalk.models.module_map import Module, ModuleMap, Symbol, summarize_file
-from shoptalk.models.prompt import clip_prefix, clip_suffix, file_header
+from shoptalk.models.prompt import clip_prefix, clip_suffix, file_header, resolve_suffix_layout
 from shoptalk.models.workspace_index import Window, WorkspaceIndex, identifiers
 
 ContextSource = Literal["snippets", "imports", "recent"]
@@ -118,33 +118,241 @@ def build_context(
     file headers, at most `options.chars` characters, "" when off."""
     if workspace is None or options.chars <= 0:
         return ""
+    candidates = gather_candidates(workspace, path, prefix, suffix, options.sources)
+    return render_candidates(candidates, options, visible_lines(prefix, suffix, options))
+
+
+def visible_lines(prefix: str, suffix: str, options: ContextOptions) -> tuple[int, int]:
+    """The lines (0-based, end exclusive) of the document the prompt itself
+    shows around the cursor under the budgets of `options`: no window of them
+    is repeated in the block."""
     head, tail = _split_cursor(prefix, suffix)
     cursor_line = head.count("\n")
     shown_before = clip_prefix(head, options.prefix_chars).count("\n")
     shown_after = clip_suffix(tail, options.suffix_chars).count("\n") if options.suffix_chars else 0
-    visible = (cursor_line - shown_before, cursor_line + 1 + shown_after)
+    return cursor_line - shown_before, cursor_line + 1 + shown_after
+
+
+@dataclass(frozen=True)
+class ContextCandidates:
+    """Every piece a block can be chosen from at one cursor, whatever the
+    budget, the sources and what the prompt shows of its own file: imported
+    definitions, snippets best first (the other files' SNIPPET_CANDIDATES
+    best and the current file's windows that rank above the last of them),
+    recent files' windows. Mining stores them with an instance
+    (`mined_context`), so training and evaluation render the block for
+    their own budgets as the server would have."""
+
+    path: str
+    cursor_line: int
+    imports: tuple[Piece, ...] = ()
+    snippets: tuple[Piece, ...] = ()
+    recent: tuple[Piece, ...] = ()
+
+    def to_record(self) -> dict[str, Any]:
+        """JSON-ready form (pieces as [path, start, end, text])."""
+
+        def rows(pieces: tuple[Piece, ...]) -> list[list[Any]]:
+            return [[p.path, p.start, p.end, p.text] for p in pieces]
+
+        return {
+            "cursor_line": self.cursor_line,
+            "imports": rows(self.imports),
+            "snippets": rows(self.snippets),
+            "recent": rows(self.recent),
+        }
+
+    @classmethod
+    def from_record(cls, path: str, data: Mapping[str, Any]) -> ContextCandidates:
+        def pieces(source: str) -> tuple[Piece, ...]:
+            return tuple(
+                Piece(source, str(p), int(start), int(end), str(text))
+                for p, start, end, text in data.get(source, [])
+            )
+
+        return cls(
+            path,
+            int(data.get("cursor_line", 0)),
+            pieces("imports"),
+            pieces("snippets"),
+            pieces("recent"),
+        )
+
+
+def gather_candidates(
+    workspace: Workspace,
+    path: str | None,
+    prefix: str,
+    suffix: str,
+    sources: Iterable[str] = CONTEXT_SOURCES,
+) -> ContextCandidates:
+    """The candidates of `build_context`'s block for this cursor (only the
+    text before the cursor's line and after it counts)."""
+    head, tail = _split_cursor(prefix, suffix)
     query = query_identifiers(head)
     current = path or ""
-
-    def shown(other: str, start: int, end: int) -> bool:
-        return other == current and start < visible[1] and end > visible[0]
-
-    candidates: dict[str, list[Piece]] = {}
-    if "imports" in options.sources and path:
-        candidates["imports"] = imported_definitions(workspace, path, head, tail)
-    if "snippets" in options.sources:
-        candidates["snippets"] = [
-            _piece("snippets", w)
-            for w in workspace.index.search(query, SNIPPET_CANDIDATES, skip=shown)
-        ]
-    if "recent" in options.sources:
+    wanted = set(sources)
+    imports: list[Piece] = []
+    snippets: list[Piece] = []
+    recent: list[Piece] = []
+    if "imports" in wanted and path:
+        imports = imported_definitions(workspace, path, head, tail)
+    if "snippets" in wanted:
+        others, own = workspace.index.rank_windows(query, SNIPPET_CANDIDATES, current)
+        if len(others) >= SNIPPET_CANDIDATES:
+            last = _rank(others[-1])
+            own = [w for w in own if _rank(w) < last]
+        snippets = [_piece("snippets", w) for w in sorted([*others, *own], key=_rank)]
+    if "recent" in wanted:
         windows = (
             workspace.index.best_window(other, query)
             for other in workspace.index.recent(RECENT_FILES + 1)
             if other != current
         )
-        candidates["recent"] = [_piece("recent", w) for w in windows if w is not None]
-    return render_block(select_pieces(candidates, options.chars))
+        recent = [_piece("recent", w) for w in windows if w is not None]
+    return ContextCandidates(
+        current, head.count("\n"), tuple(imports), tuple(snippets), tuple(recent)
+    )
+
+
+def _rank(window: Window) -> tuple[float, str, int]:
+    """The index's ranking order (best first; ties by path, then line)."""
+    return (-window.score, window.path, window.start)
+
+
+def render_candidates(
+    candidates: ContextCandidates, options: ContextOptions, visible: tuple[int, int]
+) -> str:
+    """The block chosen from `candidates` within `options` (budget, sources),
+    leaving out snippets of the current file's `visible` lines."""
+    if options.chars <= 0:
+        return ""
+    current = candidates.path
+
+    def shown(piece: Piece) -> bool:
+        return piece.path == current and piece.start < visible[1] and piece.end > visible[0]
+
+    chosen: dict[str, list[Piece]] = {}
+    if "imports" in options.sources:
+        chosen["imports"] = list(candidates.imports)
+    if "snippets" in options.sources:
+        chosen["snippets"] = [p for p in candidates.snippets if not shown(p)][:SNIPPET_CANDIDATES]
+    if "recent" in options.sources:
+        chosen["recent"] = list(candidates.recent)
+    return render_block(select_pieces(chosen, options.chars))
+
+
+# ---- mined instances: the candidates stored, the block rendered later -------------
+
+# What the record of a mined completion instance holds under "context".
+CONTEXT_RECORD_VERSION = 1
+
+
+def mined_context(
+    workspace: Workspace,
+    path: str,
+    prefix: str,
+    suffix: str,
+    prefix_chars: int,
+    suffix_chars: int,
+) -> dict[str, Any]:
+    """The "context" field of a mined instance whose cursor sits between the
+    whole file's `prefix` and `suffix`, with `workspace` the index (and
+    module map) of the commit's parent: the candidates, and which lines the
+    instance's own clipped prefix and suffix show (`prefix_chars`,
+    `suffix_chars`: the budgets it was clipped with)."""
+    candidates = gather_candidates(workspace, path, prefix, suffix)
+    before, _ = visible_lines(prefix, suffix, ContextOptions(1, (), prefix_chars, 0))
+    _, after = visible_lines(prefix, suffix, ContextOptions(1, (), prefix_chars, suffix_chars))
+    cursor = candidates.cursor_line
+    return {
+        "version": CONTEXT_RECORD_VERSION,
+        **candidates.to_record(),
+        "shown": {
+            "prefix_chars": prefix_chars,
+            "before": cursor - before,
+            "suffix_chars": suffix_chars,
+            "after": after - cursor - 1,
+        },
+    }
+
+
+def stored_context_block(
+    path: str, data: Mapping[str, Any] | None, prefix: str, suffix: str, options: ContextOptions
+) -> str:
+    """The block `build_context` gave at the instance's cursor, from the
+    candidates mining stored (`mined_context`), for `options`; `prefix` and
+    `suffix` are the instance's clipped ones. Exact for the budgets the
+    instance was clipped with (and any smaller suffix budget that shows no
+    suffix); other prefix/suffix budgets count the lines shown from the
+    clipped text. "" for instances mined without context (older datasets)."""
+    if not data or options.chars <= 0:
+        return ""
+    candidates = ContextCandidates.from_record(path, data)
+    shown = data.get("shown", {})
+    cursor = candidates.cursor_line
+    if options.prefix_chars == shown.get("prefix_chars"):
+        before = int(shown["before"])
+    else:
+        head = prefix[: prefix.rfind("\n") + 1]
+        before = clip_prefix(head, options.prefix_chars).count("\n")
+    if not options.suffix_chars:
+        after = 0
+    elif options.suffix_chars == shown.get("suffix_chars"):
+        after = int(shown["after"])
+    else:
+        newline = suffix.find("\n")
+        tail = suffix[newline + 1 :] if newline != -1 else ""
+        after = clip_suffix(tail, options.suffix_chars).count("\n")
+    return render_candidates(candidates, options, (cursor - before, cursor + 1 + after))
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """What a completion prompt shows, in the serve settings' terms: the
+    in-file budgets, where the code after the cursor goes, the repository
+    context's budget and sources. Serving, training and evaluation read one
+    of these (defaults = `ServeSettings`' defaults)."""
+
+    prefix_chars: int = 6000
+    suffix_chars: int = 400
+    suffix_layout: str = "auto"
+    context_chars: int = 0
+    context_sources: tuple[str, ...] = CONTEXT_SOURCES
+
+    @classmethod
+    def of(cls, serve: Any) -> PromptConfig:
+        """The configuration of a `ServeSettings` (or anything with its keys)."""
+        return cls(
+            prefix_chars=int(serve.prefix_chars),
+            suffix_chars=int(serve.suffix_chars),
+            suffix_layout=str(serve.suffix_layout),
+            context_chars=int(serve.context_chars),
+            context_sources=tuple(serve.context_sources),
+        )
+
+    def layout(self, use_fim: bool) -> str:
+        return resolve_suffix_layout(self.suffix_layout, use_fim)
+
+    def context_options(self, use_fim: bool) -> ContextOptions:
+        """The context options the engine uses for this configuration (the
+        suffix counts as shown only in a layout that shows it)."""
+        shows_suffix = self.layout(use_fim) in ("fim", "before")
+        return ContextOptions(
+            chars=self.context_chars,
+            sources=self.context_sources,
+            prefix_chars=self.prefix_chars,
+            suffix_chars=self.suffix_chars if shows_suffix else 0,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "prefix_chars": self.prefix_chars,
+            "suffix_chars": self.suffix_chars,
+            "suffix_layout": self.suffix_layout,
+            "context_chars": self.context_chars,
+            "context_sources": list(self.context_sources),
+        }
 
 
 def _piece(source: str, window: Window) -> Piece:

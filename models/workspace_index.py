@@ -439,48 +439,97 @@ class WorkspaceIndex:
         skip: Callable[[str, int, int], bool] | None = None,
     ) -> list[Window]:
         """The `limit` windows that best match the identifiers in `query`
-        (BM25), best first; `skip(path, start, end)` leaves windows out."""
+        (BM25), best first; `skip(path, start, end)` leaves windows out.
+
+        The ranking depends only on the indexed files, never on the order they
+        were indexed in (ties go to the first path and line), so an index kept
+        current by updates ranks exactly as one built afresh: mining builds a
+        parent commit's index incrementally and gets the server's context."""
+        with self._lock:
+            scores = self._scores(query)
+            return self._top(scores, limit, skip) if scores is not None else []
+
+    def rank_windows(
+        self, query: Iterable[str], limit: int, path: str
+    ) -> tuple[list[Window], list[Window]]:
+        """From one scoring of `query`: the `limit` best windows of the other
+        files (as `search` with `path` skipped) and every matching window of
+        `path`, both best first. Merged by (-score, path, start) they give
+        `search`'s answer for any `skip` that leaves out only windows of
+        `path` (what a prompt shows of its own file depends on its budgets)."""
+        key = posix_path(path)
+        with self._lock:
+            scores = self._scores(query)
+            if scores is None:
+                return [], []
+            others = self._top(scores, limit, lambda other, _s, _e: other == key)
+            entry = self._files.get(key)
+            own = [
+                self._window(chunk, float(scores[chunk_id]))
+                for chunk_id in (entry.chunks if entry else [])
+                if (chunk := self._chunks[chunk_id]) is not None and scores[chunk_id] > 0
+            ]
+        own.sort(key=lambda w: (-w.score, w.path, w.start))
+        return others, own
+
+    def _scores(self, query: Iterable[str]) -> Any:
+        """BM25 of every window (0: no match, or dead), or None when nothing
+        can match. Terms are summed rarest first, ties by name, so the floats
+        do not depend on the identifiers' ids (the order they were met in)."""
         import numpy as np
 
-        with self._lock:
-            if not self._live or limit <= 0:
-                return []
-            terms = sorted(
-                {self._ids[t] for t in query if t in self._ids}, key=self._df.__getitem__
-            )
-            postings: list[Any] = []
-            weights: list[Any] = []
-            visited = 0
-            for term in terms:
-                df = self._df[term]
-                posting = self._postings[term]
-                if df == 0:
-                    continue
-                if postings and visited + len(posting) > MAX_POSTINGS_VISITED:
-                    break
-                visited += len(posting)
-                weight = math.log(1.0 + (self._live - df + 0.5) / (df + 0.5))
-                postings.append(np.frombuffer(posting, dtype=np.uint32).astype(np.int64))
-                weights.append(np.full(len(posting), weight))
-            if not postings:
-                return []
-            sizes = np.frombuffer(self._sizes, dtype=np.uint32).astype(np.float64)
-            scores = np.bincount(
-                np.concatenate(postings), np.concatenate(weights), minlength=len(sizes)
-            )
-            average = self._total_size / self._live
-            norm = (BM25_K1 + 1.0) / (1.0 + BM25_K1 * (1.0 - BM25_B + BM25_B * sizes / average))
-            scores = np.where(sizes > 0, scores * norm, 0.0)
-            found: list[Window] = []
-            candidates = int(np.count_nonzero(scores))
-            head = min(candidates, 4 * limit + 32)
-            while True:
-                order: Any = np.argpartition(-scores, head - 1)[:head] if head else []
-                ranked = sorted(((float(scores[i]), int(i)) for i in order), reverse=True)
-                found = self._take(ranked, limit, skip)
-                if len(found) >= limit or head >= candidates:
-                    return found
-                head = min(candidates, head * 4)  # skipped windows: look further
+        if not self._live:
+            return None
+        names = sorted(
+            {t for t in query if t in self._ids}, key=lambda t: (self._df[self._ids[t]], t)
+        )
+        postings: list[Any] = []
+        weights: list[Any] = []
+        visited = 0
+        for name in names:
+            term = self._ids[name]
+            df = self._df[term]
+            posting = self._postings[term]
+            if df == 0:
+                continue
+            if postings and visited + len(posting) > MAX_POSTINGS_VISITED:
+                break
+            visited += len(posting)
+            weight = math.log(1.0 + (self._live - df + 0.5) / (df + 0.5))
+            postings.append(np.frombuffer(posting, dtype=np.uint32).astype(np.int64))
+            weights.append(np.full(len(posting), weight))
+        if not postings:
+            return None
+        sizes = np.frombuffer(self._sizes, dtype=np.uint32).astype(np.float64)
+        scores = np.bincount(
+            np.concatenate(postings), np.concatenate(weights), minlength=len(sizes)
+        )
+        average = self._total_size / self._live
+        norm = (BM25_K1 + 1.0) / (1.0 + BM25_K1 * (1.0 - BM25_B + BM25_B * sizes / average))
+        return np.where(sizes > 0, scores * norm, 0.0)
+
+    def _top(
+        self, scores: Any, limit: int, skip: Callable[[str, int, int], bool] | None
+    ) -> list[Window]:
+        import numpy as np
+
+        if limit <= 0:
+            return []
+        candidates = int(np.count_nonzero(scores))
+        head = min(candidates, 4 * limit + 32)
+        while True:
+            if head:
+                order: Any = np.argpartition(-scores, head - 1)[:head]
+                # Every window tied with the last one taken, whichever
+                # argpartition happened to pick.
+                order = np.flatnonzero(scores >= scores[order].min())
+            else:
+                order = []
+            ranked = sorted(self._rank_key(float(scores[i]), int(i)) for i in order)
+            found = self._take([(-key[0], key[3]) for key in ranked], limit, skip)
+            if len(found) >= limit or head >= candidates:
+                return found
+            head = min(candidates, head * 4)  # skipped windows: look further
 
     def _take(
         self,
@@ -498,6 +547,11 @@ class WorkspaceIndex:
             if len(found) >= limit:
                 break
         return found
+
+    def _rank_key(self, score: float, chunk_id: int) -> tuple[float, str, int, int]:
+        chunk = self._chunks[chunk_id]
+        assert chunk is not None
+        return (-score, chunk.path, chunk.start, chunk_id)
 
     def best_window(self, path: str, query: Iterable[str]) -> Window | None:
         """The window of `path` most like `query` (Jaccard over identifier

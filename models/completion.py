@@ -31,14 +31,15 @@ from shoptalk.models.context import (
     ContextOptions,
     Workspace,
     build_context,
+    context_anchor,
     copy_candidates,
 )
 from shoptalk.models.prompt import (
-    PREFIX_LINE_STEP,
     PromptParts,
     PromptPlan,
     clip_context,
     layout_prompt,
+    prefix_line_step,
     resolve_suffix_layout,
 )
 
@@ -151,16 +152,24 @@ def offset_to_utf16(text: str, offset: int) -> tuple[int, int]:
 # ---- prompts ------------------------------------------------------------------
 
 
+def _line_offset(text: str, line: int) -> int:
+    """The offset where line `line` (0-based) of `text` starts."""
+    position = -1
+    for _ in range(line):
+        position = text.find("\n", position + 1)
+    return position + 1
+
+
 def stable_tail(prefix: str, max_chars: int) -> str:
     """A tail of `prefix` on which `clip_prefix` cuts exactly where it cuts the
     whole prefix (it starts at a line whose number is a multiple of
-    PREFIX_LINE_STEP, well before the budget), so a huge document costs no
+    `prefix_line_step`, well before the budget), so a huge document costs no
     more than a small one."""
     if len(prefix) <= 4 * max_chars:
         return prefix
     window_start = len(prefix) - 2 * max_chars
     line_index = prefix.count("\n", 0, window_start)
-    steps_back = line_index % PREFIX_LINE_STEP
+    steps_back = line_index % prefix_line_step(max_chars)
     position = prefix.rfind("\n", 0, window_start)
     for _ in range(steps_back):
         if position == -1:
@@ -457,17 +466,23 @@ class CompletionEngine:
         workspace: Workspace | None,
         refresh: bool = False,
     ) -> str:
-        """The repository context for this cursor: the block last built while
-        the cursor stays on the same line, unless `refresh` asks for a new one."""
+        """The repository context for this cursor: the block built for the
+        first cursor of its stretch of lines (`context_anchor`), kept while
+        the user types in that stretch and the text above it is unchanged,
+        unless `refresh` asks for a new one. The block comes first in the
+        prompt, so each change means reading the whole prompt again (seconds
+        on a laptop CPU); built for every new line, it changed on every
+        Enter. New index content reaches it in the next stretch."""
         if workspace is None or self.options.context_chars <= 0:
             return ""
-        line_start = text.rfind("\n", 0, offset) + 1
-        options = self.context_options()
-        key = (id(workspace), path, line_start, options)
+        head = text[: text.rfind("\n", 0, offset) + 1]
+        anchor = context_anchor(head)
+        above = head[: _line_offset(head, anchor)]
+        key = (id(workspace), path, anchor, hash(above), self.context_options())
         with self._context_lock:
             if not refresh and key == self._context_key:
                 return self._context_block
-        block = build_context(workspace, path, text[:offset], text[offset:], options)
+        block = build_context(workspace, path, text[:offset], text[offset:], key[-1])
         with self._context_lock:
             self._context_key, self._context_block = key, block
         return block
@@ -502,11 +517,9 @@ class CompletionEngine:
         workspace: Workspace | None = None,
     ) -> int:
         """Evaluate the prompt for this cursor ahead of the first request, with
-        a freshly built context (stops early, keeping what it evaluated, when
-        `cancelled` is set)."""
-        return self.backend.prefill(
-            self.plan(text, offset, path, workspace, refresh=True), cancelled
-        )
+        the context its stretch of lines gets (stops early, keeping what it
+        evaluated, when `cancelled` is set)."""
+        return self.backend.prefill(self.plan(text, offset, path, workspace), cancelled)
 
     def complete(
         self,

@@ -41,6 +41,7 @@ from shoptalk.models.workspace_index import Window, WorkspaceIndex, identifiers
 ContextSource = Literal["snippets", "imports", "recent"]
 CONTEXT_SOURCES: tuple[ContextSource, ...] = ("snippets", "imports", "recent")
 QUERY_LINES = 12
+CONTEXT_LINE_STEP = 16  # the server keeps a block while the cursor stays in such a stretch
 SNIPPET_CANDIDATES = 24
 RECENT_FILES = 8
 # Shares of the budget the first pass gives a source; what one leaves is
@@ -99,6 +100,13 @@ def _split_cursor(prefix: str, suffix: str) -> tuple[str, str]:
     newline = suffix.find("\n")
     tail = suffix[newline + 1 :] if newline != -1 else ""
     return head, tail
+
+
+def context_anchor(head: str) -> int:
+    """The first line of the cursor's stretch of CONTEXT_LINE_STEP lines
+    (`head`: the text before the cursor's line)."""
+    line = head.count("\n")
+    return line - line % CONTEXT_LINE_STEP
 
 
 def query_identifiers(head: str, lines: int = QUERY_LINES) -> list[str]:

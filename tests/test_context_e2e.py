@@ -23,6 +23,7 @@ from test_server_engine import DOCUMENT, model_preferences
 from shoptalk.models.backends import LlamaBackend, LlamaOptions
 from shoptalk.models.catalog import GEMMA3_FIM
 from shoptalk.models.completion import CompletionEngine, EngineOptions
+from shoptalk.models.context import CONTEXT_LINE_STEP
 from shoptalk.models.manifest import write_manifest
 from shoptalk.server.lsp import _plain
 
@@ -163,7 +164,7 @@ async def wait_for_index_version(session: Session, above: int) -> int:
     return int(version)
 
 
-async def test_edits_and_files_changed_on_disk_reach_the_prompt_of_the_next_line(
+async def test_edits_and_files_changed_on_disk_reach_the_prompt_of_the_next_stretch(
     context_session: Session,
 ) -> None:
     session = context_session
@@ -187,7 +188,17 @@ async def test_edits_and_files_changed_on_disk_reach_the_prompt_of_the_next_line
         )
     )
     await wait_for_index_version(session, version)
+    before = (await last_prompt(session))["context"]
+    # The next line, in the same stretch of lines: the block stays put (the
+    # KV cache keeps the whole prompt), new index content waits.
     text += "freeze_cold_storage()\n    journal_book."
+    session.replace(uri, text)
+    line, character = position_at_end(text)
+    await session.inline(uri, line, character)
+    assert (await last_prompt(session))["context"] == before
+    # The first line of the next stretch gets a block built afresh.
+    while text.count("\n") % CONTEXT_LINE_STEP != 0:  # the cursor's line starts a stretch
+        text += "close_period()\n    journal_book."
     session.replace(uri, text)
     line, character = position_at_end(text)
     await session.inline(uri, line, character)

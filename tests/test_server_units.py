@@ -4,6 +4,7 @@ module lookup, client options."""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -30,7 +31,7 @@ from shoptalk.models.module_lookup import (
     terms,
 )
 from shoptalk.models.module_map import build_module_map
-from shoptalk.models.prompt import clip_prefix
+from shoptalk.models.prompt import clip_prefix, prefix_line_step
 from shoptalk.models.settings import Settings
 from shoptalk.server.lsp import parse_client_options
 
@@ -231,3 +232,18 @@ def test_default_threads_is_one_per_usable_physical_core(monkeypatch: pytest.Mon
     assert backends.default_threads() == usable  # never more than this process may use
     monkeypatch.setattr(backends, "_physical_cores", lambda: None)
     assert backends.default_threads() == max(1, usable // 2)  # unknown: assume hyper-threads
+
+
+def test_the_prefix_start_moves_rarely_and_in_large_steps() -> None:
+    """At the default 6,000 characters the start moves once per 32 lines typed
+    (each move means reading the whole prompt again), at 1,600 once per 8."""
+    assert (prefix_line_step(1600), prefix_line_step(6000), prefix_line_step(8000)) == (8, 32, 40)
+    document = "".join(f"value_{i} = compute(value_{i - 1}, {i})\n" for i in range(1000))
+    for budget, step in ((6000, 32), (1600, 8)):
+        starts = [
+            len(document[: 20_000 + n * 35]) - len(clip_prefix(document[: 20_000 + n * 35], budget))
+            for n in range(4 * step)
+        ]
+        moves = sum(1 for a, b in itertools.pairwise(starts) if a != b)
+        assert moves <= 4, (budget, moves)
+        assert all(len(document[: 20_000 + n * 35]) - s <= budget for n, s in enumerate(starts))

@@ -212,14 +212,22 @@ def train(
     ] = DEFAULT_VAL_LIMIT,
 ) -> None:
     """Fine-tune a LoRA adapter on the repository's mined dataset."""
+    from contextlib import AbstractContextManager, nullcontext
+
+    from shoptalk.models.progress import Report, quiet
     from shoptalk.trainer.train import STOP_MESSAGE, TrainError, summary_table, train_adapter
+    from shoptalk.trainer.train_loop import is_main_process
 
     if precision not in ("auto", "bf16", "fp32"):
         raise TrainError(f"--precision {precision!r}: use auto, bf16 or fp32")
     if purpose not in ("org", "baseline+", "dev", "org+dev"):
         raise TrainError(f"--purpose {purpose!r}: use org, baseline+, dev or org+dev")
     settings = settings_for(ctx, repo, {"train": dict(overrides or {})})
-    with ConsoleReport(styles={STOP_MESSAGE: "yellow"}) as report:
+    main = is_main_process()  # under `accelerate launch`, rank 0 alone reports and prints
+    console: AbstractContextManager[Report] = (
+        ConsoleReport(styles={STOP_MESSAGE: "yellow"}) if main else nullcontext(quiet)
+    )
+    with console as report:
         result = train_adapter(
             repo,
             settings,
@@ -232,8 +240,11 @@ def train(
             dataset_dir=dataset,
             val_limit=val_limit,
             precision=precision,
+            show_progress=main,
             report=report,
         )
+    if not main:
+        return
     stdout_console.print(summary_table(result))
     if result.adapter_dir is not None and purpose == "org":  # the module lookup learns here too
         from shoptalk.trainer.retriever import train_retriever_after

@@ -11,13 +11,15 @@ Used by the run (`shoptalk.trainer.train`); uses the checkpoints
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from shoptalk.models.files import write_failure
 from shoptalk.models.progress import Progress, Report, quiet
@@ -28,6 +30,7 @@ from shoptalk.trainer.checkpoints import (
     TrainState,
     latest_checkpoint,
     progress_fields,
+    record_evaluation,
     resume_command,
     save_checkpoint,
     trainable_state,
@@ -40,6 +43,8 @@ if TYPE_CHECKING:
     from shoptalk.trainer.formats import Example
     from shoptalk.trainer.train_model import DevicePlan
 
+T = TypeVar("T")
+
 MAX_GRAD_NORM = 1.0
 # What the report gets when Ctrl-C (or SIGTERM) asks training to stop.
 STOP_MESSAGE = "stopping after this step: saving a checkpoint…"
@@ -47,7 +52,13 @@ STOP_MESSAGE = "stopping after this step: saving a checkpoint…"
 
 @dataclass
 class Distributed:
-    """Rank and world size under `accelerate launch`; one process otherwise."""
+    """Rank and world size under `accelerate launch`; one process otherwise.
+
+    Every process runs the same steps on its share of each step's
+    micro-batches; the decisions that end a phase (budgets, Ctrl-C) and the
+    figures that are reported are agreed through collectives, so no process
+    waits in a collective that another one skipped. Only the main process
+    writes (checkpoints, the record, the adapter) and reports."""
 
     accelerator: Any = None
     rank: int = 0
@@ -61,16 +72,98 @@ class Distributed:
         if self.accelerator is not None:
             self.accelerator.wait_for_everyone()
 
+    def share(self, items: Sequence[T]) -> list[T]:
+        """This process's share of `items` (every world-th, from its rank)."""
+        return list(items[self.rank :: self.world])
+
+    def total(self, *values: float) -> list[float]:
+        """Each value summed over the processes."""
+        if self.accelerator is None:
+            return list(values)
+        import torch
+
+        summed = self.accelerator.reduce(torch.tensor(values, dtype=torch.float64), "sum")
+        return [float(v) for v in summed]
+
+    def any(self, *flags: bool) -> list[bool]:
+        """Each flag, true when it is true in any process."""
+        return [v > 0 for v in self.total(*(float(f) for f in flags))]
+
+    def agree(self, value: T) -> T:
+        """The main process's `value`, in every process."""
+        if self.accelerator is None:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([value], from_process=0)[0]  # type: ignore[no-any-return]
+
+    def sync_after(self, module: Any, last: bool) -> contextlib.AbstractContextManager[Any]:
+        """Gradients are averaged over the processes after the last
+        micro-batch of a step only (the others accumulate locally)."""
+        if self.accelerator is None or last:
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(module)  # type: ignore[no-any-return]
+
+    def unwrap(self, module: Any) -> Any:
+        """The module without its DDP wrapper (validation needs no collectives)."""
+        return module if self.accelerator is None else self.accelerator.unwrap_model(module)
+
+
+def is_main_process() -> bool:
+    """Whether this process reports and writes: the only one, or rank 0 under
+    `accelerate launch` (readable before any `Distributed` exists)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
 
 def distributed() -> Distributed:
-    import os
-
+    """One process, or this process's place among those `accelerate launch`
+    started (gloo on CPU, NCCL on GPUs). Raises `TrainError` for launch
+    settings the trainer does not support."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Distributed()
+    import torch
     from accelerate import Accelerator
 
-    accelerator = Accelerator()
+    # accelerate picks the CPU (gloo) only when asked; without a GPU its
+    # launcher's processes would each train alone.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    check_launch(accelerator.distributed_type.value, str(accelerator.mixed_precision))
     return Distributed(accelerator, accelerator.process_index, accelerator.num_processes)
+
+
+def check_launch(distributed_type: str, mixed_precision: str) -> None:
+    """Refuse the launch settings ShopTalk's loop does not handle, saying
+    which to use instead (docs/team-scale.md)."""
+    if mixed_precision == "fp16":
+        raise TrainError(
+            "accelerate's mixed_precision is fp16: ShopTalk chooses the precision itself (bf16 "
+            "where the GPU has it, else fp16 with its own loss scaler); launch with "
+            "--mixed_precision no or bf16 (docs/accelerate/ has ready configs)"
+        )
+    if distributed_type == "FSDP":
+        raise TrainError(
+            "accelerate launched an FSDP run: ShopTalk's checkpoints and adapter are written "
+            "from whole LoRA weights, which FSDP shards across the processes, and gathering "
+            "them is not implemented yet; train with DDP (docs/accelerate/ddp-gpus.yaml) on GPUs "
+            "that each hold the base (docs/team-scale.md)"
+        )
+    if distributed_type not in ("MULTI_CPU", "MULTI_GPU"):
+        raise TrainError(
+            f"accelerate launched a {distributed_type} run: ShopTalk trains with DDP (one "
+            "process per GPU, or gloo on CPU); use one of the configs in docs/accelerate/"
+        )
+
+
+def check_even_share(grad_accum: int, world: int) -> None:
+    """Every process must take the same number of micro-batches per step, or
+    one would wait for gradients the others never send."""
+    if grad_accum % world:
+        lower = max(world, grad_accum - grad_accum % world)
+        raise TrainError(
+            f"train.grad_accum is {grad_accum} but {world} processes share each step's "
+            f"micro-batches: set --grad-accum to a multiple of {world} (e.g. {lower} or "
+            f"{lower + world}) so that each process takes the same number"
+        )
 
 
 def lr_factor(step: int, planned: int | None) -> float:
@@ -132,12 +225,22 @@ class Loop:
     best: dict[str, torch.Tensor] | None = None
     report: Report = quiet  # a bar's events go here only with show_progress
     show_progress: bool = True
+    # Held-out exact match (percent) of the weights now; None: choose by loss.
+    held_out_em: Callable[[Loop], float] | None = None
 
 
 def validation_loss(loop: Loop) -> float:
+    """Mean answer-token loss of the validation examples; under `accelerate
+    launch` each process scores its share and the sums are combined."""
     from shoptalk.trainer.train_model import mean_loss
 
-    return mean_loss(loop.loss_module, loop.val, loop.pad_id, loop.plan, max(1, loop.batch_size))
+    dist = loop.dist
+    mine = dist.share(loop.val)
+    module = dist.unwrap(loop.loss_module)
+    mean = mean_loss(module, mine, loop.pad_id, loop.plan, max(1, loop.batch_size)) if mine else 0.0
+    count = sum(e.answer_tokens for e in mine)
+    total, count_all = dist.total(mean * count, count)
+    return total / max(1, count_all)
 
 
 def fmt_loss(value: float | None) -> str:
@@ -185,25 +288,28 @@ class PhaseBudget:
 
 def optimizer_step(loop: Loop, micro: list[list[Example]], answer_total: int) -> tuple[float, int]:
     """Forward and backward over this process's micro-batches, then one
-    optimizer step; returns the summed loss and the tokens seen."""
+    optimizer step; returns the loss summed over all the step's answer
+    tokens and the step's input tokens (over every process)."""
     import torch
 
     from shoptalk.trainer.train_model import batch_loss, collate
 
-    mine = [mb for k, mb in enumerate(micro) if k % loop.dist.world == loop.dist.rank]
+    dist = loop.dist
+    mine = dist.share(micro)
     step_loss = 0.0
     step_tokens = 0
-    for mb in mine:
+    for index, mb in enumerate(mine):
         batch = collate(mb, loop.pad_id, loop.plan.device)
-        loss = batch_loss(loop.loss_module, batch, loop.plan)
-        # DDP averages gradients over processes; scale back to a sum.
-        scaled = loss * (loop.dist.world / max(1, answer_total))
-        if loop.scaler is not None:
-            loop.scaler.scale(scaled).backward()
-        elif loop.dist.accelerator is not None:
-            loop.dist.accelerator.backward(scaled)
-        else:
-            scaled.backward()
+        with dist.sync_after(loop.loss_module, last=index == len(mine) - 1):
+            loss = batch_loss(loop.loss_module, batch, loop.plan)
+            # DDP averages gradients over processes; scale back to a sum.
+            scaled = loss * (dist.world / max(1, answer_total))
+            if loop.scaler is not None:
+                loop.scaler.scale(scaled).backward()
+            elif dist.accelerator is not None:
+                dist.accelerator.backward(scaled)
+            else:
+                scaled.backward()
         step_loss += float(loss.detach())
         step_tokens += batch.tokens
     if loop.scaler is not None:
@@ -216,15 +322,18 @@ def optimizer_step(loop: Loop, micro: list[list[Example]], answer_total: int) ->
     else:
         loop.optimizer.step()
     loop.optimizer.zero_grad(set_to_none=True)
-    return step_loss, step_tokens
+    total_loss, total_tokens = dist.total(step_loss, step_tokens)
+    return total_loss, int(total_tokens)
 
 
 def validate_step(loop: Loop) -> float:
-    """Validation loss now; keeps the weights when they are the best yet."""
+    """Validation loss (and held-out exact match) now; keeps the weights when
+    they are the best yet (`checkpoints.better`)."""
     state = loop.state
     val_loss = validation_loss(loop)
-    if state.best_val_loss is None or val_loss < state.best_val_loss:
-        state.best_val_loss, state.best_step, state.bad_evals = val_loss, state.step, 0
+    val_em = loop.held_out_em(loop) if loop.held_out_em is not None else None
+    if record_evaluation(state, val_loss, val_em):
+        state.bad_evals = 0
         loop.best = trainable_state(loop.model)
     else:
         state.bad_evals += 1
@@ -249,6 +358,7 @@ def run_phase(
     max_steps, max_seconds = budget.max_steps, budget.max_seconds
     learning_rate, val_every, patience = budget.learning_rate, budget.val_every, budget.patience
     one_epoch = max_steps is None and max_seconds is None
+    check_even_share(budget.grad_accum, loop.dist.world)
     if one_epoch:
         max_steps = schedule.steps_per_epoch
     planned = max_steps
@@ -286,10 +396,14 @@ def run_phase(
         if max_steps is not None and step_of() >= max_steps:
             reason = "one pass over the data done" if one_epoch else "step budget reached"
             break
-        if max_seconds is not None and seconds_of() >= max_seconds:
+        # Agreed by every process: each measures its own time and gets its own signals.
+        out_of_time, stopping = loop.dist.any(
+            max_seconds is not None and seconds_of() >= max_seconds, stop.requested
+        )
+        if out_of_time:
             reason = "time budget reached"
             break
-        if stop.requested:
+        if stopping:
             raise KeyboardInterrupt
         started = time.perf_counter()
         micro = schedule.step(step_of())
@@ -311,8 +425,7 @@ def run_phase(
             raise
         elapsed = time.perf_counter() - started
         last_loss = step_loss / max(1, answer_total)
-        tokens_all = step_tokens * loop.dist.world
-        state.tokens += tokens_all
+        state.tokens += step_tokens
         state.answer_tokens += answer_total
         if is_sft:
             state.step += 1
@@ -336,7 +449,7 @@ def run_phase(
             )
         )
         step_text = f"step {step_of()}" + (f"/{max_steps}" if max_steps else "")
-        speed, loss_text = tokens_all / max(elapsed, 1e-9), f"{last_loss:.3f}"
+        speed, loss_text = step_tokens / max(elapsed, 1e-9), f"{last_loss:.3f}"
         show(step_text, speed, loss_text)
         if evaluate or step_of() % val_every == 0:
             checkpoint_now(loop)

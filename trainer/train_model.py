@@ -109,7 +109,9 @@ def choose_device(setting: str, threads: int | None, precision: str = "auto") ->
         return DevicePlan(torch.device("mps"), None, torch.float32, False, None, "mps fp32")
     if setting not in ("auto", "cpu"):
         raise ModelError(f"unknown train.device {setting!r}; use auto, cpu, cuda or mps")
-    count = threads or _physical_cores()
+    # Processes started together by `accelerate launch` share the cores.
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    count = threads or max(1, _physical_cores() // max(1, local_world))
     torch.set_num_threads(count)
     bf16 = precision == "bf16" or (precision == "auto" and cpu_has_bf16())
     if bf16:

@@ -173,6 +173,12 @@ class RunFolder:
         return self.root / "adapter"
 
     @property
+    def measured_adapter_dir(self) -> Path:
+        """The checkpoint that was chosen and measured, when a final pass over
+        the held-out windows made the served `adapter/` from it."""
+        return self.root / "measured-adapter"
+
+    @property
     def checkpoints_dir(self) -> Path:
         return self.root / "checkpoints"
 

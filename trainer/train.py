@@ -38,6 +38,7 @@ import logging
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,9 +46,10 @@ from typing import TYPE_CHECKING, Any
 from shoptalk.models.catalog import BaseModel, resolve_base
 from shoptalk.models.files import atomic_dir, write_failure
 from shoptalk.models.module_map import language_for
-from shoptalk.models.progress import Report, to_log
+from shoptalk.models.progress import Progress, Report, to_log
 from shoptalk.models.settings import Settings
 from shoptalk.models.store import RepoStore
+from shoptalk.trainer.budget import SAVE_SECONDS, CommandBudget, fine_tuning_seconds
 from shoptalk.trainer.checkpoints import (
     PHASE_PRETRAIN,
     PHASE_SFT,
@@ -58,6 +60,7 @@ from shoptalk.trainer.checkpoints import (
     load_checkpoint,
     load_trainable,
     progress_fields,
+    record_evaluation,
     resume_command,
     trainable_state,
 )
@@ -80,6 +83,8 @@ from shoptalk.trainer.train_loop import (
     checkpoint_now,
     distributed,
     fmt_loss,
+    lr_factor,
+    optimizer_step,
     run_phase,
     validation_loss,
 )
@@ -87,6 +92,7 @@ from shoptalk.trainer.train_loop import (
 if TYPE_CHECKING:
     import torch
 
+    from shoptalk.trainer.em_difference import EmDifference
     from shoptalk.trainer.formats import Example, SequenceBuilder
     from shoptalk.trainer.train_data import Dataset
     from shoptalk.trainer.train_model import BaseIdentity, DevicePlan
@@ -102,6 +108,12 @@ DEFAULT_VAL_LIMIT = 64
 FALLBACK_VAL_SHARE = 0.05
 # Phase 1 reads source files up to this size at the cutoff commit.
 PRETRAIN_MAX_FILE_BYTES = 200_000
+# Records tokenized between two looks at the clock (and two bar updates).
+PREPARE_CHUNK = 200
+# Held-out examples whose loss is compared before and after the final pass.
+FINAL_PROBE = 64
+# What the record and the summary say of a run that kept its start (step 0).
+OUTCOME_NO_GAIN = "complete — no gain"
 
 
 @dataclass
@@ -119,6 +131,7 @@ class TrainResult:
     best_val_loss: float | None
     final_val_loss: float | None
     record: dict[str, Any] = field(default_factory=dict)
+    outcome: str = STATUS_COMPLETE  # OUTCOME_NO_GAIN when the run kept its start
 
 
 def _split_validation(
@@ -184,6 +197,7 @@ def train_adapter(
     precision: str = "auto",
     show_progress: bool = True,
     report: Report | None = None,
+    started: float | None = None,
 ) -> TrainResult:
     """Train (or, with `init_adapter`, continue training) a LoRA adapter on
     the repository's mined dataset; returns where it is and how it went.
@@ -198,6 +212,9 @@ def train_adapter(
     `report` gets what a person follows (default: the log): lines, and with
     `show_progress` each phase's `Progress` (label, step, speed, loss) for a
     bar; on Ctrl-C, `STOP_MESSAGE`.
+
+    `train.max_minutes` bounds the whole call from `started` (a
+    `time.perf_counter()` value; default: now): every phase takes its share.
     """
     say = report or to_log(log)
     store = RepoStore.for_repo(data_dir, repo)
@@ -214,10 +231,11 @@ def train_adapter(
         precision = saved.get("precision", precision)
         say(f"resuming run {run.run_id}")
     else:
-        run = RunFolder(store.run_dir(run_id or store.new_run_id(purpose)))
-        if run.root.exists():
+        # Under `accelerate launch` every process takes the main one's run id and finding.
+        run = RunFolder(store.run_dir(dist.agree(run_id or store.new_run_id(purpose))))
+        if dist.agree(run.root.exists()):
             raise TrainError(f"run {run.run_id} exists already; pick another --run-id")
-    wall_started = time.perf_counter()
+    wall_started = started if started is not None else time.perf_counter()
     request = _Request(
         repo,
         settings,
@@ -234,6 +252,7 @@ def train_adapter(
         show_progress,
         say,
         wall_started,
+        CommandBudget.of_minutes(settings.train.max_minutes, wall_started),
     )
     try:
         return _train(request)
@@ -284,6 +303,12 @@ class _Request:
     show_progress: bool
     say: Report
     wall_started: float
+    budget: CommandBudget
+
+    def bar(self, done: float, total: float, label: str, detail: str, final: bool = False) -> None:
+        """A phase's bar (with its ETA), when progress is shown."""
+        if self.show_progress and self.dist.is_main:
+            self.say(Progress(done, total, label, detail, final))
 
 
 @dataclass
@@ -304,6 +329,9 @@ class _Prepared:
     examples: list[Example]
     val: list[Example]
     pretrain: list[Example]
+    select: list[Example]  # validation completions scored for exact match
+    measure: list[Example]  # the newest test-window completions
+    final: list[Example]  # the held-out windows, for the final pass
 
     def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -317,9 +345,12 @@ def _train(request: _Request) -> TrainResult:
     (the best adapter written, the record complete)."""
     prepared = _prepare(request)
     _start_record(request, prepared)
+    request.bar(0, 1, "loading the model", "base + LoRA")
     loop = _build_loop(request, prepared)
+    request.bar(1, 1, "loading the model", "base + LoRA", final=True)
     final_val = _fit(request, loop, prepared)
-    return _finish(loop, prepared.identity.path, final_val, request.wall_started)
+    served = _measure_and_serve(request, loop, prepared)
+    return _finish(loop, prepared.identity.path, final_val, request, served)
 
 
 def _prepare(request: _Request) -> _Prepared:
@@ -328,6 +359,7 @@ def _prepare(request: _Request) -> _Prepared:
     newest first if asked, plus replayed general code), validation examples
     and phase 1's windows."""
     from shoptalk.trainer.formats import SequenceBuilder, build_examples
+    from shoptalk.trainer.heldout_em import completion_examples
     from shoptalk.trainer.hf_checkpoint import ensure_hf_checkpoint
     from shoptalk.trainer.train_data import (
         check_dataset_base,
@@ -371,6 +403,12 @@ def _prepare(request: _Request) -> _Prepared:
     pretrain: list[Example] = []
     if cfg.pretrain_minutes > 0:
         pretrain = pretrain_examples(request.repo, dataset.manifest, builder, cfg.seed)
+    test_records = mine_only(dataset.split("test"))
+    select = completion_examples(val_records, builder, cfg.select_instances, seed=cfg.seed)
+    measure = completion_examples(test_records, builder, cfg.measure_instances)
+    final: list[Example] = []
+    if cfg.final_pass:
+        final = build_examples(val_records + test_records, builder, cfg.seed, AUGMENT_SHARE)
     return _Prepared(
         base,
         base_path,
@@ -385,6 +423,9 @@ def _prepare(request: _Request) -> _Prepared:
         examples,
         val,
         pretrain,
+        select,
+        measure,
+        final,
     )
 
 
@@ -411,7 +452,7 @@ def _training_mix(
     chosen = weighted_records(train_records, weights, cfg.seed)
     if cfg.recent_first:
         chosen = newest_first(chosen)
-    team = build_examples(chosen, builder, cfg.seed, AUGMENT_SHARE)
+    team = _tokenize(request, builder, chosen)
     check_enough(len(team), request.dataset_dir, "training (after tokenizing)")
     general = replay_records(
         replay_count(len(team), cfg.replay_share),
@@ -422,6 +463,34 @@ def _training_mix(
     )
     replay = [replace(e, kind="replay") for e in build_examples(general, builder, cfg.seed)]
     return interleave(team, replay)
+
+
+def _tokenize(
+    request: _Request, builder: SequenceBuilder, records: list[dict[str, Any]]
+) -> list[Example]:
+    """The training records as examples (some with the cursor moved), a chunk
+    at a time under a bar; with `--max-minutes`, preparation stops at its
+    share of the budget and trains on what it has (the first records: the
+    newest with `recent_first`)."""
+    from shoptalk.trainer.formats import build_examples
+
+    seed, deadline = request.settings.train.seed, request.budget.prepare_deadline()
+    examples: list[Example] = []
+    total = len(records)
+    done = 0
+    for start in range(0, total, PREPARE_CHUNK):
+        if deadline is not None and examples and time.perf_counter() >= deadline:
+            request.say(
+                f"data preparation reached its share of --max-minutes: {done} of {total} "
+                "training records prepared; training on those"
+            )
+            break
+        chunk = records[start : start + PREPARE_CHUNK]
+        examples += build_examples(chunk, builder, seed + start, AUGMENT_SHARE)
+        done = start + len(chunk)
+        request.bar(done, total, "preparing data", f"{len(examples)} examples")
+    request.bar(done, total, "preparing data", f"{len(examples)} examples", final=True)
+    return examples
 
 
 def _start_record(request: _Request, prepared: _Prepared) -> None:
@@ -466,7 +535,14 @@ def _start_record(request: _Request, prepared: _Prepared) -> None:
                     "validation_examples": len(prepared.val),
                     "validation_source": prepared.val_source,
                     "pretrain_windows": len(prepared.pretrain),
+                    "selection_instances": len(prepared.select),
+                    "measure_instances": len(prepared.measure),
+                    "final_pass_examples": len(prepared.final),
                 },
+                "selection": "held-out exact match, ties by validation loss"
+                if prepared.select
+                else "validation loss",
+                "budget_seconds": request.budget.seconds,
                 "seed": cfg.seed,
                 "prompt_format": prepared.prompt_format,
                 "device": prepared.plan.description,
@@ -540,25 +616,40 @@ def _build_loop(request: _Request, prepared: _Prepared) -> Loop:
         best=best,
         report=request.say,
         show_progress=request.show_progress and dist.is_main,
+        held_out_em=_em_scorer(prepared.select),
     )
 
 
+def _em_scorer(select: list[Example]) -> Callable[[Loop], float] | None:
+    """Exact match (percent) of the selection subset under the weights now."""
+    if not select:
+        return None
+    from shoptalk.trainer.heldout_em import exact_matches, percent
+
+    def score(loop: Loop) -> float:
+        return percent(
+            exact_matches(loop.loss_module, select, loop.pad_id, loop.plan, loop.batch_size)
+        )
+
+    return score
+
+
 def _fit(request: _Request, loop: Loop, prepared: _Prepared) -> float | None:
-    """Phase 1 (if any), the base's validation loss, phase 2, then the best
-    weights kept and checkpointed; returns their validation loss. Ctrl-C
-    saves a checkpoint and raises `TrainInterrupted`."""
-    cfg, run, state = request.settings.train, request.run, loop.state
+    """Phase 1 (if any), the start's validation loss and exact match, phase 2
+    (within the command's budget), then the best weights kept and
+    checkpointed; returns their validation loss. Ctrl-C saves a checkpoint
+    and raises `TrainInterrupted`."""
+    run, state = request.run, loop.state
     with StopRequest(request.say) as stop:
         try:
             if state.phase == PHASE_PRETRAIN:
                 if prepared.pretrain:
-                    pretraining = PhaseBudget.pretraining(cfg)
-                    run_phase(loop, PHASE_PRETRAIN, prepared.pretrain, pretraining, stop)
+                    run_phase(loop, PHASE_PRETRAIN, prepared.pretrain, _pretraining(request), stop)
                 state.phase = PHASE_SFT
+            eval_seconds = 0.0
             if state.base_val_loss is None and loop.val:
-                _validate_start(loop, request.say)
-            fine_tuning = PhaseBudget.fine_tuning(cfg)
-            reason = run_phase(loop, PHASE_SFT, prepared.examples, fine_tuning, stop)
+                eval_seconds = _validate_start(loop, request.say)
+            reason = _fine_tune(request, loop, prepared, stop, eval_seconds)
         except KeyboardInterrupt:
             state.stop_reason = "interrupted"
             checkpoint_now(loop)
@@ -577,49 +668,248 @@ def _fit(request: _Request, loop: Loop, prepared: _Prepared) -> float | None:
     return final_val
 
 
-def _validate_start(loop: Loop, say: Report) -> None:
-    """The start point: the validation loss of the base (or the initial
-    adapter) before fine-tuning, the best so far."""
+def _pretraining(request: _Request) -> PhaseBudget:
+    """Phase 1's budget: its minutes, and never more than a third of what is
+    left of the command's."""
+    budget = PhaseBudget.pretraining(request.settings.train)
+    left = request.budget.left()
+    if left is None or budget.max_seconds is None:
+        return budget
+    return replace(budget, max_seconds=min(budget.max_seconds, left / 3))
+
+
+def _fine_tune(
+    request: _Request, loop: Loop, prepared: _Prepared, stop: StopRequest, eval_seconds: float
+) -> str:
+    """Phase 2. Under `--max-minutes` it ends when the time set aside for the
+    rest (final validation, measurement, final pass, saving) is reached:
+    the loop's clock counts training steps only, so it runs in slices, each
+    given what is left of the wall clock, under one bar."""
+    budget = PhaseBudget.fine_tuning(request.settings.train)
+    left = request.budget.left()
+    if left is None:
+        return run_phase(loop, PHASE_SFT, prepared.examples, budget, stop)
+    per_example = eval_seconds / max(1, len(loop.val) + len(prepared.select))
+    reserve = (
+        eval_seconds
+        + per_example * (2 * len(prepared.measure) + 2 * min(FINAL_PROBE, len(prepared.final)))
+        + SAVE_SECONDS
+    )
+    final_share = min(
+        0.25, len(prepared.final) / max(1, len(prepared.final) + len(prepared.examples))
+    )
+    started = time.perf_counter()
+    end = started + fine_tuning_seconds(left, reserve, final_share)
+    shown = _SlicedBar(loop.report, started, end)
+    loop.report = shown
+    reason = "time budget reached"
+    try:
+        while (wall := end - time.perf_counter()) > max(1.0, 0.01 * (end - started)):
+            sliced = replace(budget, max_seconds=loop.state.train_seconds + wall * 0.8)
+            reason = run_phase(loop, PHASE_SFT, prepared.examples, sliced, stop)
+            if reason != "time budget reached":
+                break
+    finally:
+        loop.report = shown.report
+        shown.close()
+    return reason
+
+
+class _SlicedBar:
+    """The bar of a phase run in slices: one bar from the phase's start to
+    its planned end (by the wall clock, so the ETA is the phase's), ended
+    once, at the end of the last slice."""
+
+    def __init__(self, report: Report, started: float, end: float) -> None:
+        self.report, self.started, self.end = report, started, end
+        self.last: Progress | None = None
+
+    def __call__(self, event: str | Progress) -> None:
+        if not isinstance(event, Progress):
+            self.report(event)
+            return
+        total = max(1.0, self.end - self.started)
+        done = min(total, time.perf_counter() - self.started)
+        self.last = Progress(round(done, 1), round(total, 1), event.label, event.detail)
+        self.report(self.last)
+
+    def close(self) -> None:
+        if self.last is not None:
+            last = self.last
+            self.report(Progress(last.done, last.total, last.label, last.detail, final=True))
+
+
+def _validate_start(loop: Loop, say: Report) -> float:
+    """The start point: the validation loss (and held-out exact match) of the
+    base (or the initial adapter) before fine-tuning, the best so far;
+    returns the seconds it took (what each later evaluation costs)."""
+    started = time.perf_counter()
     state = loop.state
     state.base_val_loss = validation_loss(loop)
+    state.base_val_em = loop.held_out_em(loop) if loop.held_out_em is not None else None
     if state.best_val_loss is None:
-        state.best_val_loss = state.base_val_loss
+        record_evaluation(state, state.base_val_loss, state.base_val_em)
         loop.best = trainable_state(loop.model)
     loop.losses.append(
         LossRow(PHASE_SFT, state.step, state.tokens, 0.0, 0.0, None, state.base_val_loss)
     )
-    say(f"validation loss before fine-tuning: {state.base_val_loss:.4f}")
+    em = "" if state.base_val_em is None else f", held-out exact match {state.base_val_em:.1f}%"
+    say(f"validation loss before fine-tuning: {state.base_val_loss:.4f}{em}")
+    return time.perf_counter() - started
 
 
 def _keep_best(loop: Loop) -> float | None:
-    """Final validation of the current weights, then the best ones loaded;
-    returns their validation loss (None without validation)."""
+    """Final evaluation of the current weights (unless the loop evaluated
+    this very step), then the best ones loaded; returns their validation
+    loss (None without validation)."""
     state = loop.state
     if not loop.val:
         return None
-    current = validation_loss(loop)
-    if state.best_val_loss is None or current < state.best_val_loss:
-        state.best_val_loss, state.best_step = current, state.step
-        loop.best = trainable_state(loop.model)
-    loop.losses.append(
-        LossRow(PHASE_SFT, state.step, state.tokens, state.train_seconds, 0.0, None, current)
-    )
+    evaluated = bool(state.evaluations) and state.evaluations[-1]["step"] == state.step
+    if not evaluated:
+        current = validation_loss(loop)
+        em = loop.held_out_em(loop) if loop.held_out_em is not None else None
+        if record_evaluation(state, current, em):
+            loop.best = trainable_state(loop.model)
+        loop.losses.append(
+            LossRow(PHASE_SFT, state.step, state.tokens, state.train_seconds, 0.0, None, current)
+        )
     if loop.best is None:
-        return current
+        return state.best_val_loss
     # The best weights were validated when they were kept: their loss is
     # known, no second pass over the validation set.
     load_trainable(loop.model, loop.best)
     return state.best_val_loss
 
 
+def _measure_and_serve(request: _Request, loop: Loop, prepared: _Prepared) -> dict[str, Any]:
+    """The chosen checkpoint measured against the base on the newest
+    test-window completions, then (with `train.final_pass`, when the run
+    gained on validation) written aside and trained once over the held-out
+    windows, so that the served adapter knows the newest code. Returns the
+    record's `measured` and `served` parts."""
+    state, run = loop.state, loop.run
+    measured: dict[str, Any] = {
+        "step": state.best_step,
+        "val_loss": state.best_val_loss,
+        "val_em": state.best_val_em,
+        "adapter": str(run.adapter_dir),
+    }
+    if prepared.measure:
+        difference = _measure(request, loop, prepared.measure)
+        if difference is not None:
+            measured["test_window"] = difference.as_dict()
+            request.say("measured checkpoint: " + difference.text())
+    served: dict[str, Any] = {"adapter": str(run.adapter_dir), "final_pass": None}
+    if not prepared.final:
+        return {"measured": measured, "served": served}
+    if state.best_step == 0:
+        request.say("final pass skipped: the run kept its start (no gain); the start is served")
+        return {"measured": measured, "served": served}
+    if request.dist.is_main:
+        measured["adapter"] = str(
+            _write_adapter(loop, prepared.base_path, run.measured_adapter_dir)
+        )
+    served["final_pass"] = _final_pass(request, loop, prepared)
+    return {"measured": measured, "served": served}
+
+
+def _measure(request: _Request, loop: Loop, examples: list[Example]) -> EmDifference | None:
+    """Paired greedy exact match of the weights now and of the base (the
+    adapter switched off) on `examples`, in chunks under a bar; with
+    `--max-minutes`, on as many as the time set aside allows."""
+    from shoptalk.trainer.em_difference import paired_difference
+    from shoptalk.trainer.heldout_em import exact_matches
+
+    ours: list[bool] = []
+    base: list[bool] = []
+    label, total = "measuring on the test window", len(examples)
+    chunk = max(1, loop.batch_size) * 4
+    for start in range(0, total, chunk):
+        if request.budget.spent(SAVE_SECONDS + _final_reserve(request)) and start:
+            request.say(f"measurement cut by --max-minutes at {start} of {total} instances")
+            break
+        part = examples[start : start + chunk]
+        ours += exact_matches(loop.loss_module, part, loop.pad_id, loop.plan, loop.batch_size)
+        with loop.model.disable_adapter():
+            base += exact_matches(loop.loss_module, part, loop.pad_id, loop.plan, loop.batch_size)
+        request.bar(len(ours), total, label, f"{sum(ours)} vs base {sum(base)} exact")
+    request.bar(len(ours), total, label, f"{sum(ours)} vs base {sum(base)} exact", final=True)
+    if not ours:
+        return None
+    return paired_difference(ours, base, ("this run", "base"))
+
+
+def _final_reserve(request: _Request) -> float:
+    """Seconds the final pass keeps for itself while measuring (a tenth of
+    the budget when it runs; 0 without a budget)."""
+    seconds = request.budget.seconds
+    if seconds is None or not request.settings.train.final_pass:
+        return 0.0
+    return seconds * 0.1
+
+
+def _final_pass(request: _Request, loop: Loop, prepared: _Prepared) -> dict[str, Any]:
+    """One pass over the held-out windows (validation + test) from the chosen
+    weights, within what is left of the budget; returns what it did and the
+    loss of the newest test-window completions before and after."""
+    from shoptalk.trainer.train_data import BatchSchedule
+    from shoptalk.trainer.train_model import mean_loss
+
+    cfg, state = request.settings.train, loop.state
+    probe = (prepared.measure or prepared.final)[:FINAL_PROBE]
+    module = getattr(loop.loss_module, "module", loop.loss_module)
+    probe_started = time.perf_counter()
+    before = mean_loss(module, probe, loop.pad_id, loop.plan, max(1, loop.batch_size))
+    probe_seconds = time.perf_counter() - probe_started
+    schedule = BatchSchedule(prepared.final, loop.batch_size, cfg.grad_accum, cfg.seed, False)
+    planned = schedule.steps_per_epoch
+    getattr(loop.optimizer, "optimizer", loop.optimizer).state.clear()  # a fresh start
+    reason, label, detail = "one pass over the held-out windows", "final pass", ""
+    started = time.perf_counter()
+    for step in range(planned):
+        if request.budget.spent(probe_seconds + SAVE_SECONDS):
+            reason = f"time budget reached after {step} of {planned} steps"
+            break
+        micro = schedule.step(step)
+        answer_total = sum(e.answer_tokens for mb in micro for e in mb)
+        for group in loop.optimizer.param_groups:
+            group["lr"] = cfg.learning_rate * lr_factor(step, planned)
+        step_loss, _tokens = optimizer_step(loop, micro, answer_total)
+        state.final_steps += 1
+        detail = f"step {step + 1}/{planned} loss {step_loss / max(1, answer_total):.3f}"
+        request.bar(step + 1, planned, label, detail)
+    state.final_seconds = time.perf_counter() - started
+    request.bar(state.final_steps, planned, label, detail or "no step", final=True)
+    after = mean_loss(module, probe, loop.pad_id, loop.plan, max(1, loop.batch_size))
+    request.say(
+        f"final pass over the held-out windows: {state.final_steps} steps; loss of the newest "
+        f"{len(probe)} held-out instances {before:.3f} → {after:.3f}"
+    )
+    return {
+        "examples": len(prepared.final),
+        "steps": state.final_steps,
+        "planned_steps": planned,
+        "seconds": round(state.final_seconds, 2),
+        "stop_reason": reason,
+        "probe": {"instances": len(probe), "loss_before": before, "loss_after": after},
+    }
+
+
 def _finish(
-    loop: Loop, base_path: str, final_val: float | None, wall_started: float
+    loop: Loop,
+    base_path: str,
+    final_val: float | None,
+    request: _Request,
+    served: dict[str, Any],
 ) -> TrainResult:
-    """The best adapter written atomically, the record completed (only then
-    does it say `complete`), the checkpoints removed; returns the result."""
+    """The served adapter written atomically, the record completed (only then
+    does it say `complete`; a run that kept its start says so), the
+    checkpoints removed; returns the result."""
     run, dist, state = loop.run, loop.dist, loop.state
     adapter: Path | None = None
-    wall = time.perf_counter() - wall_started
+    wall = time.perf_counter() - request.wall_started
+    outcome = OUTCOME_NO_GAIN if state.best_step == 0 else STATUS_COMPLETE
     record = run.read_record() if dist.is_main else {}
     if dist.is_main:
         try:
@@ -631,6 +921,8 @@ def _finish(
         record.update(
             {
                 "status": STATUS_COMPLETE,
+                "outcome": outcome,
+                **served,
                 "stop_reason": state.stop_reason,
                 "final_val_loss": final_val,
                 "adapter": str(adapter),
@@ -669,6 +961,7 @@ def _finish(
         best_val_loss=state.best_val_loss,
         final_val_loss=final_val,
         record=record,
+        outcome=outcome,
     )
 
 
@@ -685,13 +978,14 @@ def _finishing_error(run: RunFolder, exc: Exception) -> Exception:
     )
 
 
-def _write_adapter(loop: Loop, base_path: str) -> Path:
-    """Save the adapter as a standard PEFT folder, atomically, and check it
-    reads back to the same tensors."""
+def _write_adapter(loop: Loop, base_path: str, target: Path | None = None) -> Path:
+    """Save the adapter (to `adapter/` unless `target` says otherwise) as a
+    standard PEFT folder, atomically, and check it reads back to the same
+    tensors."""
     import torch
     from safetensors.torch import load_file
 
-    target = loop.run.adapter_dir
+    target = target or loop.run.adapter_dir
     model = loop.model
     with atomic_dir(target) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
@@ -721,7 +1015,7 @@ def summary_table(result: TrainResult) -> Any:
     table = Table(title=f"training run {result.run_id}", show_header=False)
     table.add_column("what")
     table.add_column("value")
-    table.add_row("status", f"{result.status} ({result.stop_reason})")
+    table.add_row("status", f"{result.outcome} ({result.stop_reason})")
     table.add_row("steps", str(result.steps))
     table.add_row("input tokens", f"{result.tokens:,}")
     table.add_row("throughput", f"{result.tokens_per_second:.0f} tokens/s")
@@ -729,7 +1023,40 @@ def summary_table(result: TrainResult) -> Any:
         "validation loss",
         f"{fmt_loss(result.base_val_loss)} before → {fmt_loss(result.best_val_loss)} best",
     )
+    for name, value in _selection_rows(result.record):
+        table.add_row(name, value)
     table.add_row("wall time", f"{result.wall_seconds / 60:.1f} min")
     table.add_row("adapter", str(result.adapter_dir))
     table.add_row("loss curve", str(result.run_dir / "loss.png"))
     return whole_cells(table)  # paths fold, never cut with "…"
+
+
+def _selection_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """The summary's rows on the checkpoint chosen, its measurement and the
+    adapter served."""
+    from shoptalk.trainer.em_difference import EmDifference
+
+    measured = record.get("measured") or {}
+    rows: list[tuple[str, str]] = []
+    if record.get("base_val_em") is not None:
+        rows.append(
+            (
+                "held-out exact match",
+                f"{record['base_val_em']:.1f}% before → {measured.get('val_em') or 0:.1f}% "
+                f"chosen (step {measured.get('step')}, {record.get('selection')})",
+            )
+        )
+    if measured.get("test_window"):
+        rows.append(("measured", EmDifference.from_dict(measured["test_window"]).text()))
+    final = (record.get("served") or {}).get("final_pass")
+    if final:
+        probe = final["probe"]
+        rows.append(
+            (
+                "served",
+                f"measured checkpoint + final pass over the held-out windows ({final['steps']} "
+                f"steps; newest held-out loss {probe['loss_before']:.3f} → "
+                f"{probe['loss_after']:.3f}); measured adapter in {measured.get('adapter')}",
+            )
+        )
+    return rows

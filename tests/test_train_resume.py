@@ -212,7 +212,12 @@ def test_trains_on_a_mined_fixture_repo_and_continues_from_its_adapter(
     )
     kinds = {k for k, c in mined.manifest["counts"].items() if c["train"]}
     settings = tiny_settings(
-        tiny_hf("qwen2"), max_steps=6, val_every=3, replay_share=0.1, pretrain_minutes=0.05
+        tiny_hf("qwen2"),
+        max_steps=6,
+        val_every=3,
+        replay_share=0.1,
+        pretrain_minutes=0.05,
+        final_pass=False,  # the continued run starts from the measured weights
     )
     first = train_adapter(
         history_repo.path, settings, data_dir, show_progress=False, report=lambda _m: None

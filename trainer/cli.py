@@ -164,7 +164,11 @@ def mine(
 # (help, option names). Each option's type is its field's (models/settings.py).
 TRAIN_FLAGS: dict[str, str | tuple[str, ...]] = {
     "base": "Base model: catalog key, HF id or local checkpoint path.",
-    "max_minutes": ("Time budget of fine-tuning.", "--max-minutes", "--budget-minutes"),
+    "max_minutes": (
+        "Time budget of the whole command (loading, data, validation, training, saving).",
+        "--max-minutes",
+        "--budget-minutes",
+    ),
     "max_steps": "Step budget of fine-tuning.",
     "pretrain_minutes": "Phase 1: minutes of causal LM on the repo's code (0 = off).",
     "learning_rate": ("Peak learning rate.", "--lr"),
@@ -179,6 +183,13 @@ TRAIN_FLAGS: dict[str, str | tuple[str, ...]] = {
     "device": "auto, cpu, cuda or mps.",
     "threads": "CPU threads.",
     "seed": "Random seed.",
+    "final_pass": (
+        "After the checkpoint is chosen and measured, train once over the held-out newest "
+        "commits, so the served adapter knows them (--no-final-pass: serve the measured one).",
+        "--final-pass/--no-final-pass",
+    ),
+    "select_instances": "Validation completions scored for exact match to choose checkpoints.",
+    "measure_instances": "Newest test completions the chosen checkpoint is measured on.",
 }
 
 
@@ -214,6 +225,7 @@ def train(
     """Fine-tune a LoRA adapter on the repository's mined dataset."""
     from contextlib import AbstractContextManager, nullcontext
 
+    started = time.perf_counter()  # --max-minutes bounds the command from here
     from shoptalk.models.progress import Report, quiet
     from shoptalk.trainer.train import STOP_MESSAGE, TrainError, summary_table, train_adapter
     from shoptalk.trainer.train_loop import is_main_process
@@ -242,12 +254,21 @@ def train(
             precision=precision,
             show_progress=main,
             report=report,
+            started=started,
         )
     if not main:
         return
     stdout_console.print(summary_table(result))
     if result.adapter_dir is not None and purpose == "org":  # the module lookup learns here too
         from shoptalk.trainer.retriever import train_retriever_after
+
+        minutes = settings.train.max_minutes
+        if minutes and time.perf_counter() - started > 0.75 * minutes * 60:
+            err.print(
+                "module-lookup retriever not trained: --max-minutes is spent (it needs a few "
+                "minutes; run `shoptalk train` with a larger budget to train it)"
+            )
+            return
 
         train_retriever_after(repo, settings, result.run_dir, dataset, report=stdout_console.print)
 
@@ -274,7 +295,16 @@ def export(
             "--promote",
             help="Serve the exported model for its repository from now on (`shoptalk "
             "models rollback` undoes it). Compare it first with `shoptalk eval --models "
-            "base,run:RUN_ID`.",
+            "base,run:RUN_ID`. Only a run with a measured gain over the base on its "
+            "held-out window is promoted (see --force).",
+        ),
+    ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="With --promote: serve the run even without a measured gain (a run that "
+            "kept its start, or one within noise of the base).",
         ),
     ] = False,
 ) -> None:
@@ -296,6 +326,7 @@ def export(
     if quant not in QUANTS:
         raise ExportError(f"--quant {quant!r}: use one of {', '.join(QUANTS)}")
     run_dir = find_run(run, repo, settings.resolved_data_dir())
+    why = promotion_reason(run_dir, force) if promote else ""
     with RichProgress(
         SpinnerColumn(),
         TextColumn("{task.description}", markup=False),
@@ -326,7 +357,16 @@ def export(
     stdout_console.print(f"done in {result.seconds:.1f}s; manifests written beside each file")
     if promote:
         promoted = promote_export(run_dir, result.files[0], settings.resolved_data_dir())
-        stdout_console.print(f"promoted: {promoted} now serves run {result.run_id}")
+        stdout_console.print(f"promoted: {promoted} now serves run {result.run_id} ({why})")
+
+
+def promotion_reason(run_dir: Path, force: bool) -> str:
+    """Why `export --promote` may serve the run (its measured gain, or what
+    --force overrode); raises `PromotionError` saying why not."""
+    from shoptalk.trainer.promotion import check_export_promotion
+    from shoptalk.trainer.run_record import RunFolder
+
+    return check_export_promotion(RunFolder(run_dir).read_record(), force)
 
 
 def evaluate(

@@ -116,7 +116,7 @@ def train_personal(repo: Path, settings: Settings, data_dir: Path, report: Repor
     from shoptalk.models.catalog import resolve_base
     from shoptalk.trainer.evaluate import base_gguf, evaluate_models
     from shoptalk.trainer.export import export_run
-    from shoptalk.trainer.promotion import JOB_VAL_LIMIT, completion_em, gate
+    from shoptalk.trainer.promotion import JOB_VAL_LIMIT, completion_em, gate, report_difference
     from shoptalk.trainer.train import train_adapter
 
     store = RepoStore.for_repo(data_dir, repo)
@@ -136,6 +136,9 @@ def train_personal(repo: Path, settings: Settings, data_dir: Path, report: Repor
     budget = settings.model_copy(deep=True)
     if budget.train.max_minutes is None and budget.train.max_steps is None:
         budget.train.max_minutes = settings.watch.train_minutes
+    # The job's evaluation measures on the test window: training must not see it.
+    budget.train.final_pass = False
+    budget.train.measure_instances = 0
     trained = train_adapter(
         repo,
         budget,
@@ -172,7 +175,8 @@ def train_personal(repo: Path, settings: Settings, data_dir: Path, report: Repor
         )
     personal_em = completion_em(evaluation.data, spec)
     team_em = completion_em(evaluation.data, "org")
-    promoted, reason = gate(personal_em, team_em, settings.watch.tolerance * 100)
+    difference = report_difference(evaluation.directory, spec, "org")
+    promoted, reason = gate(difference, settings.watch.tolerance * 100, require_gain=False)
     if promoted:
         host = base_gguf(resolve_base(settings.train.base), data_dir, report)
         team = {k: v for k, v in current.items() if k not in ("history", "promoted_at")}

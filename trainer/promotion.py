@@ -2,9 +2,18 @@
 a run the repository's served model.
 
 The gate compares a candidate with the current model on one evaluation
-report (`shoptalk.trainer.evaluate`): pooled exact match, with a tolerance
-in EM points. `promote_run` writes the repository's promotion pointer
-(`current.json`, through `RepoStore.promote`); a running server picks it up.
+report (`shoptalk.trainer.evaluate`): the paired exact-match difference on
+the same instances with its 95% interval (`shoptalk.trainer.em_difference`).
+A promotion over the base needs a measured gain (the interval above zero,
+McNemar p < 0.05); replacing a promoted model (the watcher's incremental
+runs, personal adapters) needs only "not worse" by more than a tolerance.
+Every message states the difference with its interval, and says "no
+measurable difference" when that is what it is. `export --promote` reads the
+run's own measurement (`record.json["measured"]`, taken before the final
+pass) and refuses a run without a measured gain unless forced
+(`check_export_promotion`). `promote_run` writes the repository's promotion
+pointer (`current.json`, through `RepoStore.promote`); a running server
+picks it up.
 
 Used by export (`--promote`), the retraining job, personal adapters and the
 demo; it imports none of them.
@@ -12,12 +21,15 @@ demo; it imports none of them.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from shoptalk.models.errors import ShopTalkError
 from shoptalk.models.store import RepoStore
 from shoptalk.trainer.dataset_folder import read_split
+from shoptalk.trainer.em_difference import GAIN, EmDifference, paired_difference
+from shoptalk.trainer.metrics import exact_match
 
 # Validation examples of a job's training run (team or personal, before and
 # after): the gate judges on the holdout, so the validation loss is only a
@@ -38,17 +50,75 @@ def completion_em(report_data: dict[str, Any], spec: str) -> float:
     raise PromotionError(f"the evaluation report has no result for {spec!r}")
 
 
-def gate(candidate_em: float, current_em: float, tolerance_points: float) -> tuple[bool, str]:
-    """Promote when the candidate is not worse than the current model by more
-    than the tolerance (in EM points)."""
-    if candidate_em + tolerance_points >= current_em:
-        return (
-            True,
-            f"EM {candidate_em:.1f} vs current {current_em:.1f} (tolerance {tolerance_points:.1f})",
+def report_difference(report_dir: Path, candidate: str, reference: str) -> EmDifference:
+    """The paired exact-match difference of two models of an evaluation
+    report (`predictions.jsonl`: what each said on each instance)."""
+    ours: list[bool] = []
+    theirs: list[bool] = []
+    path = report_dir / "predictions.jsonl"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise PromotionError(f"cannot read the evaluation's predictions {path}: {exc}") from None
+    for line in lines:
+        row = json.loads(line)
+        said = row.get("predictions", {})
+        if candidate not in said or reference not in said:
+            raise PromotionError(f"{path} has no predictions of {candidate!r} and {reference!r}")
+        ours.append(exact_match(said[candidate], row["target"]))
+        theirs.append(exact_match(said[reference], row["target"]))
+    return paired_difference(ours, theirs, (candidate, reference))
+
+
+def gate(difference: EmDifference, tolerance_points: float, require_gain: bool) -> tuple[bool, str]:
+    """Whether the candidate replaces the reference, and why. Over the base
+    (`require_gain`) only a measured gain promotes; over a promoted model the
+    candidate may be no worse than the tolerance (in EM points)."""
+    text = difference.text()
+    if require_gain:
+        if difference.verdict == GAIN:
+            return True, text
+        return False, f"{text}; a promotion over the base needs a measured gain"
+    if difference.points + tolerance_points >= 0:
+        return True, f"{text}; not worse than {difference.reference} by more than " + (
+            f"{tolerance_points:.1f} points (watch.tolerance)"
         )
     return False, (
-        f"worse than the current model: EM {candidate_em:.1f} vs {current_em:.1f} "
-        f"(tolerance {tolerance_points:.1f}); current model kept"
+        f"{text}; worse than {difference.reference} by more than {tolerance_points:.1f} "
+        "points (watch.tolerance): current model kept"
+    )
+
+
+def check_export_promotion(record: dict[str, Any], force: bool) -> str:
+    """Whether `export --promote` may serve this run, from its own record:
+    the reason when it may; `PromotionError` saying why not and what to do
+    when it may not (unless `force`, which promotes and says what it
+    overrode)."""
+    run_id = record.get("run_id", "?")
+    measured = record.get("measured") or {}
+    window = measured.get("test_window")
+    difference = EmDifference.from_dict(window) if window else None
+    if record.get("outcome") == "complete — no gain":
+        problem = (
+            f"run {run_id} kept its start: no checkpoint beat the base on validation "
+            "(complete — no gain)"
+        )
+    elif difference is None:
+        problem = (
+            f"run {run_id} has no held-out measurement against the base (train.measure_instances "
+            "was 0 or the dataset has no test window)"
+        )
+    elif difference.verdict != GAIN:
+        problem = (
+            f"run {run_id}: {difference.text()}; a promotion over the base needs a measured gain"
+        )
+    else:
+        return f"measured before the final pass: {difference.text()}"
+    if force:
+        return f"promoted with --force although {problem}"
+    raise PromotionError(
+        f"not promoted: {problem}. The base stays served. Train longer or on more history, or "
+        "pass --force to serve this run anyway"
     )
 
 

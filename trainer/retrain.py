@@ -35,7 +35,13 @@ from shoptalk.trainer.dataset_folder import (
     read_split,
     shard_files,
 )
-from shoptalk.trainer.promotion import JOB_VAL_LIMIT, completion_em, gate, promote_run
+from shoptalk.trainer.promotion import (
+    JOB_VAL_LIMIT,
+    completion_em,
+    gate,
+    promote_run,
+    report_difference,
+)
 
 # Older team instances replayed per new instance, so the adapter keeps what
 # it knew while it learns the new code.
@@ -156,6 +162,9 @@ def run_retrain_job(
         budget = settings.model_copy(deep=True)
         if budget.train.max_minutes is None and budget.train.max_steps is None:
             budget.train.max_minutes = settings.watch.train_minutes
+        # The job's evaluation measures on the test window: training must not see it.
+        budget.train.final_pass = False
+        budget.train.measure_instances = 0
         trained = train_adapter(
             repo,
             budget,
@@ -193,10 +202,16 @@ def run_retrain_job(
     steps.done("evaluate")
     candidate_em = completion_em(evaluation.data, f"run:{run.run_id}")
     current_em = completion_em(evaluation.data, reference)
-    promoted, reason = gate(candidate_em, current_em, settings.watch.tolerance * 100)
+    # The first promotion over the base needs a measured gain; later ones,
+    # over the promoted model, only "not worse" (watch.tolerance).
+    difference = report_difference(evaluation.directory, f"run:{run.run_id}", reference)
+    promoted, reason = gate(
+        difference, settings.watch.tolerance * 100, require_gain=reference == "base"
+    )
     figures: dict[str, Any] = {
         "candidate_em": candidate_em,
         f"{reference}_em": current_em,
+        "difference": difference.as_dict(),
         "new_commits": mined.new_commits,
         "new_instances": new,
         "train_seconds": train_seconds,

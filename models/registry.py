@@ -305,6 +305,7 @@ class ModelRegistry:
         self._reload_thread: threading.Thread | None = None
         self.swaps = 0
         self.speed: DecodeSpeed | None = None  # the "auto" budget's probe
+        self._rebuild = False  # the next load builds the backend again
 
     @property
     def current_file(self) -> Path | None:
@@ -352,6 +353,10 @@ class ModelRegistry:
                 choice = choose_model(self.repo, self.settings, self.notify, self.fallback)
             self._problem = choice.problem
             current = self.loaded()
+            if self._rebuild:
+                # Settings the backend is built with changed (context size,
+                # threads, ...): the same model, loaded again.
+                current, self._rebuild = None, False
             if current is not None and current.choice.key() == choice.key():
                 self._current_stamp = stamp
                 return current
@@ -437,7 +442,9 @@ class ModelRegistry:
             "gpu_layers",
         )
         resized = llama_context_tokens(old) != llama_context_tokens(new)
-        return resized or any(getattr(old, key) != getattr(new, key) for key in reload_keys)
+        rebuild = resized or any(getattr(old, key) != getattr(new, key) for key in reload_keys)
+        self._rebuild = self._rebuild or rebuild
+        return rebuild
 
     def budget_status(self, loaded: Loaded) -> dict[str, Any]:
         """The answer's time budget in force and where it comes from."""
@@ -463,6 +470,7 @@ class ModelRegistry:
                 run_id=loaded.choice.run_id,
                 base=loaded.choice.base.key,
                 fim=loaded.choice.use_fim,
+                context_tokens=described.get("context_tokens"),
                 budget=self.budget_status(loaded),
             )
         info["error"] = self._error or self._problem

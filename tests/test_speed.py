@@ -4,7 +4,9 @@ real server's status."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -65,7 +67,9 @@ def model(tiny_gguf: Callable[..., Path], tmp_path: Path) -> Path:
 
 @pytest.mark.e2e
 @pytest.mark.asyncio
-async def test_the_server_reports_the_budget_it_measured(tmp_path: Path, model: Path) -> None:
+async def test_the_server_reports_its_budget_and_resizes_its_context(
+    tmp_path: Path, model: Path
+) -> None:
     workspace = _make_workspace(tmp_path)
     session = await start_session(workspace, tmp_path / "data", model, {})
     try:
@@ -79,5 +83,15 @@ async def test_the_server_reports_the_budget_it_measured(tmp_path: Path, model: 
         )
         budget = (await session.status())["budget"]
         assert (budget["ms"], budget["source"]) == (4321, "setting")
+        # A budget the llama.cpp context cannot hold loads the model again, larger.
+        before = (await session.status())["context_tokens"]
+        session.client.workspace_did_change_configuration(
+            types.DidChangeConfigurationParams(settings={"shoptalk": {"prefix_chars": 12000}})
+        )
+        deadline = time.monotonic() + 60
+        while (status := await session.status())["context_tokens"] == before:
+            assert time.monotonic() < deadline, status
+            await asyncio.sleep(0.1)
+        assert status["context_tokens"] > 12000 / 3 > before and status["swaps"] == 1
     finally:
         await stop_session(session)

@@ -31,7 +31,7 @@ import posixpath
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from shoptalk.models.module_map import Module, ModuleMap, Symbol, summarize_file
@@ -158,15 +158,31 @@ class ContextCandidates:
     recent: tuple[Piece, ...] = ()
 
     def to_record(self) -> dict[str, Any]:
-        """JSON-ready form (pieces as [path, start, end, text])."""
+        """JSON-ready form: imported definitions and recent windows as
+        [path, start, end, text]; snippets as [path, start, end] over the
+        lines of `spans` ([path, first line, text]: each stretch of a file
+        the snippets cover, once; neighbouring windows overlap by half)."""
 
         def rows(pieces: tuple[Piece, ...]) -> list[list[Any]]:
             return [[p.path, p.start, p.end, p.text] for p in pieces]
 
+        covered: dict[str, dict[int, str]] = {}
+        for piece in self.snippets:
+            lines = covered.setdefault(piece.path, {})
+            for offset, line in enumerate(piece.text.split("\n")):
+                lines[piece.start + offset] = line
+        spans: list[list[Any]] = []
+        for path, lines in sorted(covered.items()):
+            for number in sorted(lines):
+                if spans and spans[-1][0] == path and spans[-1][1] + len(spans[-1][2]) == number:
+                    spans[-1][2].append(lines[number])
+                else:
+                    spans.append([path, number, [lines[number]]])
         return {
             "cursor_line": self.cursor_line,
             "imports": rows(self.imports),
-            "snippets": rows(self.snippets),
+            "snippets": [[p.path, p.start, p.end] for p in self.snippets],
+            "spans": [[path, first, "\n".join(lines)] for path, first, lines in spans],
             "recent": rows(self.recent),
         }
 
@@ -178,11 +194,25 @@ class ContextCandidates:
                 for p, start, end, text in data.get(source, [])
             )
 
+        lines: dict[tuple[str, int], str] = {}
+        for span_path, first, text in data.get("spans", []):
+            for offset, line in enumerate(str(text).split("\n")):
+                lines[(str(span_path), int(first) + offset)] = line
+        snippets = tuple(
+            Piece(
+                "snippets",
+                str(p),
+                int(start),
+                int(end),
+                "\n".join(lines.get((str(p), n), "") for n in range(int(start), int(end))),
+            )
+            for p, start, end in data.get("snippets", [])
+        )
         return cls(
             path,
             int(data.get("cursor_line", 0)),
             pieces("imports"),
-            pieces("snippets"),
+            snippets,
             pieces("recent"),
         )
 
@@ -268,11 +298,23 @@ def mined_context(
     whole file's `prefix` and `suffix`, with `workspace` the index (and
     module map) of the commit's parent: the candidates, and which lines the
     instance's own clipped prefix and suffix show (`prefix_chars`,
-    `suffix_chars`: the budgets it was clipped with)."""
+    `suffix_chars`: the budgets it was clipped with).
+
+    Snippets of the file's own lines that a prompt of these budgets always
+    shows (those before the cursor) are left out: no block of theirs can
+    hold them, and they were a third of the candidates."""
     candidates = gather_candidates(workspace, path, prefix, suffix)
     before, _ = visible_lines(prefix, suffix, ContextOptions(1, (), prefix_chars, 0))
     _, after = visible_lines(prefix, suffix, ContextOptions(1, (), prefix_chars, suffix_chars))
     cursor = candidates.cursor_line
+    candidates = replace(
+        candidates,
+        snippets=tuple(
+            p
+            for p in candidates.snippets
+            if not (p.path == candidates.path and p.start < cursor + 1 and p.end > before)
+        ),
+    )
     return {
         "version": CONTEXT_RECORD_VERSION,
         **candidates.to_record(),

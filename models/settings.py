@@ -64,8 +64,13 @@ class MineSettings(_Section):
         "doc_modules",
     ]
     max_instances_per_commit: int = Field(50, gt=0)
-    prefix_chars: int = Field(1600, gt=0)
+    # The serve budgets (serve.prefix_chars 6,000): instances are clipped as
+    # the server clips a document, so training sees what is served.
+    prefix_chars: int = Field(6000, gt=0)
     suffix_chars: int = Field(400, ge=0)
+    # Completions carry the repository context the server would have built at
+    # the parent commit (candidates stored; rendered for any context budget).
+    context: bool = True
     seed: int = 0
     alias_file: Path | None = None
 

@@ -417,14 +417,36 @@ def evaluate(
             "dataset manifest): the set a developer's adapter is judged on."
         ),
     ] = None,
+    context_config: Annotated[
+        str | None,
+        typer.Option(
+            help="Prompt configuration (a row of the context ablation): today, file6k, "
+            "suffix, snippets or all (default: the serve settings). The keys below override it."
+        ),
+    ] = None,
+    prefix_chars: Annotated[int | None, typer.Option(help="serve.prefix_chars.")] = None,
+    suffix_layout: Annotated[str | None, typer.Option(help="serve.suffix_layout.")] = None,
+    context_chars: Annotated[int | None, typer.Option(help="serve.context_chars.")] = None,
+    context_sources: Annotated[
+        str | None, typer.Option(help="serve.context_sources, comma-separated.")
+    ] = None,
 ) -> None:
     """Compare models on the repository's newest commits: exact match, edit
     similarity, CrystalBLEU per author with confidence intervals, module
     lookup, general-ability retention, latency; writes report.html/json."""
-    from shoptalk.trainer.evaluate import evaluate_models, parse_specs
+    from shoptalk.trainer.evaluate import context_overrides, evaluate_models, parse_specs
     from shoptalk.trainer.report import summary_tables, verdict_line
 
-    overrides: dict[str, Any] = {}
+    sources = [s.strip() for s in context_sources.split(",")] if context_sources else None
+    overrides: dict[str, Any] = {
+        "serve": context_overrides(
+            context_config,
+            prefix_chars=prefix_chars,
+            suffix_layout=suffix_layout,
+            context_chars=context_chars,
+            context_sources=sources,
+        )
+    }
     if base is not None:
         overrides["train"] = {"base": base}
     settings = settings_for(ctx, repo, overrides)
@@ -442,6 +464,7 @@ def evaluate(
             lookup_queries=lookup,
             author=author,
             report=report,
+            context_config=context_config,
         )
     for table in summary_tables(result.data):
         stdout_console.print(table)

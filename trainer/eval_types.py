@@ -33,10 +33,14 @@ class CompletionInstance:
     suffix: str
     target: str
     masked_tokens: int
+    # The repository context's candidates mined with the instance (None: a
+    # dataset mined without them); rendered for the run's `PromptConfig`.
+    context: dict[str, Any] | None = None
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> CompletionInstance:
         target = str(record["target"])
+        context = record.get("context")
         return cls(
             id=str(record["id"]),
             commit=str(record.get("commit", "")),
@@ -47,6 +51,7 @@ class CompletionInstance:
             suffix=str(record.get("suffix", "")),
             target=target,
             masked_tokens=int(record.get("masked_tokens") or len(target.split())),
+            context=context if isinstance(context, dict) else None,
         )
 
 
@@ -90,6 +95,31 @@ class EvalSet:
             "cutoff": self.manifest.get("cutoff"),
             "mined_range": self.manifest.get("commit_range") or self.manifest.get("range"),
         }
+
+
+# ------------------------------------------------------------------ prompts
+
+# `shoptalk eval --context-config NAME`: the rows of the context ablation
+# (issue 19), as serve settings. `today` is the prompt served before it;
+# the repository context uses ~2,000 characters, as the naive measurement
+# that motivated it. Each key can be set on its own on top of a preset.
+CONTEXT_CONFIGS: dict[str, dict[str, Any]] = {
+    "today": {"prefix_chars": 1600, "suffix_layout": "none", "context_chars": 0},
+    "file6k": {"prefix_chars": 6000, "suffix_layout": "none", "context_chars": 0},
+    "suffix": {"prefix_chars": 6000, "suffix_layout": "before", "context_chars": 0},
+    "snippets": {
+        "prefix_chars": 6000,
+        "suffix_layout": "none",
+        "context_chars": 2048,
+        "context_sources": ["snippets"],
+    },
+    "all": {
+        "prefix_chars": 6000,
+        "suffix_layout": "before",
+        "context_chars": 2048,
+        "context_sources": ["snippets", "imports", "recent"],
+    },
+}
 
 
 # ------------------------------------------------------------------ models

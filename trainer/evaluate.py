@@ -28,13 +28,15 @@ import shlex
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from shoptalk.models.catalog import BaseModel, resolve_base
+from shoptalk.models.completion import CompletionEngine
+from shoptalk.models.context import PromptConfig, Workspace, stored_context_block
 from shoptalk.models.errors import ShopTalkError
 from shoptalk.models.manifest import ModelManifest, read_manifest, verify_model_file
 from shoptalk.models.progress import Progress, Report, quiet, to_log
@@ -43,6 +45,7 @@ from shoptalk.models.settings import Settings
 from shoptalk.models.store import RepoStore, repo_key
 from shoptalk.trainer.dataset_folder import DatasetError, load_manifest, read_shard, shard_path
 from shoptalk.trainer.eval_types import (
+    CONTEXT_CONFIGS,
     SCOPE_NEWEST,
     SCOPES,
     CompletionInstance,
@@ -57,6 +60,7 @@ from shoptalk.trainer.runs import resolve_run_id
 
 if TYPE_CHECKING:
     from shoptalk.trainer.retention import GeneralInstance, HumanEvalProblem
+
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +209,31 @@ def _of_author(
 
 
 # ------------------------------------------------------------------ models
+
+
+def context_overrides(name: str | None, **keys: Any) -> dict[str, Any]:
+    """The serve settings a run evaluates with: the preset `name` of
+    `CONTEXT_CONFIGS` (None: the serve settings as they are), then each of
+    `keys` that is not None (prefix_chars, suffix_chars, suffix_layout,
+    context_chars, context_sources)."""
+    if name is not None and name not in CONTEXT_CONFIGS:
+        raise EvalError(
+            f"unknown --context-config {name!r}: use one of {', '.join(CONTEXT_CONFIGS)} "
+            "(or set the serve keys one by one: --prefix-chars, --suffix-layout, "
+            "--context-chars, --context-sources)"
+        )
+    chosen = dict(CONTEXT_CONFIGS[name]) if name is not None else {}
+    chosen.update({key: value for key, value in keys.items() if value is not None})
+    return chosen
+
+
+def prompt_description(settings: Settings, name: str | None) -> dict[str, Any]:
+    """What the report says about the prompts: the configuration's name and
+    its serve keys (every model of the run is prompted the same way)."""
+    return {
+        "context_config": name or "serve settings",
+        **PromptConfig.of(settings.serve).describe(),
+    }
 
 
 def parse_specs(text: str) -> list[str]:
@@ -437,9 +466,17 @@ HUMANEVAL_BUDGET_S = 300.0
 
 
 class EvalEngine(Protocol):
-    """What evaluation asks of a model (`ServedModel` is the real one)."""
+    """What evaluation asks of a model (`ServedModel` is the real one);
+    `path` and `context` (the instance's mined context candidates) give the
+    repository context."""
 
-    def complete(self, prefix: str, suffix: str) -> str: ...
+    def complete(
+        self,
+        prefix: str,
+        suffix: str,
+        path: str | None = None,
+        context: Mapping[str, Any] | None = None,
+    ) -> str: ...
 
     def generate(self, prompt: str, max_tokens: int, stop: Sequence[str]) -> str: ...
 
@@ -458,7 +495,6 @@ class ServedModel:
 
     def __init__(self, model: ResolvedModel, settings: Settings):
         from shoptalk.models.backends import BackendError
-        from shoptalk.models.completion import CompletionEngine
         from shoptalk.models.registry import ModelChoice, build_backend, engine_options
 
         self.model = model
@@ -476,10 +512,22 @@ class ServedModel:
             max_latency_ms=EVAL_BUDGET_MS,
             multiline="never",
         )
-        self.engine = CompletionEngine(self.backend, choice.template, choice.use_fim, options)
+        self.engine = StoredContextEngine(self.backend, choice.template, choice.use_fim, options)
 
-    def complete(self, prefix: str, suffix: str) -> str:
-        suggestion = self.engine.complete(prefix + suffix, len(prefix), use_cache=False)
+    def complete(
+        self,
+        prefix: str,
+        suffix: str,
+        path: str | None = None,
+        context: Mapping[str, Any] | None = None,
+    ) -> str:
+        self.engine.stored = context
+        try:
+            suggestion = self.engine.complete(
+                prefix + suffix, len(prefix), use_cache=False, path=path
+            )
+        finally:
+            self.engine.stored = None
         return suggestion.text.split(LINE_STOP, 1)[0]
 
     def generate(self, prompt: str, max_tokens: int, stop: Sequence[str]) -> str:
@@ -504,6 +552,29 @@ class ServedModel:
 
     def close(self) -> None:
         self.backend.close()
+
+
+class StoredContextEngine(CompletionEngine):
+    """The server's engine whose repository context is the one mined with
+    the instance answered (`stored`: its context candidates), rendered for
+    the engine's options, instead of one built from a live workspace: the
+    block the server would have built at the instance's parent commit."""
+
+    stored: Mapping[str, Any] | None = None
+
+    def context_block(
+        self,
+        text: str,
+        offset: int,
+        path: str | None,
+        workspace: Workspace | None,
+        refresh: bool = False,
+    ) -> str:
+        if self.stored is None or self.options.context_chars <= 0:
+            return ""
+        return stored_context_block(
+            path or "", self.stored, text[:offset], text[offset:], self.context_options()
+        )
 
 
 def open_engine(model: ResolvedModel, settings: Settings) -> ServedModel:
@@ -553,7 +624,7 @@ def run_model(
     latencies: list[float] = []
     for inst in instances:
         started = time.perf_counter()
-        text = engine.complete(inst.prefix, inst.suffix)
+        text = engine.complete(inst.prefix, inst.suffix, inst.path or None, inst.context)
         latencies.append(time.perf_counter() - started)
         predictions.append(text.split(LINE_STOP, 1)[0])
         count.advance()
@@ -592,6 +663,7 @@ def evaluate_models(
     lookup_queries: int = 0,
     author: str | None = None,
     report: Report | None = None,
+    context_config: str | None = None,
 ) -> EvalReport:
     """Evaluate `specs` (see the module docstring) on the repository's mined
     test split and write report.json, report.html, predictions.jsonl and
@@ -600,7 +672,10 @@ def evaluate_models(
     Module lookup runs only when `lookup_queries` > 0: it is slow on CPU, and
     gates that compare completion figures do not need it. `report` gets what
     a person follows (default: the log): lines, and a `Progress` per model
-    and part ("base: completions") for a bar."""
+    and part ("base: completions") for a bar. Completions are prompted as
+    `settings.serve` says (budgets, suffix layout, repository context, the
+    latter from the candidates mined with each instance); `context_config`
+    names that configuration in the report (see `context_overrides`)."""
     from shoptalk.trainer import retention
     from shoptalk.trainer.metrics import score_completion
     from shoptalk.trainer.report import build_report_data, write_report
@@ -670,6 +745,7 @@ def evaluate_models(
         seconds=time.time() - started,
         lookup=lookup,
     )
+    data["prompt"] = prompt_description(settings, context_config)
     eval_id = time.strftime("eval-%Y%m%d-%H%M%S", time.gmtime())
     target = out_dir or store.root / "eval" / eval_id
     write_report(target, data, test_set, runs, lookup)

@@ -30,11 +30,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from shoptalk.models.catalog import FimTemplate
+from shoptalk.models.context import PromptConfig, stored_context_block
 from shoptalk.models.errors import ShopTalkError
 from shoptalk.models.prompt import (
     PROMPT_FIM,
     PromptParts,
+    clip_context,
     completion_prompt,
+    layout_prompt,
     module_lookup_prompt,
 )
 
@@ -44,6 +47,9 @@ COMMIT_MESSAGE_HEADER = "# Diff:\n"
 COMMIT_MESSAGE_QUESTION = "\n# Commit message:\n"
 TEST_PAIR_HEADER = "# Code:\n"
 TEST_PAIR_QUESTION = "\n# Tests:\n"
+
+# Completion prompts as served by default (`ServeSettings`' defaults).
+DEFAULT_PROMPT = PromptConfig()
 
 # The answer never takes more than this share of a sequence; longer answers
 # are cut (their end token then is not learned, which is right: the model
@@ -116,11 +122,15 @@ class SequenceBuilder:
         template: FimTemplate,
         max_tokens: int,
         prompt_format: str = PROMPT_FIM,
+        prompt: PromptConfig = DEFAULT_PROMPT,
     ) -> None:
         self.tokenizer = tokenizer
         self.template = template
         self.max_tokens = max_tokens
         self.use_fim = prompt_format == PROMPT_FIM
+        # What a completion prompt shows: the serve settings' budgets, layout
+        # and repository context (`PromptConfig.of(settings.serve)`).
+        self.prompt = prompt
         self.bos = _leading_bos(tokenizer)
         self._special: dict[str, int] = {}
         for name in template.special_tokens():
@@ -218,39 +228,70 @@ def _leading_bos(tokenizer: TextTokenizer) -> int | None:
 
 
 def completion_item(
-    template: FimTemplate, prefix: str, target: str, suffix: str, use_fim: bool = True
+    template: FimTemplate,
+    prefix: str,
+    target: str,
+    suffix: str,
+    use_fim: bool = True,
+    *,
+    context: str = "",
+    path: str | None = None,
+    config: PromptConfig = DEFAULT_PROMPT,
 ) -> PromptAnswer:
-    """The prompt the server builds at the cursor, healed at the cursor as the
-    server heals it.
+    """The prompt the server builds at the cursor (`layout_prompt` of the
+    parts clipped to `config`'s budgets, with the repository `context` block
+    and the file's `path`), healed at the cursor as the server heals it.
 
-    FIM: the prompt string is the one `completion_prompt` builds (asserted),
-    split into segments so that the FIM markers become single special tokens;
-    the answer is the target and the end token. Prefix-only: the code before
-    the cursor; the answer is the target and the line break after it, where
-    the server stops a single-line suggestion."""
-    text = completion_prompt(template, PromptParts(prefix, suffix), use_fim=use_fim)
-    if not use_fim:
-        assert text == prefix
+    Segments follow the server's tokenization: FIM markers as single special
+    tokens, the context block, the code before the cursor and the rest each
+    tokenized on their own. FIM: the answer is the target and the end token.
+    Prefix-only: the answer is the target and the line break after it, where
+    the server stops a single-line suggestion. When a sequence is too long,
+    the suffix gives way first, then the context block (from its start, the
+    weakest pieces), then the far end of the prefix: the server's order."""
+    parts = clip_context(prefix, suffix, config.prefix_chars, config.suffix_chars)
+    layout = config.layout(use_fim)
+    plan = layout_prompt(template, PromptParts(parts.prefix, parts.suffix, context, path), layout)
+    assert plan.text() == completion_prompt(
+        template,
+        PromptParts(parts.prefix, parts.suffix, context, path),
+        use_fim,
+        config.suffix_layout,
+    )
+    if layout != "fim":
         line_end = "\n" if suffix.startswith(("\n", "\r\n")) else ""
         return PromptAnswer(
-            prompt=(Segment(prefix),),
+            prompt=(Segment(plan.context), Segment(plan.prefix)),
             answer=(Segment(target + line_end),),
-            trim=("left",),
-            heal=0,
+            trim=("left", "left"),
+            heal=1,
         )
-    assert text == f"{template.prefix}{prefix}{template.suffix}{suffix}{template.middle}"
     return PromptAnswer(
         prompt=(
             Segment(template.prefix, True),
-            Segment(prefix),
+            Segment(plan.context),
+            Segment(plan.prefix),
             Segment(template.suffix, True),
-            Segment(suffix),
+            Segment(parts.suffix),
             Segment(template.middle, True),
         ),
         answer=(Segment(target), Segment(template.end, True)),
-        trim=(None, "left", None, "right", None),
-        heal=1,
+        trim=(None, "left", "left", None, "right", None),
+        heal=2,
     )
+
+
+def record_context(
+    record: Mapping[str, Any], config: PromptConfig, use_fim: bool, prefix: str, suffix: str
+) -> str:
+    """The repository context block of a mined completion at its cursor, as
+    the server builds it under `config` (rendered from the candidates mining
+    stored; "" for records mined without them, or with the context off)."""
+    data = record.get("context")
+    if not isinstance(data, Mapping):
+        return ""
+    options = config.context_options(use_fim)
+    return stored_context_block(str(record.get("path", "")), data, prefix, suffix, options)
 
 
 def module_lookup_item(template: FimTemplate, query: str, modules: Iterable[str]) -> PromptAnswer:
@@ -293,9 +334,11 @@ def record_items(
     rng: random.Random | None = None,
     augment_share: float = 0.0,
     use_fim: bool = True,
+    config: PromptConfig = DEFAULT_PROMPT,
 ) -> list[PromptAnswer]:
     """The prompt/answer pairs of one mined record (with `rng`, completions get
-    an extra copy with a shifted split point at rate `augment_share`)."""
+    an extra copy with a shifted split point at rate `augment_share`);
+    completions are prompted as the server prompts them under `config`."""
     kind = record.get("kind")
     if kind == "completion":
         prefix, target, suffix = (
@@ -303,11 +346,21 @@ def record_items(
             str(record["target"]),
             str(record.get("suffix", "")),
         )
-        items = [completion_item(template, prefix, target, suffix, use_fim)]
+        path = str(record["path"]) if record.get("path") else None
+        # Typing on the cursor's line never changes the block (it reads only
+        # the lines around it), so a shifted split keeps the same one.
+        context = record_context(record, config, use_fim, prefix, suffix)
+
+        def item(before: str, answer: str) -> PromptAnswer:
+            return completion_item(
+                template, before, answer, suffix, use_fim, context=context, path=path, config=config
+            )
+
+        items = [item(prefix, target)]
         if rng is not None and augment_share > 0 and rng.random() < augment_share:
             moved_prefix, moved_target = shifted_split(prefix, target, suffix, rng)
             if moved_target != target:
-                items.append(completion_item(template, moved_prefix, moved_target, suffix, use_fim))
+                items.append(item(moved_prefix, moved_target))
         return items
     if kind in ("module_lookup", "doc_modules"):
         modules = [str(m) for m in record.get("modules", [])]
@@ -370,7 +423,10 @@ def build_examples(
     examples: list[Example] = []
     for record in records:
         kind = str(record.get("kind"))
-        for item in record_items(record, builder.template, rng, augment_share, builder.use_fim):
+        items = record_items(
+            record, builder.template, rng, augment_share, builder.use_fim, builder.prompt
+        )
+        for item in items:
             example = builder.build(item, kind)
             if example is not None:
                 examples.append(example)

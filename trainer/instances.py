@@ -3,7 +3,11 @@
 - completion: an added line with its last n whitespace tokens masked,
   n ∈ [3, min(50, T−1)] drawn from a generator seeded by (seed, commit, path,
   line); prefix/suffix are the file at that commit around the masked span,
-  clipped at the cursor by `shoptalk.models.prompt.clip_context`;
+  clipped at the cursor by `shoptalk.models.prompt.clip_context`; with
+  repository context on, `context` holds the candidates of the server's
+  context block at that cursor over the parent commit's files
+  (`shoptalk.models.context.mined_context`; training and evaluation render
+  the block for their budgets with `stored_context_block`);
 - commit_message: the commit's diff → its cleaned message;
 - module_lookup: cleaned message → modules touched, and a docstring's first
   line → its module;
@@ -152,6 +156,11 @@ def base_record(kind: str, commit: Commit, path: str, language: str | None) -> d
     }
 
 
+# The repository context of a cursor: (path, the file before the cursor, the
+# file after it) -> the record's "context" field (`models.context.mined_context`).
+ContextOf = Callable[[str, str, str], dict[str, Any]]
+
+
 def completion_instances(
     commit: Commit,
     files: list[SourceFile],
@@ -159,7 +168,11 @@ def completion_instances(
     prefix_chars: int,
     suffix_chars: int,
     max_per_commit: int,
+    context: ContextOf | None = None,
 ) -> list[dict[str, Any]]:
+    """The completion instances of a commit's files; with `context`, each
+    carries the repository context at the cursor (`context(path, prefix,
+    suffix)` of the whole file's text around the masked span)."""
     candidates: list[tuple[SourceFile, AddedLine]] = []
     for source in files:
         if source.language is None:
@@ -193,6 +206,8 @@ def completion_instances(
             masked_tokens=n,
             line=added.line,
         )
+        if context is not None:
+            record["context"] = context(source.path, prefix, suffix)
         records.append(record)
     return records
 

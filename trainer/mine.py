@@ -26,16 +26,21 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shoptalk.models.context import mined_context
 from shoptalk.models.errors import ShopTalkError
+from shoptalk.models.exclusion import Exclusion
 from shoptalk.models.progress import Progress, Report, quiet
 from shoptalk.models.settings import MineSettings
 from shoptalk.models.store import RepoStore
+from shoptalk.models.workspace_index import IndexLimits
 from shoptalk.trainer.authors import Alias, AliasFileError, is_bot
+from shoptalk.trainer.commit_workspace import CommitWorkspace
 from shoptalk.trainer.dataset_build import (
     SHARD_NAME,
     SPLIT_NAMES,
@@ -61,6 +66,7 @@ from shoptalk.trainer.hygiene import (
     has_placeholder,
 )
 from shoptalk.trainer.instances import (
+    ContextOf,
     SourceFile,
     added_lines,
     clean_message,
@@ -86,8 +92,9 @@ from shoptalk.trainer.splits import parse_cutoff
 log = logging.getLogger(__name__)
 
 # Bump when instance extraction changes: cached instances are then re-mined.
-# 2: exact paths (git quoting, no trailing tab); 3: secrets scrubbed in every field
-EXTRACTION_VERSION = 3
+# 2: exact paths (git quoting, no trailing tab); 3: secrets scrubbed in every field;
+# 4: completions carry the parent commit's repository context
+EXTRACTION_VERSION = 4
 IGNORE_FILE = ".shoptalkignore"
 # Fields of an instance that hold no text from the repository (everything
 # else — texts, path, module ids, symbol — is scrubbed for secrets).
@@ -210,6 +217,7 @@ def _config_hash(settings: MineSettings, ignore_text: str, alias_file: Path | No
         "prefix_chars",
         "suffix_chars",
         "seed",
+        "context",
     )
     data: dict[str, Any] = {k: getattr(settings, k) for k in keys}
     data["extraction_version"] = EXTRACTION_VERSION
@@ -233,6 +241,8 @@ class _Context:
     scrubber: SecretScrubber
     package_files: frozenset[str]  # the tip's `__init__.py` files (Python module ids)
     module_of_path: dict[str, str]
+    # The parent commit's files, for the completions' context (None: off).
+    workspace: CommitWorkspace | None = None
 
 
 def _holds_placeholder(value: Any) -> bool:
@@ -389,6 +399,7 @@ def _commit_instances(
             settings.prefix_chars,
             settings.suffix_chars,
             settings.max_instances_per_commit,
+            _context_of(commit, ctx),
         )
     message, message_secrets = ctx.scrubber.scrub(clean_message(commit.message), "COMMIT_EDITMSG")
     secrets.update(message_secrets)
@@ -415,6 +426,27 @@ def _commit_instances(
             if record:
                 records.append(record)
     return records
+
+
+def _context_of(commit: Commit, ctx: _Context) -> ContextOf | None:
+    """The context of a cursor of `commit` as the server would build it over
+    a checkout of the commit's parent (None: mining without context)."""
+    if ctx.workspace is None:
+        return None
+    moving = ctx.workspace
+    parent = commit.parents[0] if commit.parents else None
+    settings = ctx.settings
+
+    def context(path: str, prefix: str, suffix: str) -> dict[str, Any]:
+        workspace = moving.at(parent)  # moved once, on the commit's first instance
+        started = time.perf_counter()
+        found = mined_context(
+            workspace, path, prefix, suffix, settings.prefix_chars, settings.suffix_chars
+        )
+        moving.seconds += time.perf_counter() - started
+        return found
+
+    return context
 
 
 # Diff text scrubbed beyond the prompt's budget, for secrets a placeholder made shorter.
@@ -588,6 +620,7 @@ class _ReadPlan:
     settings: MineSettings
     rules: SkipRules
     alias_file: Path | None
+    ignore_text: str = ""
 
 
 def _read_commits(
@@ -599,7 +632,15 @@ def _read_commits(
     repo = plan.repo
     new_records: list[dict[str, Any]] = []
     known_paths = frozenset(p for p in tree_paths(repo, plan.tip) if is_text_path(p))
-    with BlobReader(repo) as blobs, SecretScrubber() as scrubber:
+    with BlobReader(repo) as blobs, BlobReader(repo) as parent_blobs, SecretScrubber() as scrubber:
+        settings = plan.settings
+        workspace = None
+        if settings.context and "completion" in settings.kinds:
+            exclusion = Exclusion(plan.ignore_text, tuple(settings.ignore_globs))
+            limits = IndexLimits(
+                max_file_bytes=settings.max_file_bytes, max_line_chars=settings.max_line_chars
+            )
+            workspace = CommitWorkspace(repo, parent_blobs, exclusion, limits)
         ctx = _Context(
             repo=repo,
             settings=plan.settings,
@@ -608,6 +649,7 @@ def _read_commits(
             scrubber=scrubber,
             package_files=frozenset(p for p in known_paths if p.endswith("__init__.py")),
             module_of_path=_module_index(known_paths),
+            workspace=workspace,
         )
         stream = iter_commits(repo, (s.sha for s in to_read), plan.alias_file)
         for done, commit in enumerate(stream, 1):
@@ -615,6 +657,13 @@ def _read_commits(
             new_records += records
             state.commits[commit.sha] = stats
             report(Progress(done, len(to_read)))
+        if workspace is not None:
+            log.info(
+                "repository context: %.1f s over %d commits (%d files read)",
+                workspace.seconds,
+                len(to_read),
+                workspace.files_read,
+            )
         missing = [s.sha for s in to_read if s.sha not in state.commits]
         if missing:
             raise GitError(f"git did not return {len(missing)} commit(s) of {plan.branch}; retry")
@@ -709,7 +758,7 @@ def mine_repository(
             to_read.append(summary)
     new_records: list[dict[str, Any]] = []
     if to_read:
-        read_plan = _ReadPlan(repo, tip, branch, settings, rules, alias_file)
+        read_plan = _ReadPlan(repo, tip, branch, settings, rules, alias_file, ignore_text)
         new_records = _read_commits(read_plan, to_read, state, report)
     _save_state(state, repo, branch_label, current, removed, new_records)
     warnings = scrub_texts(warnings)

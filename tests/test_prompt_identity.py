@@ -282,3 +282,39 @@ def test_training_follows_the_serve_defaults() -> None:
     assert PromptConfig.of(ServeSettings()) == PromptConfig()
     assert MineSettings().prefix_chars == ServeSettings().prefix_chars
     assert MineSettings().suffix_chars == ServeSettings().suffix_chars
+
+
+def test_the_workspace_moved_along_history_is_the_parents_checkout(tmp_path: Path) -> None:
+    """`CommitWorkspace` reaches each commit by diffs from wherever it is
+    (forward, backward, across a deletion and a rename) and holds what an
+    index built from that commit's files at once holds, ranking alike."""
+    from shoptalk.trainer.commit_workspace import CommitWorkspace
+    from shoptalk.trainer.git_log import BlobReader
+
+    repo = RepoBuilder(tmp_path / "repo")
+    repo.write("billing/__init__.py", "")
+    repo.write("billing/taxes.py", TAXES)
+    repo.write("billing/ledger.py", LEDGER)
+    commits = [repo.commit("one")]
+    repo.write("billing/invoices.py", INVOICES)
+    repo.write("notes.txt", "not source")
+    commits.append(repo.commit("two"))
+    repo.move("billing/ledger.py", "billing/journal.py")
+    repo.write("billing/invoices.py", INVOICES + REFUND)
+    commits.append(repo.commit("three"))
+    repo.remove("billing/taxes.py")
+    commits.append(repo.commit("four"))
+    query = ["journal_book", "append_posting", "vat_rate", "country", "amount"]
+    with BlobReader(repo.path) as blobs:
+        moving = CommitWorkspace(repo.path, blobs)
+        for commit in [commits[0], commits[2], commits[1], commits[3], None, commits[2]]:
+            workspace = moving.at(commit)
+            files = _tree(repo.path, commit) if commit else {}
+            fresh = WorkspaceIndex.from_contents(files)
+            assert workspace.index.paths() == fresh.paths()
+            assert [workspace.index.text(p) for p in fresh.paths()] == [
+                fresh.text(p) for p in fresh.paths()
+            ]
+            assert workspace.index.search(query, 24) == fresh.search(query, 24)
+            assert workspace.module_map is not None
+            assert sorted(workspace.module_map.files) == sorted(build_module_map(files).files)

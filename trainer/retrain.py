@@ -115,6 +115,18 @@ class _Steps:
         self.timings[step] = time.perf_counter() - self.timings[step]
 
 
+def job_settings(settings: Settings) -> Settings:
+    """A job's training settings: the watcher's minutes unless a budget is
+    set, and no final pass or measurement (the job's evaluation measures on
+    the test window, which training must not see)."""
+    budget = settings.model_copy(deep=True)
+    if budget.train.max_minutes is None and budget.train.max_steps is None:
+        budget.train.max_minutes = settings.watch.train_minutes
+    budget.train.final_pass = False
+    budget.train.measure_instances = 0
+    return budget
+
+
 def run_retrain_job(
     repo: Path, settings: Settings, data_dir: Path, queue: JobQueue, job: Job, report: Report
 ) -> JobOutcome:
@@ -159,15 +171,9 @@ def run_retrain_job(
             report(f"training on {new_count} new and {replayed} replayed team instances")
             run_id = store.new_run_id("org")
             queue.set_params(job.id, {**job.params, "run_id": run_id})
-        budget = settings.model_copy(deep=True)
-        if budget.train.max_minutes is None and budget.train.max_steps is None:
-            budget.train.max_minutes = settings.watch.train_minutes
-        # The job's evaluation measures on the test window: training must not see it.
-        budget.train.final_pass = False
-        budget.train.measure_instances = 0
         trained = train_adapter(
             repo,
-            budget,
+            job_settings(settings),
             data_dir,
             init_adapter=init_adapter,
             resume=resumable,

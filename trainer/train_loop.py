@@ -15,6 +15,7 @@ import contextlib
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -124,11 +125,30 @@ def distributed() -> Distributed:
     import torch
     from accelerate import Accelerator
 
+    follow_launcher()
     # accelerate picks the CPU (gloo) only when asked; without a GPU its
     # launcher's processes would each train alone.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     check_launch(accelerator.distributed_type.value, str(accelerator.mixed_precision))
     return Distributed(accelerator, accelerator.process_index, accelerator.num_processes)
+
+
+# prctl(2): the signal a process gets when its parent dies (Linux).
+PR_SET_PDEATHSIG = 1
+
+
+def follow_launcher() -> None:
+    """torchrun (under `accelerate launch`) starts each training process in a
+    session of its own, so a launcher that is killed (kill -9, its terminal's
+    process group) would leave them training on alone, writing a run nobody
+    watches. On Linux each process gets SIGTERM when the launcher dies, which
+    `StopRequest` turns into an agreed stop: a checkpoint, then `--resume`."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def check_launch(distributed_type: str, mixed_precision: str) -> None:

@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import difflib
+import json
 import os
 import random
 import re
@@ -137,6 +138,8 @@ async def replay(
     seed: int,
     look_s: float,
     pause_share: float,
+    options: dict[str, Any] | None = None,
+    repo: Path | None = None,
 ) -> ReplayResult:
     result = ReplayResult()
     rng = random.Random(seed)
@@ -150,7 +153,9 @@ async def replay(
     def create(params: Any) -> None:
         return None
 
-    workspace = Path(tempfile.mkdtemp(prefix="bench-ws-"))
+    # With `repo`, the repository itself is the workspace and each file is
+    # opened at its real path (the context engine indexes the rest).
+    workspace = repo.resolve() if repo is not None else Path(tempfile.mkdtemp(prefix="bench-ws-"))
     env = dict(os.environ)
     env["SHOPTALK_DATA_DIR"] = tempfile.mkdtemp(prefix="bench-data-")
     env["SHOPTALK_SERVE__THREADS"] = str(threads)
@@ -169,17 +174,27 @@ async def replay(
 
     drainer = asyncio.create_task(drain())
     await client.initialize_async(
-        types.InitializeParams(capabilities=types.ClientCapabilities(), root_uri=workspace.as_uri())
+        types.InitializeParams(
+            capabilities=types.ClientCapabilities(),
+            root_uri=workspace.as_uri(),
+            initialization_options=options or {},
+        )
     )
     client.initialized(types.InitializedParams())
+    wanted = options or {}
+    wants_index = bool(wanted.get("context_chars", 0) or wanted.get("copy_channel"))
     while True:
         status: Any = await client.protocol.send_request_async("shoptalk/status", {})
-        if not getattr(status, "loading", True):
-            break
+        building = wants_index and getattr(status, "index", None) is None
+        if not getattr(status, "loading", True) and not building:
+            break  # the model is loaded and the workspace index (context on) built
         await asyncio.sleep(0.2)
 
     for number, session in enumerate(sessions):
-        uri = (workspace / f"s{number}" / Path(session.path).name).as_uri()
+        where = (
+            Path(session.path) if repo is not None else Path(f"s{number}") / Path(session.path).name
+        )
+        uri = (workspace / where).as_uri()
         text = session.before
         client.text_document_did_open(
             types.DidOpenTextDocumentParams(
@@ -264,7 +279,7 @@ async def replay(
             types.DidCloseTextDocumentParams(text_document=types.TextDocumentIdentifier(uri=uri))
         )
     final: Any = await client.protocol.send_request_async("shoptalk/status", {})
-    counters = getattr(final, "counters", None)
+    counters: Any = getattr(final, "counters", None)
     if hasattr(counters, "_asdict"):
         result.counters = dict(counters._asdict())
     result.peak_rss_mb = max(result.peak_rss_mb, rss_mb(server.pid)[1])
@@ -379,6 +394,17 @@ def main() -> None:
     parser.add_argument(
         "--pause-share", type=float, default=0.3, help="share of word/line ends followed by a pause"
     )
+    parser.add_argument(
+        "--options",
+        type=json.loads,
+        default=None,
+        help="[serve] settings as initializationOptions, e.g. '{\"context_chars\": 2000}'",
+    )
+    parser.add_argument(
+        "--in-repo",
+        action="store_true",
+        help="the repository is the workspace and files open at their real paths (context on)",
+    )
     args = parser.parse_args()
 
     sessions = typing_sessions(args.repo, args.sessions, args.chars, args.since)
@@ -388,7 +414,16 @@ def main() -> None:
         + ", ".join(f"{s.path}@{s.commit}" for s in sessions)
     )
     result = asyncio.run(
-        replay(sessions, args.model, args.threads, args.seed, args.look_seconds, args.pause_share)
+        replay(
+            sessions,
+            args.model,
+            args.threads,
+            args.seed,
+            args.look_seconds,
+            args.pause_share,
+            args.options,
+            args.repo if args.in_repo else None,
+        )
     )
     print(
         f"shoptalk keystroke p50 {percentile(result.keystroke_ms, 50):.0f} ms, first request "

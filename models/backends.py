@@ -684,6 +684,9 @@ class OpenAIBackend:
             "prompt": prompt,
             "max_tokens": max_tokens,
             "temperature": 0.0,
+            # llama_cpp.server penalizes repeats by default (1.1); code repeats
+            # itself, and the local backend does not penalize (vLLM ignores the key).
+            "repeat_penalty": 1.0,
             "stream": True,
         }
         if self.model:

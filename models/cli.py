@@ -58,6 +58,7 @@ COMMANDS: dict[str, str] = {
 MODELS_COMMANDS: dict[str, str] = {
     "list": f"{__name__}:models_list",
     "pull": f"{TRAINER}:models_pull",
+    "publish": f"{TRAINER}:models_publish",
     "path": f"{__name__}:models_path",
     "rollback": f"{__name__}:models_rollback",
 }

@@ -254,7 +254,7 @@ def build_backend(choice: ModelChoice, serve: ServeSettings) -> Backend:
                 "serve.backend is 'openai' but serve.openai_url is not set; set it to the "
                 "completion server's URL (e.g. http://127.0.0.1:8000)"
             )
-        return OpenAIBackend(serve.openai_url, serve.openai_model)
+        return OpenAIBackend(serve.openai_url, serve.openai_personal_model or serve.openai_model)
     options = LlamaOptions(
         context_tokens=llama_context_tokens(serve),
         threads=serve.threads,
@@ -437,6 +437,7 @@ class ModelRegistry:
             "backend",
             "openai_url",
             "openai_model",
+            "openai_personal_model",
             "context_tokens",
             "threads",
             "gpu_layers",

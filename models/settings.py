@@ -130,7 +130,11 @@ class ExportSettings(_Section):
 class ServeSettings(_Section):
     backend: Literal["llama", "openai"] = "llama"
     openai_url: str | None = None
+    # The name the team server serves the team model under (its first model
+    # when unset); a developer who opted in sets openai_personal_model to the
+    # name of their own adapter there, and every request asks for that one.
     openai_model: str | None = None
+    openai_personal_model: str | None = None
     # The answer's time budget: "auto" measures this machine's decode speed
     # when the model loads (shoptalk.models.speed); a number fixes it.
     max_latency_ms: Annotated[int, Field(gt=0)] | Literal["auto"] = "auto"
@@ -183,6 +187,18 @@ class PersonalSettings(_Section):
     identity: list[str] = []  # emails and/or names of the developer
 
 
+class TeamSettings(_Section):
+    """Where promoted models are published for the team server
+    (docs/team-server.md): a llama_cpp.server multi-model config, or any
+    server a `reload_command` tells about new files (vLLM's adapter API)."""
+
+    model_dir: Path | None = None  # the team server's model folder (published files)
+    config_file: Path | None = None  # llama_cpp.server --config_file (JSON), rewritten
+    reload_command: str | None = None  # run after publishing (restart, or an API call)
+    team_model: str = "team"  # the name the team model is served under
+    publish_on_promote: bool = False  # publish each promotion as it happens
+
+
 class Settings(_Section):
     data_dir: Path | None = None
     mine: MineSettings = MineSettings()
@@ -192,6 +208,7 @@ class Settings(_Section):
     eval: EvalSettings = EvalSettings()
     watch: WatchSettings = WatchSettings()
     personal: PersonalSettings = PersonalSettings()
+    team: TeamSettings = TeamSettings()
     # Where `data_dir` was set (a file, "environment", "command line"), for messages.
     _data_dir_source: str = PrivateAttr("default")
 

@@ -6,16 +6,12 @@ cannot be reached."""
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from llama_servers import free_port
+from llama_servers import llama_server as llama_server_at
 from test_server_e2e import SOURCE, start_session, stop_session
 
 from shoptalk.models.backends import BackendError, OpenAIBackend
@@ -30,42 +26,10 @@ pytestmark = pytest.mark.e2e
 def llama_server(
     tiny_gguf: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
-    pytest.importorskip("fastapi", reason="llama-cpp-python[server] is not installed")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     log = tmp_path_factory.mktemp("llama-server") / "server.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                *("-m", "llama_cpp.server", "--model", str(tiny_gguf("gemma3"))),
-                *("--host", "127.0.0.1", "--port", str(port)),
-                *("--n_ctx", "1024", "--n_threads", "1"),
-            ],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/v1/models", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"llama_cpp.server did not start:\n{log.read_text()[-2000:]}")
-            time.sleep(0.3)
+    model = ["--model", str(tiny_gguf("gemma3")), "--n_ctx", "1024", "--n_threads", "1"]
+    with llama_server_at(model, log) as url:
         yield url
-    finally:
-        process.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(10)
-        if process.poll() is None:
-            process.kill()
 
 
 def test_completion_stops_at_the_line_end_and_heals(llama_server: str) -> None:
@@ -91,9 +55,7 @@ def test_grammar_constrains_module_answers(llama_server: str) -> None:
 def test_unreachable_or_invalid_servers_are_clear_errors() -> None:
     with pytest.raises(BackendError, match="not an http"):
         OpenAIBackend("ftp://example")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]  # closed again: nothing listens there
+    port = free_port()  # closed again: nothing listens there
     engine = CompletionEngine(OpenAIBackend(f"http://127.0.0.1:{port}"), GEMMA3_FIM, False)
     with pytest.raises(BackendError, match="cannot reach"):
         engine.complete("x = ", 4, use_cache=False)

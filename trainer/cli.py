@@ -78,6 +78,32 @@ def models_pull(
         ensure_hf_checkpoint(data_dir, base, err.print)
 
 
+def models_publish(
+    ctx: typer.Context,
+    repo: Annotated[Path, typer.Option(help="Repository whose promoted model to publish.")] = Path(
+        "."
+    ),
+    name: Annotated[
+        str | None,
+        typer.Option(
+            help="Serve it under this name (default: [team] team_model, or the developer's)."
+        ),
+    ] = None,
+) -> None:
+    """Publish the repository's promoted model (or personal adapter) to the
+    team server: files into [team] model_dir, its config, [team] reload_command."""
+    from shoptalk.models.store import RepoStore
+    from shoptalk.trainer.publish import publish_promotion
+
+    settings = settings_for(ctx, repo)
+    store = RepoStore.for_repo(settings.resolved_data_dir(), repo)
+    published = publish_promotion(store, settings.team, name, report=err.print)
+    stdout_console.print(
+        f"published run {published.run_id} as {published.name!r}"
+        + ("" if published.reloaded else "; no [team] reload_command: reload the server yourself")
+    )
+
+
 def mine(
     ctx: typer.Context,
     repo: Annotated[Path, typer.Option(help="The git repository to mine.")] = Path("."),
@@ -358,6 +384,13 @@ def export(
     if promote:
         promoted = promote_export(run_dir, result.files[0], settings.resolved_data_dir())
         stdout_console.print(f"promoted: {promoted} now serves run {result.run_id} ({why})")
+        from shoptalk.models.store import RepoStore
+        from shoptalk.trainer.publish import publish_if_configured
+
+        team = settings_for(ctx, promoted).team  # the promoted repository's [team]
+        store = RepoStore.for_repo(settings.resolved_data_dir(), promoted)
+        if publish_if_configured(store, team, report=err.print):
+            stdout_console.print(f"published to the team server as {team.team_model!r}")
 
 
 def promotion_reason(run_dir: Path, force: bool) -> str:

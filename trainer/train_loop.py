@@ -417,9 +417,8 @@ def run_phase(
             reason = "one pass over the data done" if one_epoch else "step budget reached"
             break
         # Agreed by every process: each measures its own time and gets its own signals.
-        out_of_time, stopping = loop.dist.any(
-            max_seconds is not None and seconds_of() >= max_seconds, stop.requested
-        )
+        timed_out = max_seconds is not None and seconds_of() >= max_seconds
+        out_of_time, stopping = loop.dist.any(timed_out, stop.requested)
         if out_of_time:
             reason = "time budget reached"
             break

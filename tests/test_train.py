@@ -137,6 +137,8 @@ def test_loss_goes_down_and_run_is_complete(arch: str, tiny_hf: Any, tmp_path: P
     assert len(record["dataset"]["manifest_sha256"]) == 64
     assert record["versions"]["torch"]
     assert record["throughput"]["tokens_per_second"] > 0
+    # Completion prompts are built as the server builds them ([serve]).
+    assert record["prompt"]["prefix_chars"] == Settings().serve.prefix_chars
     config = json.loads((run / "config.json").read_text())
     assert config["settings"]["train"]["max_steps"] == 40
     csv_lines = (run / "loss.csv").read_text().splitlines()

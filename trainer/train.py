@@ -39,7 +39,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -332,6 +332,7 @@ class _Prepared:
     select: list[Example]  # validation completions scored for exact match
     measure: list[Example]  # the newest test-window completions
     final: list[Example]  # the held-out windows, for the final pass
+    prompt: dict[str, Any] | None = None  # the completion prompt's configuration ([serve])
 
     def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -358,6 +359,7 @@ def _prepare(request: _Request) -> _Prepared:
     against the dataset; the training mix (team instances by kind weight,
     newest first if asked, plus replayed general code), validation examples
     and phase 1's windows."""
+    from shoptalk.models.context import PromptConfig
     from shoptalk.trainer.formats import SequenceBuilder, build_examples
     from shoptalk.trainer.heldout_em import completion_examples
     from shoptalk.trainer.hf_checkpoint import ensure_hf_checkpoint
@@ -386,7 +388,16 @@ def _prepare(request: _Request) -> _Prepared:
     identity = describe_base(base, base_path, tokenizer)
     check_dataset_base(dataset.manifest, base.key, identity.tokenizer_sha256, request.dataset_dir)
     prompt_format = _prompt_format(cfg.completion_format, base, request.init_adapter)
-    builder = SequenceBuilder(tokenizer, base.fim, cfg.max_seq_tokens, prompt_format)
+    # Completion prompts as the server builds them: its prefix/suffix budgets,
+    # layout and repository context (`[serve]`), from the context mined at
+    # each instance's parent commit.
+    builder = SequenceBuilder(
+        tokenizer,
+        base.fim,
+        cfg.max_seq_tokens,
+        prompt_format,
+        prompt=PromptConfig.of(request.settings.serve),
+    )
 
     def mine_only(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if request.developer is None:
@@ -426,6 +437,7 @@ def _prepare(request: _Request) -> _Prepared:
         select,
         measure,
         final,
+        asdict(builder.prompt),
     )
 
 
@@ -545,6 +557,7 @@ def _start_record(request: _Request, prepared: _Prepared) -> None:
                 "budget_seconds": request.budget.seconds,
                 "seed": cfg.seed,
                 "prompt_format": prepared.prompt_format,
+                "prompt": prepared.prompt,
                 "device": prepared.plan.description,
                 "versions": library_versions(),
                 "started_at": time.time(),

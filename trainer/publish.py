@@ -73,8 +73,9 @@ def publish_promotion(
     if promotion.adapter:
         model = _copy_once(Path(promotion.host or ""), team.model_dir.expanduser() / "bases")
         source = Path(promotion.adapter)
-        adapter: Path | None = _copy(source, folder / f"{tag}-{source.name}")
-        keep = {adapter}
+        copied = _copy(source, folder / f"{tag}-{source.name}")
+        adapter: Path | None = copied
+        keep = {copied}
     else:
         source = Path(promotion.model)
         model, adapter = _copy(source, folder / f"{tag}-{source.name}"), None

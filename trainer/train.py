@@ -38,7 +38,7 @@ import logging
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -478,7 +478,7 @@ def _training_mix(
 
 
 def _tokenize(
-    request: _Request, builder: SequenceBuilder, records: list[dict[str, Any]]
+    request: _Request, builder: SequenceBuilder, records: Sequence[Mapping[str, Any]]
 ) -> list[Example]:
     """The training records as examples (some with the cursor moved), a chunk
     at a time under a bar; with `--max-minutes`, preparation stops at its

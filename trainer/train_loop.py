@@ -96,14 +96,14 @@ class Distributed:
             return value
         from accelerate.utils import broadcast_object_list
 
-        return broadcast_object_list([value], from_process=0)[0]  # type: ignore[no-any-return]
+        return broadcast_object_list([value], from_process=0)[0]
 
     def sync_after(self, module: Any, last: bool) -> contextlib.AbstractContextManager[Any]:
         """Gradients are averaged over the processes after the last
         micro-batch of a step only (the others accumulate locally)."""
         if self.accelerator is None or last:
             return contextlib.nullcontext()
-        return self.accelerator.no_sync(module)  # type: ignore[no-any-return]
+        return self.accelerator.no_sync(module)
 
     def unwrap(self, module: Any) -> Any:
         """The module without its DDP wrapper (validation needs no collectives)."""

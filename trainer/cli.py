@@ -16,7 +16,7 @@ import logging
 import subprocess
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -36,6 +36,9 @@ from shoptalk.models.settings import TrainSettings
 from shoptalk.trainer.eval_types import SCOPE_NEWEST
 from shoptalk.trainer.evaluate import DEFAULT_LOOKUP_QUERIES, DEFAULT_SPECS
 from shoptalk.trainer.train import DEFAULT_VAL_LIMIT
+
+if TYPE_CHECKING:
+    from shoptalk.trainer.export import ExportResult
 
 # Progress lines of the stages that report them (as the stages printed them).
 notes = Console(stderr=True, soft_wrap=True)
@@ -319,10 +322,10 @@ def export(
         bool,
         typer.Option(
             "--promote",
-            help="Serve the exported model for its repository from now on (`shoptalk "
-            "models rollback` undoes it). Compare it first with `shoptalk eval --models "
-            "base,run:RUN_ID`. Only a run with a measured gain over the base on its "
-            "held-out window is promoted (see --force).",
+            help="Then serve the exported model for its repository from now on (`shoptalk "
+            "models rollback` undoes it) if the run measured a gain over the base on its "
+            "held-out window; otherwise say why and keep the served one (see --force). "
+            "Compare it yourself with `shoptalk eval --models base,run:RUN_ID`.",
         ),
     ] = False,
     force: Annotated[
@@ -335,12 +338,13 @@ def export(
     ] = False,
 ) -> None:
     """Merge a finished run's LoRA into its base and write a quantized GGUF
-    (or the adapter alone), with a manifest beside each file."""
+    (or the adapter alone), with a manifest beside each file; with --promote,
+    then serve it if the run measured a gain (exit 0 either way)."""
     from rich.progress import Progress as RichProgress
     from rich.progress import SpinnerColumn, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from shoptalk.trainer.export import QUANTS, ExportError, export_run, find_run, promote_export
+    from shoptalk.trainer.export import QUANTS, ExportError, export_run, find_run
 
     settings = settings_for(ctx, repo)
     if promote and adapter_only:
@@ -352,7 +356,6 @@ def export(
     if quant not in QUANTS:
         raise ExportError(f"--quant {quant!r}: use one of {', '.join(QUANTS)}")
     run_dir = find_run(run, repo, settings.resolved_data_dir())
-    why = promotion_reason(run_dir, force) if promote else ""
     with RichProgress(
         SpinnerColumn(),
         TextColumn("{task.description}", markup=False),
@@ -381,25 +384,40 @@ def export(
     stdout_console.print(table)
     stdout_console.print(f"in {result.files[0].parent}")
     stdout_console.print(f"done in {result.seconds:.1f}s; manifests written beside each file")
+    for warning in result.warnings:
+        print_warning(warning)
     if promote:
-        promoted = promote_export(run_dir, result.files[0], settings.resolved_data_dir())
-        stdout_console.print(f"promoted: {promoted} now serves run {result.run_id} ({why})")
-        from shoptalk.models.store import RepoStore
-        from shoptalk.trainer.publish import publish_if_configured
-
-        team = settings_for(ctx, promoted).team  # the promoted repository's [team]
-        store = RepoStore.for_repo(settings.resolved_data_dir(), promoted)
-        if publish_if_configured(store, team, report=err.print):
-            stdout_console.print(f"published to the team server as {team.team_model!r}")
+        promote_if_measured(ctx, settings.resolved_data_dir(), run_dir, result, force)
 
 
-def promotion_reason(run_dir: Path, force: bool) -> str:
-    """Why `export --promote` may serve the run (its measured gain, or what
-    --force overrode); raises `PromotionError` saying why not."""
+def promote_if_measured(
+    ctx: typer.Context, data_dir: Path, run_dir: Path, exported: ExportResult, force: bool
+) -> None:
+    """`export --promote` after the export: serve the run if its own record
+    shows a measured gain over the base (or with --force), else say why not
+    and what stays served. Not serving is a decision, not an error."""
+    from shoptalk.models.store import RepoStore
+    from shoptalk.trainer.export import promote_export, run_repository
     from shoptalk.trainer.promotion import check_export_promotion
+    from shoptalk.trainer.publish import publish_if_configured
     from shoptalk.trainer.run_record import RunFolder
 
-    return check_export_promotion(RunFolder(run_dir).read_record(), force)
+    serve, why = check_export_promotion(RunFolder(run_dir).read_record(), force)
+    if not serve:
+        current = RepoStore.for_repo(data_dir, run_repository(run_dir)).current()
+        kept = f"run {current['run_id']} stays served" if current else "the base stays served"
+        stdout_console.print(
+            f"not promoted: {why}; {kept}; --force serves it anyway", soft_wrap=True
+        )
+        return
+    promoted = promote_export(run_dir, exported.files[0], data_dir)
+    stdout_console.print(
+        f"promoted: {promoted} now serves run {exported.run_id} ({why})", soft_wrap=True
+    )
+    team = settings_for(ctx, promoted).team  # the promoted repository's [team]
+    store = RepoStore.for_repo(data_dir, promoted)
+    if publish_if_configured(store, team, report=err.print):
+        stdout_console.print(f"published to the team server as {team.team_model!r}")
 
 
 def evaluate(

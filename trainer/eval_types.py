@@ -137,6 +137,10 @@ class ResolvedModel:
     base: BaseModel
     run_id: str | None = None
     manifests: dict[str, Any] = field(default_factory=dict)
+    # What of the run is evaluated when it is not simply its served export
+    # (the measured checkpoint of a run with a final pass), or why the
+    # figures are not held out; the report and its verdict say it.
+    note: str | None = None
 
     @property
     def template(self) -> FimTemplate:

@@ -11,6 +11,12 @@ stopping rules. The comparison list names models by role:
     org+dev:ID    a developer's adapter continued from the org adapter (served on the base)
     run:RUN_ID    any exported run of this repository (`run:latest`: the newest complete one)
 
+A run whose served adapter came from a final pass over the held-out windows
+(`train.final_pass`) has trained on the test window: it is evaluated by its
+measured checkpoint instead (`export/measured-adapter-*.gguf` on the base),
+and the report says so (`ResolvedModel.note`); without that file, eval
+evaluates the served model and warns that its figures are not held out.
+
 Every model is resolved and checked (manifest sha256, repository, base)
 before the first instance is run, and the report is written only when every
 part finished: a missing model or an interrupted run never leaves a report
@@ -321,6 +327,34 @@ def _run_files(run: RunFolder, quant: str) -> tuple[Path | None, Path | None]:
     return (candidates[0] if candidates else None), (adapters[0] if adapters else None)
 
 
+def _has_final_pass(run_dir: Path) -> bool:
+    from shoptalk.trainer.export import has_final_pass
+
+    return has_final_pass(run_dir, RunFolder(run_dir).read_record())
+
+
+def _measured(spec: str, run: RunFolder) -> tuple[Path | None, str | None]:
+    """For a run whose served adapter came from a final pass over the held-out
+    windows (it has trained on the test window, so its figures there mean
+    nothing): the measured checkpoint's exported adapter and a note naming
+    it, or no file and a warning saying why the figures are not held out.
+    (None, None) for a run whose served model is the measured one."""
+    if not _has_final_pass(run.root):
+        return None, None
+    exported = run.exported_measured_adapters()
+    step = (run.read_record().get("measured") or {}).get("step")
+    if exported:
+        return exported[0], (
+            f"{spec} is run {run.run_id}'s measured checkpoint (step {step}), served on the "
+            "base: the served adapter has trained on the test window since (final pass)"
+        )
+    return None, (
+        f"{spec} is run {run.run_id}'s served model, which has trained on the test window "
+        "(final pass): its figures here are not held out. Its measured checkpoint was not "
+        f"exported; `shoptalk export {run.run_id}` writes it, and eval then uses it"
+    )
+
+
 def _find_run(store: RepoStore, purpose: str, developer: str | None) -> Path | None:
     """The newest complete run of `purpose` (see docs/architecture.md, run
     record) that has an export; None if there is none."""
@@ -362,19 +396,30 @@ def resolve_models(
             base_file = base_gguf(base, data_dir, report)
         return base_file
 
+    def on_base(spec: str, run_dir: Path, adapter: Path, note: str | None) -> ResolvedModel:
+        manifests = {"adapter": _verify(spec, adapter, repo, base)}
+        fim = served_with_fim(manifests["adapter"].get("extra", {}).get("prompt_format"))
+        return ResolvedModel(
+            spec, the_base_file(), adapter, fim, base, run_dir.name, manifests, note
+        )
+
     def from_run(spec: str, run_dir: Path) -> ResolvedModel:
-        """A run's merged GGUF, or else its adapter GGUF on the base."""
-        model, adapter = _run_files(RunFolder(run_dir), quant)
-        manifests: dict[str, Any] = {}
+        """A run's merged GGUF, or else its adapter GGUF on the base; for a
+        run with a final pass, its measured checkpoint (see `_measured`)."""
+        folder = RunFolder(run_dir)
+        measured, note = _measured(spec, folder)
+        if measured is not None:
+            return on_base(spec, run_dir, measured, note)
+        if note is not None:
+            report(f"warning: {note}")
+        model, adapter = _run_files(folder, quant)
         if model is not None:
-            manifests["model"] = _verify(spec, model, repo, base)
+            manifests = {"model": _verify(spec, model, repo, base)}
             fim = served_with_fim(manifests["model"].get("extra", {}).get("prompt_format"))
-            return ResolvedModel(spec, model, None, fim, base, run_dir.name, manifests)
+            return ResolvedModel(spec, model, None, fim, base, run_dir.name, manifests, note)
         if adapter is None:
             raise EvalError(f"run {run_dir.name} has no exported model; run `shoptalk export`")
-        manifests["adapter"] = _verify(spec, adapter, repo, base)
-        fim = served_with_fim(manifests["adapter"].get("extra", {}).get("prompt_format"))
-        return ResolvedModel(spec, the_base_file(), adapter, fim, base, run_dir.name, manifests)
+        return on_base(spec, run_dir, adapter, note)
 
     for spec in specs:
         if spec == "base":
@@ -387,6 +432,10 @@ def resolve_models(
                 missing.append(
                     "org (no promoted model: run `shoptalk train` and `shoptalk export`)"
                 )
+                continue
+            promoted_run = store.run_dir(str(current.get("run_id") or ""))
+            if current.get("run_id") and promoted_run.is_dir() and _has_final_pass(promoted_run):
+                resolved.append(from_run(spec, promoted_run))  # its measured checkpoint
                 continue
             resolved.append(_from_current(spec, current, repo, base, settings, data_dir))
         elif spec == "baseline+":

@@ -7,7 +7,11 @@ Two outputs, each with a manifest beside it (`shoptalk.models.manifest`):
   process by `llama_cpp.llama_model_quantize` (1-D/norm tensors stay F32);
 - `runs/<id>/export/adapter-<f16|f32>.gguf` (`--adapter-only`): the LoRA alone
   as a GGUF adapter that llama.cpp applies on top of the base at run time
-  (`shoptalk.models.lora`).
+  (`shoptalk.models.lora`);
+- `runs/<id>/export/measured-adapter-<f16|f32>.gguf`, beside either, for a run
+  whose served `adapter/` came from a final pass over the held-out windows:
+  the measured checkpoint (`measured-adapter/`) as a GGUF LoRA, the model
+  `shoptalk eval` judges on the test window (the served one has trained on it).
 
 A run is exportable when its `record.json` says `complete` and `adapter/` is a
 PEFT LoRA folder for the base the record names. Every file appears under its
@@ -23,7 +27,7 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +55,9 @@ log = logging.getLogger(__name__)
 QUANTS = ("q8_0", "q4_k_m", "q5_k_m", "f16", "f32")
 FLOAT_QUANTS = ("f16", "f32")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# The measured checkpoint's adapter GGUF of a run with a final pass:
+# export/measured-adapter-<f16|f32>.gguf (`RunFolder.exported_measured_adapters`).
+MEASURED_PREFIX = "measured-"
 HF_MARKER = "shoptalk-checkpoint.json"  # written by models.provision beside a converted base
 
 
@@ -131,22 +138,7 @@ def read_run(run_dir: Path) -> ExportableRun:
             "wait for training to finish (or `shoptalk train --resume`) before exporting"
         )
     adapter_dir = folder.adapter_dir
-    config_file = adapter_dir / "adapter_config.json"
-    if not config_file.is_file() or not (adapter_dir / ADAPTER_WEIGHTS).is_file():
-        raise ExportError(
-            f"run {run_dir.name} says complete but {adapter_dir} has no PEFT adapter "
-            f"(adapter_config.json + {ADAPTER_WEIGHTS}); train again"
-        )
-    try:
-        adapter_config: dict[str, Any] = json.loads(config_file.read_text())
-    except ValueError as exc:
-        raise ExportError(f"{config_file} is not valid JSON ({exc}); train again") from None
-    if str(adapter_config.get("peft_type", "LORA")).upper() != "LORA":
-        raise ExportError(
-            f"{adapter_dir} is a {adapter_config.get('peft_type')} adapter; only LoRA exports"
-        )
-    if adapter_config.get("use_dora"):
-        raise ExportError("DoRA adapters cannot be exported to GGUF; train with plain LoRA")
+    adapter_config = _adapter_config(run_dir.name, adapter_dir)
     base = record.get("base") or {}
     base_path = Path(str(base.get("path") or adapter_config.get("base_model_name_or_path") or ""))
     named = adapter_config.get("base_model_name_or_path")
@@ -167,6 +159,50 @@ def read_run(run_dir: Path) -> ExportableRun:
         adapter_config=adapter_config,
         base_path=base_path,
         base_key=str(base.get("key") or base_path.name),
+    )
+
+
+def _adapter_config(run_name: str, adapter_dir: Path) -> dict[str, Any]:
+    """The config of a run's PEFT LoRA folder, checked to be exportable."""
+    config_file = adapter_dir / "adapter_config.json"
+    if not config_file.is_file() or not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        raise ExportError(
+            f"run {run_name} says complete but {adapter_dir} has no PEFT adapter "
+            f"(adapter_config.json + {ADAPTER_WEIGHTS}); train again"
+        )
+    try:
+        adapter_config: dict[str, Any] = json.loads(config_file.read_text())
+    except ValueError as exc:
+        raise ExportError(f"{config_file} is not valid JSON ({exc}); train again") from None
+    if str(adapter_config.get("peft_type", "LORA")).upper() != "LORA":
+        raise ExportError(
+            f"{adapter_dir} is a {adapter_config.get('peft_type')} adapter; only LoRA exports"
+        )
+    if adapter_config.get("use_dora"):
+        raise ExportError("DoRA adapters cannot be exported to GGUF; train with plain LoRA")
+    return adapter_config
+
+
+def has_final_pass(root: Path, record: dict[str, Any]) -> bool:
+    """Whether a final pass over the held-out windows made the run's served
+    `adapter/` from the measured checkpoint (kept in `measured-adapter/`):
+    then the served adapter has trained on the test window, and only the
+    measured one can be evaluated on it."""
+    served = record.get("served") or {}
+    return bool(served.get("final_pass")) or RunFolder(root).measured_adapter_dir.is_dir()
+
+
+def measured_run(run: ExportableRun) -> ExportableRun | None:
+    """The run with its measured checkpoint as the adapter, when a final pass
+    made the served one from it; None when the served adapter is the measured
+    one (or the measured checkpoint is gone: `has_final_pass` tells)."""
+    if not has_final_pass(run.root, run.record):
+        return None
+    adapter_dir = RunFolder(run.root).measured_adapter_dir
+    if not adapter_dir.is_dir():
+        return None
+    return replace(
+        run, adapter_dir=adapter_dir, adapter_config=_adapter_config(run.run_id, adapter_dir)
     )
 
 
@@ -331,13 +367,19 @@ def quantize(source: Path, target: Path, quant: str, threads: int | None = None)
 
 @dataclass
 class ExportResult:
+    """The files written, the asked-for one first (then the measured
+    checkpoint's adapter, for a run with a final pass)."""
+
     run_id: str
     files: list[Path] = field(default_factory=list)
     manifests: list[ModelManifest] = field(default_factory=list)
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
 
 
-def _manifest_fields(run: ExportableRun, kind: str, quant: str, adapter_sha: str) -> dict[str, Any]:
+def _manifest_fields(
+    run: ExportableRun, kind: str, quant: str, adapter_sha: str, checkpoint: str
+) -> dict[str, Any]:
     record = run.record
     base = record.get("base") or {}
     dataset = record.get("dataset") or {}
@@ -361,6 +403,9 @@ def _manifest_fields(run: ExportableRun, kind: str, quant: str, adapter_sha: str
             "purpose": record.get("purpose"),
             "developer": record.get("developer"),
             "prompt_format": record.get("prompt_format") or "fim",
+            # "measured": the checkpoint measured on the test window; "final
+            # pass": the served one, which has trained on it since.
+            "checkpoint": checkpoint,
         },
     }
 
@@ -385,14 +430,15 @@ def export_run(
     report: Report = quiet,
     threads: int | None = None,
 ) -> ExportResult:
-    """Export one finished run; returns the files written (with manifests)."""
-    from shoptalk.trainer.gguf_writer import GGUFWriteError, write_gguf, write_lora_gguf
-
+    """Export one finished run; returns the files written (with manifests).
+    A run whose served adapter came from a final pass over the held-out
+    windows also gets its measured checkpoint as a GGUF LoRA
+    (`measured-adapter-<type>.gguf`): evaluation on the test window loads
+    that one (`shoptalk.trainer.evaluate`)."""
     if quant not in QUANTS:
         raise ExportError(f"unknown quantization {quant!r}; use one of {', '.join(QUANTS)}")
     started = time.monotonic()
     run = read_run(run_dir)
-    adapter_sha = sha256_file(run.adapter_dir / ADAPTER_WEIGHTS)
     out_dir = run.export_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     # Temp files of exports that were killed (`kill -9`, power loss): as big
@@ -402,60 +448,121 @@ def export_run(
         report(f"removed {len(stale)} unfinished file(s) of an interrupted export")
     result = ExportResult(run_id=run.run_id)
     config = json.loads((run.base_path / "config.json").read_text())
+    adapter_dtype = "f32" if quant == "f32" else "f16"
+    final_pass = has_final_pass(run.root, run.record)
+    served = "final pass" if final_pass else "measured"
+    if adapter_only:
+        target = out_dir / f"adapter-{adapter_dtype}.gguf"
+        _write_adapter_gguf(run, target, adapter_dtype, config, report)
+        _add_file(result, run, target, "adapter", adapter_dtype, served)
+    else:
+        target = out_dir / f"model-{quant}.gguf"
+        _write_merged_gguf(run, target, quant, threads, report)
+        _add_file(result, run, target, "model", quant, served)
+    measured = measured_run(run)
+    if measured is not None:
+        target = out_dir / f"{MEASURED_PREFIX}adapter-{adapter_dtype}.gguf"
+        report(f"writing the measured checkpoint as {target.name}")
+        _write_adapter_gguf(measured, target, adapter_dtype, config, report)
+        _add_file(result, measured, target, "adapter", adapter_dtype, "measured")
+    elif final_pass:
+        result.warnings.append(
+            f"run {run.run_id}'s served adapter has trained on the test window (final pass) and "
+            f"its measured checkpoint ({RunFolder(run.root).measured_adapter_dir}) is missing: "
+            "`shoptalk eval` can only evaluate the served model, whose figures on the test "
+            "window are not held out"
+        )
+    result.seconds = time.monotonic() - started
+    report(f"{result.files[0]} ({result.manifests[0].size / 1e6:.1f} MB) in {result.seconds:.1f}s")
+    return result
+
+
+def _write_adapter_gguf(
+    run: ExportableRun, target: Path, dtype: str, config: dict[str, Any], report: Report
+) -> None:
+    """The run's LoRA alone, as a GGUF adapter llama.cpp applies on the base."""
+    from shoptalk.trainer.gguf_writer import GGUFWriteError, write_lora_gguf
+
+    report(f"reading the LoRA adapter of run {run.run_id}")
+    layers = lora_layers(run)
+    report(f"writing {target.name} ({len(layers)} adapted layers)")
     try:
-        if adapter_only:
-            dtype = "f32" if quant == "f32" else "f16"
-            target = out_dir / f"adapter-{dtype}.gguf"
-            report(f"reading the LoRA adapter of run {run.run_id}")
-            layers = lora_layers(run)
-            report(f"writing {target.name} ({len(layers)} adapted layers)")
-            try:
-                write_lora_gguf(
-                    target, config=config, layers=layers, dtype=dtype, name=f"shoptalk {run.run_id}"
-                )
-            except OSError as exc:
-                raise _disk_errors(target)(exc) or exc from None
-            kind, file_quant = "adapter", dtype
-        else:
-            target = out_dir / f"model-{quant}.gguf"
-            report(f"merging the LoRA of run {run.run_id} into {run.base_key} (fp32)")
-            model = merged_model(run)
-            float_type = quant if quant in FLOAT_QUANTS else "f32"
-            staging = target if quant in FLOAT_QUANTS else partial_name(target, "f32")
-            try:
-                write_gguf(
-                    staging,
-                    config=model.config.to_dict(),
-                    state_dict=model.state_dict(),
-                    tokenizer_dir=run.base_path,
-                    dtype=float_type,
-                    source_gguf=run.source_gguf,
-                    name=f"shoptalk {run.run_id}",
-                    progress=report,
-                )
-                del model
-                if staging != target:
-                    report(f"quantizing to {quant} with llama.cpp")
-                    quantize(staging, target, quant, threads)
-            except OSError as exc:
-                raise _disk_errors(target)(exc) or exc from None
-            finally:
-                if staging != target:
-                    staging.unlink(missing_ok=True)
-            kind, file_quant = "model", quant
+        write_lora_gguf(
+            target, config=config, layers=layers, dtype=dtype, name=f"shoptalk {run.run_id}"
+        )
+    except OSError as exc:
+        raise _disk_errors(target)(exc) or exc from None
     except GGUFWriteError as exc:
         raise ExportError(str(exc)) from None
+
+
+def _write_merged_gguf(
+    run: ExportableRun, target: Path, quant: str, threads: int | None, report: Report
+) -> None:
+    """The LoRA merged into the base, written as GGUF and quantized."""
+    from shoptalk.trainer.gguf_writer import GGUFWriteError, write_gguf
+
+    report(f"merging the LoRA of run {run.run_id} into {run.base_key} (fp32)")
+    model = merged_model(run)
+    float_type = quant if quant in FLOAT_QUANTS else "f32"
+    staging = target if quant in FLOAT_QUANTS else partial_name(target, "f32")
     try:
-        manifest = write_manifest(target, **_manifest_fields(run, kind, file_quant, adapter_sha))
+        write_gguf(
+            staging,
+            config=model.config.to_dict(),
+            state_dict=model.state_dict(),
+            tokenizer_dir=run.base_path,
+            dtype=float_type,
+            source_gguf=run.source_gguf,
+            name=f"shoptalk {run.run_id}",
+            progress=report,
+        )
+        del model
+        if staging != target:
+            report(f"quantizing to {quant} with llama.cpp")
+            quantize(staging, target, quant, threads)
+    except OSError as exc:
+        raise _disk_errors(target)(exc) or exc from None
+    except GGUFWriteError as exc:
+        raise ExportError(str(exc)) from None
+    finally:
+        if staging != target:
+            staging.unlink(missing_ok=True)
+
+
+def _add_file(
+    result: ExportResult,
+    run: ExportableRun,
+    target: Path,
+    kind: str,
+    quant: str,
+    checkpoint: str,
+) -> None:
+    """The manifest beside a written file, and both into the result."""
+    adapter_sha = sha256_file(run.adapter_dir / ADAPTER_WEIGHTS)
+    fields = _manifest_fields(run, kind, quant, adapter_sha, checkpoint)
+    try:
+        manifest = write_manifest(target, **fields)
     except OSError as exc:
         # A model without its manifest is refused by the server anyway.
         target.unlink(missing_ok=True)
         raise _disk_errors(target)(exc) or exc from None
     result.files.append(target)
     result.manifests.append(manifest)
-    result.seconds = time.monotonic() - started
-    report(f"{target} ({manifest.size / 1e6:.1f} MB) in {result.seconds:.1f}s")
-    return result
+
+
+def run_repository(run_dir: Path) -> Path:
+    """The repository a finished run was trained on (where it is served)."""
+    return _repository(read_run(run_dir))
+
+
+def _repository(run: ExportableRun) -> Path:
+    recorded = str(run.record.get("repo") or "")
+    if not recorded or not Path(recorded).is_dir():
+        raise ExportError(
+            f"run {run.run_id} names no existing repository ({recorded}); it cannot be promoted"
+        )
+    return Path(recorded)
 
 
 def promote_export(run_dir: Path, model_file: Path, data_dir: Path) -> Path:
@@ -464,11 +571,6 @@ def promote_export(run_dir: Path, model_file: Path, data_dir: Path) -> Path:
     from shoptalk.trainer.promotion import promote_run
 
     run = read_run(run_dir)
-    repo = Path(str(run.record.get("repo") or ""))
-    if not str(repo) or not repo.is_dir():
-        raise ExportError(
-            f"run {run.run_id} names no existing repository ({repo}); it cannot be promoted"
-        )
-    store = RepoStore.for_repo(data_dir, repo)
-    promote_run(store, run.run_id, model_file, run.adapter_dir)
+    repo = _repository(run)
+    promote_run(RepoStore.for_repo(data_dir, repo), run.run_id, model_file, run.adapter_dir)
     return repo

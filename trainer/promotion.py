@@ -8,12 +8,18 @@ A promotion over the base needs a measured gain (the interval above zero,
 McNemar p < 0.05); replacing a promoted model (the watcher's incremental
 runs, personal adapters) needs only "not worse" by more than a tolerance.
 Every message states the difference with its interval, and says "no
-measurable difference" when that is what it is. `export --promote` reads the
-run's own measurement (`record.json["measured"]`, taken before the final
-pass) and refuses a run without a measured gain unless forced
-(`check_export_promotion`). `promote_run` writes the repository's promotion
+measurable difference" when that is what it is. `export --promote` exports
+first, then reads the run's own measurement (`record.json["measured"]`,
+taken before the final pass) and serves only a run with a measured gain
+unless forced (`check_export_promotion`); not serving is a decision, not an
+error. `promote_run` writes the repository's promotion
 pointer (`current.json`, through `RepoStore.promote`); a running server
 picks it up.
+
+After the retraining job's and a personal adapter's promotions,
+`publish_promoted` publishes to the team server when `[team]
+publish_on_promote` is set (`shoptalk.trainer.publish`), as `export
+--promote` does.
 
 Used by export (`--promote`), the retraining job, personal adapters and the
 demo; it imports none of them.
@@ -26,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from shoptalk.models.errors import ShopTalkError
+from shoptalk.models.progress import Report, quiet
+from shoptalk.models.settings import TeamSettings
 from shoptalk.models.store import RepoStore
 from shoptalk.trainer.dataset_folder import read_split
 from shoptalk.trainer.em_difference import GAIN, EmDifference, paired_difference
@@ -89,11 +97,12 @@ def gate(difference: EmDifference, tolerance_points: float, require_gain: bool) 
     )
 
 
-def check_export_promotion(record: dict[str, Any], force: bool) -> str:
-    """Whether `export --promote` may serve this run, from its own record:
-    the reason when it may; `PromotionError` saying why not and what to do
-    when it may not (unless `force`, which promotes and says what it
-    overrode)."""
+def check_export_promotion(record: dict[str, Any], force: bool) -> tuple[bool, str]:
+    """The gate of `export --promote`, from the run's own record: whether the
+    run is served, and why. A run is served with a measured gain over the
+    base on its held-out window, or with `force` (the reason then says what
+    it overrode); otherwise the reason says what was missing. Not serving is
+    a decision, not an error: the export stays usable either way."""
     run_id = record.get("run_id", "?")
     measured = record.get("measured") or {}
     window = measured.get("test_window")
@@ -113,13 +122,10 @@ def check_export_promotion(record: dict[str, Any], force: bool) -> str:
             f"run {run_id}: {difference.text()}; a promotion over the base needs a measured gain"
         )
     else:
-        return f"measured before the final pass: {difference.text()}"
+        return True, f"measured before the final pass: {difference.text()}"
     if force:
-        return f"promoted with --force although {problem}"
-    raise PromotionError(
-        f"not promoted: {problem}. The base stays served. Train longer or on more history, or "
-        "pass --force to serve this run anyway"
-    )
+        return True, f"promoted with --force although {problem}"
+    return False, problem
 
 
 def newest_train_date(dataset_dir: Path) -> str | None:
@@ -153,3 +159,17 @@ def promote_run(
             "metrics": metrics,
         }
     )
+
+
+def publish_promoted(store: RepoStore, team: TeamSettings, report: Report = quiet) -> str:
+    """After a promotion: publish it to the team server when `[team]
+    publish_on_promote` is set. Returns what happened as a clause for the
+    promotion's message ("" when publishing is off). A failure to publish
+    does not undo the promotion; the clause says it, and what to do."""
+    from shoptalk.trainer.publish import PublishError, publish_if_configured
+
+    try:
+        published = publish_if_configured(store, team, report=report)
+    except PublishError as exc:
+        return f"; not published to the team server: {exc}"
+    return "; published to the team server ([team] publish_on_promote)" if published else ""

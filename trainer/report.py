@@ -138,6 +138,7 @@ def build_report_data(
                 "adapter": str(model.adapter) if model.adapter else None,
                 "prompt": "fim" if model.use_fim else "prefix-only",
                 "run_id": model.run_id,
+                "note": model.note,
                 "manifests": model.manifests,
                 "latency": _latency(run.latencies),
                 "completion": {
@@ -228,6 +229,13 @@ def _headline(comparisons: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     return comparisons[0] if comparisons else None
 
 
+def _notes(models: Sequence[dict[str, Any]], specs: Sequence[str]) -> str:
+    """What was evaluated of `specs`, when a model is not simply its export
+    (a run's measured checkpoint, or figures that are not held out)."""
+    notes = {m["spec"]: m.get("note") for m in models}
+    return "".join(f" {notes[spec]}." for spec in specs if notes.get(spec))
+
+
 def verdict(
     models: Sequence[dict[str, Any]], comparisons: Sequence[dict[str, Any]]
 ) -> dict[str, Any]:
@@ -240,9 +248,8 @@ def verdict(
         spec = models[0]["spec"] if models else "?"
         value = em.get(spec)
         shown = "–" if value is None or math.isnan(value) else f"{value:.1f}%"
-        return {
-            "text": f"{spec}: {shown} exact match (n={counts.get(spec, 0)}); nothing to compare it with."
-        }
+        text = f"{spec}: {shown} exact match (n={counts.get(spec, 0)}); nothing to compare it with."
+        return {"text": text + _notes(models, [spec])}
     a, b = headline["a"], headline["b"]
     diff = headline["difference_points"] or 0.0
     p_value = headline["p_value"]
@@ -260,7 +267,7 @@ def verdict(
             f"significant ({test}): no difference shown."
         )
     return {
-        "text": text,
+        "text": text + _notes(models, [a, b]),
         "a": a,
         "b": b,
         "difference_points": diff,

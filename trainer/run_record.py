@@ -8,7 +8,9 @@
         loss.csv, loss.png the loss curve (train and validation)
         checkpoints/       step-N/ folders and latest.json (resumable)
         adapter/           the PEFT adapter, present only when complete
-        export/            model-<quant>.gguf, adapter-<type>.gguf (`shoptalk export`)
+        measured-adapter/  the measured checkpoint, when a final pass made adapter/
+        export/            model-<quant>.gguf, adapter-<type>.gguf (`shoptalk export`),
+                           measured-adapter-<type>.gguf (with a final pass)
 
 `RunFolder` owns these paths: no other module spells them out. Every file
 is written atomically; `record.json` says `complete` only after the adapter
@@ -197,6 +199,11 @@ class RunFolder:
     def exported_adapters(self) -> list[Path]:
         """The run-time adapters `shoptalk export --adapter-only` wrote, by name."""
         return sorted(self.export_dir.glob("adapter-*.gguf"))
+
+    def exported_measured_adapters(self) -> list[Path]:
+        """The measured checkpoint's adapter (`measured-adapter-<type>.gguf`)
+        that `shoptalk export` writes for a run with a final pass, by name."""
+        return sorted(self.export_dir.glob("measured-adapter-*.gguf"))
 
     def load_record(self) -> RunRecord:
         """The run's record; `RunRecordError` (saying what to do) when the

@@ -96,10 +96,21 @@ def test_retrain_job_promotes_and_records_its_decision(
             "train": {"base": str(checkpoint), "max_steps": 2, "val_every": 1},
             "export": {"quant": "f32"},
             "watch": {"min_new_instances": 1, "tolerance": 1.0, "holdout": 6},
+            # Each promotion of the job and of personal adapters is published.
+            "team": {
+                "model_dir": str(tmp_path / "team-server"),
+                "config_file": str(tmp_path / "team-server" / "config.json"),
+                "publish_on_promote": True,
+            },
         }
     )
     queue = JobQueue(data_dir)
     store = RepoStore.for_repo(data_dir, repo_path)
+    team_server = tmp_path / "team-server"
+
+    def published() -> dict[str, str]:
+        config = json.loads((team_server / "config.json").read_text())
+        return {m["model_alias"]: m.get("lora_path") or m["model"] for m in config["models"]}
 
     queue.enqueue(repo_path, "retrain", "head-1")
     job = queue.claim()
@@ -118,8 +129,11 @@ def test_retrain_job_promotes_and_records_its_decision(
 
         run = RunFolder(store.run_dir(decision.run_id))
         promote_run(store, decision.run_id, run.exported_models()[0], run.adapter_dir)
+        assert not team_server.exists()  # promoted by hand: nothing published
     else:
         assert set(decision.figures["timings"]) == {"mine", "train", "export", "evaluate", "swap"}
+        assert "published to the team server" in outcome.message
+        assert published()["team"].endswith(f"{decision.run_id}-model-f32.gguf")
     current = store.current()
     assert current is not None and current["run_id"] == decision.run_id
     assert Path(current["model"]).is_file() and Path(current["adapter_dir"]).is_dir()
@@ -130,10 +144,15 @@ def test_retrain_job_promotes_and_records_its_decision(
         train_personal(repo_path, settings, data_dir, lambda m: None)
     author = enable(repo_path, ["alice@example.com"], settings, data_dir)
     assert author.startswith("alice")
-    train_personal(repo_path, settings, data_dir, lambda m: None)
+    said = train_personal(repo_path, settings, data_dir, lambda m: None)
     served = store.current()
     assert served is not None and served["personal"]["developer"] == author
     assert Path(served["adapter"]).is_file() and Path(served["base_model"]).is_file()
+    # Served locally and published under the developer's name.
+    assert said.startswith("serving your adapter") and "published to the team server" in said
+    personal_file = Path(published()[author])
+    assert personal_file.parent == team_server / author
+    assert personal_file.read_bytes() == Path(served["adapter"]).read_bytes()
     assert disable(repo_path, data_dir) == 1
     served = store.current()
     assert served is not None and served["adapter"] is None and served["run_id"] == decision.run_id
@@ -161,6 +180,8 @@ def test_retrain_job_promotes_and_records_its_decision(
     assert "org_em" in second.decision.figures
     if second.decision.promoted:
         assert store.current()["run_id"] == second.decision.run_id  # type: ignore[index]
+        assert "published to the team server" in second.message
+        assert published()["team"].endswith(f"{second.decision.run_id}-model-f32.gguf")
     else:
         assert store.current()["run_id"] == decision.run_id  # type: ignore[index]
 

@@ -116,7 +116,13 @@ def train_personal(repo: Path, settings: Settings, data_dir: Path, report: Repor
     from shoptalk.models.catalog import resolve_base
     from shoptalk.trainer.evaluate import base_gguf, evaluate_models
     from shoptalk.trainer.export import export_run
-    from shoptalk.trainer.promotion import JOB_VAL_LIMIT, completion_em, gate, report_difference
+    from shoptalk.trainer.promotion import (
+        JOB_VAL_LIMIT,
+        completion_em,
+        gate,
+        publish_promoted,
+        report_difference,
+    )
     from shoptalk.trainer.train import train_adapter
 
     store = RepoStore.for_repo(data_dir, repo)
@@ -189,4 +195,5 @@ def train_personal(repo: Path, settings: Settings, data_dir: Path, report: Repor
                 "metrics": {"exact_match": personal_em, "team_exact_match": team_em},
             }
         )
+        reason += publish_promoted(store, settings.team, report)
     return ("serving your adapter: " if promoted else "kept the team model: ") + reason

@@ -40,6 +40,7 @@ from shoptalk.trainer.promotion import (
     completion_em,
     gate,
     promote_run,
+    publish_promoted,
     report_difference,
 )
 
@@ -224,15 +225,18 @@ def run_retrain_job(
         "best_val_loss": best_val_loss,
         "report": str(evaluation.json_path),
     }
+    published = ""
     if promoted:
         steps.start("swap", 0.95)
         promote_run(store, run.run_id, model_file, run.adapter_dir, candidate_em, current_em)
+        published = publish_promoted(store, settings.team, report)
         steps.done("swap")
     # Recorded once the promotion is done, so that its figures hold every step.
     figures["timings"] = {k: round(v, 2) for k, v in steps.timings.items()}
     decision = Decision(job.id, str(repo), run.run_id, promoted, reason, figures, time.time())
     queue.record_decision(decision)
     message = ("promoted: " if promoted else "not promoted: ") + reason
+    message += published
     if promoted and opt_in(store) is not None:
         steps.start("personal", 0.97)
         try:

@@ -360,6 +360,8 @@ def main() -> None:
         results[name] = asyncio.run(
             run_config(name, options, repo, instances, args.model, data_dir)
         )
+        if args.out is not None:  # each configuration's answers as soon as it ends
+            write_results(args.out, list(results), results, instances)
     rows = summarize(names, results, instances)
     print(f"\n{source.parent.name}: {len(instances)} instances, baseline = {names[0]}")
     print(f"{'config':<10} {'EM':>6} {'ES':>6} {'dEM':>6} {'p':>7} {'p50 ms':>8} {'p95 ms':>8}")
@@ -370,14 +372,22 @@ def main() -> None:
             f"{row['p95_ms']:8.0f}"
         )
     if args.out is not None:
-        detail = {
-            name: [
-                {**asdict(i), "text": None, "prediction": a.prediction, "latency_ms": a.latency_ms}
-                for a, i in zip(results[name], instances, strict=True)
-            ]
-            for name in names
-        }
-        args.out.write_text(json.dumps({"rows": rows, "answers": detail}, indent=1))
+        write_results(args.out, names, results, instances)
+
+
+def write_results(
+    out: Path, names: list[str], results: dict[str, list[Answer]], instances: list[Instance]
+) -> None:
+    """The summary rows and every answer, as JSON."""
+    detail = {
+        name: [
+            {**asdict(i), "text": None, "prediction": a.prediction, "latency_ms": a.latency_ms}
+            for a, i in zip(results[name], instances, strict=True)
+        ]
+        for name in names
+    }
+    rows = summarize(names, results, instances)
+    out.write_text(json.dumps({"rows": rows, "answers": detail}, indent=1))
 
 
 if __name__ == "__main__":

@@ -286,17 +286,25 @@ def test_cli_export(tmp_path: Path, tiny_run: TinyRun) -> None:
     assert "model-f16.gguf" in done.stdout
     assert verify_model_file(run_dir / "export" / "model-f16.gguf").quant == "f16"
 
-    # --promote: the repository the run was trained on serves it from now on.
+    # --promote: the repository the run was trained on serves it from now on,
+    # once the gate lets it (this run has no held-out measurement: --force).
     repo = tmp_path / "repo"
     repo.mkdir()
     _edit_record(run_dir, repo=str(repo))
     refused = export(str(run_dir), "--adapter-only", "--promote")
     assert refused.returncode == 2 and "drop --adapter-only" in refused.stderr
-    promoted = export(str(run_dir), "--quant", "f16", "--promote")
-    assert promoted.returncode == 0, promoted.stderr[-2000:]
     from shoptalk.models.registry import promoted_choice
     from shoptalk.models.settings import Settings
     from shoptalk.models.store import RepoStore
+
+    kept = export(str(run_dir), "--quant", "f16", "--promote")
+    assert kept.returncode == 0, kept.stderr[-2000:]
+    assert "model-f16.gguf" in kept.stdout and "not promoted:" in kept.stdout
+    assert "no held-out measurement" in kept.stdout
+    assert RepoStore.for_repo(tmp_path / "data", repo).current() is None
+    promoted = export(str(run_dir), "--quant", "f16", "--promote", "--force")
+    assert promoted.returncode == 0, promoted.stderr[-2000:]
+    assert "promoted:" in promoted.stdout and "--force although" in promoted.stdout
 
     current = RepoStore.for_repo(tmp_path / "data", repo).current()
     assert current is not None

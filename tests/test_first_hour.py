@@ -124,7 +124,13 @@ def test_readme_path_is_mine_train_export_promote_eval_runs() -> None:
 def test_every_line_of_the_readme_path_succeeds_on_a_fresh_clone(first_hour: FirstHour) -> None:
     for done in first_hour.done:
         assert done.returncode == 0, (done.command, done.stdout[-2000:], done.stderr[-3000:])
-    assert "promoted:" in _step(first_hour, "export").stdout
+    # Two steps on a tiny random model measure no gain over the base: the
+    # export is written, and the gate says why it is not served.
+    exported = _step(first_hour, "export").stdout
+    assert "model-q8_0.gguf" in exported
+    decision = next(x for x in exported.splitlines() if "promoted:" in x)
+    assert decision.startswith("not promoted: run org-"), decision
+    assert "the base stays served" in decision and decision.endswith("--force serves it anyway")
     # The clone is left as it was: nothing is written into the user's repository.
     status = subprocess.run(
         ["git", "status", "--porcelain", "--ignored"],
@@ -143,9 +149,27 @@ def test_runs_lists_the_run_with_its_figures_and_the_served_one(first_hour: Firs
     row = next(line for line in runs.splitlines() if run_ids[0] in line)
     assert "complete" in row and " 2 " in row  # two steps, the budget
     assert re.search(r"\d+\.\d{3} →", row), row  # validation loss before → best
-    assert "model-q8_0.gguf" in row and row.rstrip().endswith("yes")
-    # The held-out score comes from the evaluation that just ran (org = this run).
+    assert "model-q8_0.gguf" in row
+    assert not row.rstrip().endswith("yes"), row  # not promoted: the base is served
+    # The held-out score comes from the evaluation that just ran (run:latest = this run).
     assert re.search(r"\d+\.\d \(base", runs), runs
+
+
+def test_force_serves_the_run_the_gate_kept_back(first_hour: FirstHour) -> None:
+    forced = first_hour.run("export", "latest", "--promote", "--force")
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    run_id = re.findall(r"\borg-\d{8}-\d{6}\b", _step(first_hour, "runs").stdout)[0]
+    decision = next(x for x in forced.stdout.splitlines() if "promoted:" in x)
+    assert decision.startswith(f"promoted: {first_hour.clone} now serves run {run_id} ")
+    assert "--force although" in decision
+    runs = first_hour.run("runs").stdout
+    row = next(line for line in runs.splitlines() if run_id in line)
+    assert row.rstrip().endswith("yes"), runs
+    evaluated = first_hour.run(
+        "eval", "--models", "base,org", "--limit", "2", "--general", "0", "--lookup", "0"
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert evaluated.stdout.strip().splitlines()[-1].startswith("org ")
 
 
 def test_latest_names_the_newest_complete_run(first_hour: FirstHour) -> None:
@@ -266,7 +290,7 @@ def test_summaries_hold_no_python_reprs(first_hour: FirstHour) -> None:
 def test_eval_ends_with_a_one_line_verdict(first_hour: FirstHour) -> None:
     evaluated = _step(first_hour, "eval")
     last = evaluated.stdout.strip().splitlines()[-1]
-    assert re.match(r"^org (is|and) .*base .*exact match, n=\d+\)", last), last
+    assert re.match(r"^run:org-\d{8}-\d{6} (is|and) .*base .*exact match, n=\d+\)", last), last
     assert "significant" in last or "tied" in last
     printed = (evaluated.stdout + evaluated.stderr).replace("\n", "")
     report = Path(re.search(r"(\S+report\.json)", printed).group(1))

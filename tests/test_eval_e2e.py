@@ -142,8 +142,16 @@ def test_report_matches_a_recomputation(evaluated) -> None:
         [exact_match(a["predictions"]["base"], a["target"]) for a in answers],
     )
     assert comparison["p_value"] == pytest.approx(paired.p_value)
-    org_manifest = models["org"]["manifests"]["model"]
-    assert org_manifest["repo"] == str(repo.resolve()) and org_manifest["kind"] == "model"
+    # The promoted two-step run gained on validation, so a final pass over the
+    # held-out windows made its served adapter: `org` is evaluated by its
+    # measured checkpoint, the adapter GGUF export wrote beside the model.
+    run_dir = store.run_dir(models["org"]["run_id"])
+    assert json.loads((run_dir / "record.json").read_text())["served"]["final_pass"]
+    org_manifest = models["org"]["manifests"]["adapter"]
+    assert org_manifest["repo"] == str(repo.resolve()) and org_manifest["kind"] == "adapter"
+    assert org_manifest["extra"]["checkpoint"] == "measured"
+    assert models["org"]["adapter"] == str(run_dir / "export" / "measured-adapter-f32.gguf")
+    assert "measured checkpoint" in models["org"]["note"]
     assert report.html_path.read_text().count("data:image/png;base64,") == 3
 
 

@@ -10,27 +10,40 @@ Used by `shoptalk.trainer.mine`; reads `shoptalk.trainer.mine_state`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import shutil
 import stat
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shoptalk.models.files import atomic_dir, sha256_file, write_json_atomic
+from shoptalk.models.files import (
+    atomic_dir,
+    partial_name,
+    remove_stale_partials,
+    sha256_file,
+    write_json_atomic,
+)
 from shoptalk.models.settings import MineSettings
 from shoptalk.trainer.authors import Alias, merge_aliases
 from shoptalk.trainer.git_log import CommitSummary, iso_utc
 from shoptalk.trainer.hygiene import (
     DedupResult,
     SecretScrubber,
-    cap_module_share,
-    remove_test_overlap,
+    dedup_text,
+    exact_key,
+    module_cap_targets,
+    module_sample,
+    shingles,
+    top_level_module,
 )
-from shoptalk.trainer.mine_state import MineState
+from shoptalk.trainer.mine_state import BATCH_BYTES, BATCH_RECORDS, MineState
+from shoptalk.trainer.spill_sort import SpillSort
 from shoptalk.trainer.splits import (
     CommitPoint,
     SplitPlan,
@@ -38,6 +51,8 @@ from shoptalk.trainer.splits import (
     parse_cutoff,
     plan_splits,
 )
+
+log = logging.getLogger(__name__)
 
 KINDS = ("completion", "module_lookup", "commit_message", "test_pair", "doc_modules")
 SPLIT_NAMES = ("train", "validation", "test")
@@ -53,6 +68,8 @@ SHARD_NAME = re.compile(r"\A[a-z_]+\.(?:train|validation|test)\.jsonl\Z")
 # Manifest entries that hold no text from the repository's history: the
 # user's own path and settings, hashes, dates and numbers (kept as they are:
 # they identify the dataset).
+# The folder of the sorted runs, beside the batches while the dataset is built.
+_SORT_FOLDER = "dataset-sort"
 _MANIFEST_AS_IS = frozenset(
     {"producer", "format", "repo", "head", "created_at", "commit_range", "cutoff"}
     | {"validation_from", "total", "mass_change_threshold", "config", "shards"}
@@ -60,11 +77,11 @@ _MANIFEST_AS_IS = frozenset(
 
 
 def _assign_authors(
-    records: list[dict[str, Any]],
     summaries: list[CommitSummary],
     bots: set[str],
     cache_file: Path | None = None,
 ) -> tuple[dict[Alias, Any], dict[str, str]]:
+    """The people behind the commits (aliases merged) and each commit's author id."""
     first_seen: dict[Alias, int] = {}
     counts: Counter[Alias] = Counter()
     for summary in summaries:
@@ -79,8 +96,6 @@ def _assign_authors(
         person = people.get(Alias(summary.author_name, summary.author_email))
         if person is not None:
             commit_author[summary.sha] = person.id
-    for record in records:
-        record["author_id"] = commit_author.get(record["commit"], "unknown")
     return dict(people), commit_author
 
 
@@ -98,41 +113,58 @@ def _sum_counts(items: Iterable[dict[str, int]]) -> dict[str, int]:
     return dict(sorted(total.items()))
 
 
-@dataclass
-class _Splits:
-    """The records of the dataset, split, deduplicated and balanced, with
-    what that did."""
+Counts = dict[str, dict[str, int]]
 
-    final: list[dict[str, Any]]
+
+@dataclass
+class _Plan:
+    """What the dataset is made of before any record is read: the people,
+    each commit's author and split, the commits mined."""
+
     people: dict[Alias, Any]  # authors.merge_aliases
+    commit_author: dict[str, str]
     plan: SplitPlan
     mined: list[CommitSummary]
     commit_stats: dict[str, dict[str, Any]]
+
+
+@dataclass
+class _Written:
+    """What writing the shards did: the records of each shard, counts, the
+    test overlap removed and the module balance of train."""
+
+    shards: dict[str, dict[str, Any]]
+    total: int
+    counts: Counts
+    by_author: Counts
+    by_language: Counts
     dedup: DedupResult
     balance: dict[str, dict[str, Any]]
+    peak_records: int  # the most records (or their lines) held at once
 
 
 def build_dataset(
     out_dir: Path,
-    records: list[dict[str, Any]],
-    summaries: list[CommitSummary],
     state: MineState,
+    current: set[str],
+    summaries: list[CommitSummary],
     settings: MineSettings,
     *,
     repo: Path,
     branch: str,
     tip: str,
     extra: dict[str, Any],
+    max_records: int = BATCH_RECORDS,
 ) -> dict[str, Any]:
-    """Split, dedup, balance and write `records` to `out_dir` (atomically);
-    returns the manifest."""
-    splits = _split_records(records, summaries, state, settings)
+    """Split, dedup, balance and write the state's records of the `current`
+    commits to `out_dir` (atomically), in passes over the state's batches
+    holding at most about `max_records` records; returns the manifest."""
+    planned = _plan(summaries, state, settings)
     repo_name = scrub_texts([repo.name])[0]  # every record carries it
-    counts, by_author, by_language = _counts(splits.final)
     folder_mode = _folder_mode(out_dir)
     with atomic_dir(out_dir) as tmp:
         os.chmod(tmp, folder_mode)
-        shards = _write_shards(tmp, splits.final, repo_name, counts)
+        written = _write_dataset(tmp, state, current, planned, settings, repo_name, max_records)
         manifest = {
             "producer": DATASET_PRODUCER,
             "format": 1,
@@ -145,56 +177,50 @@ def build_dataset(
                 "first": iso_utc(min(s.author_time for s in summaries)),
                 "last": iso_utc(max(s.author_time for s in summaries)),
                 "commits": len(summaries),
-                "mined_commits": len(splits.mined),
+                "mined_commits": len(planned.mined),
                 "since": settings.since,
                 "until": settings.until,
             },
-            "cutoff": iso_utc(splits.plan.cutoff),
-            "validation_from": iso_utc(splits.plan.validation_from),
-            "per_author_test_commits": splits.plan.moved_to_test,
-            "total": len(splits.final),
-            "counts": counts,
-            "counts_by_author": dict(sorted(by_author.items())),
-            "counts_by_language": dict(sorted(by_language.items())),
+            "cutoff": iso_utc(planned.plan.cutoff),
+            "validation_from": iso_utc(planned.plan.validation_from),
+            "per_author_test_commits": planned.plan.moved_to_test,
+            "total": written.total,
+            "counts": written.counts,
+            "counts_by_author": dict(sorted(written.by_author.items())),
+            "counts_by_language": dict(sorted(written.by_language.items())),
             "authors": {
                 person.id: {
                     "names": person.names,
                     "emails": person.emails,
                     "commits": person.commits,
                 }
-                for person in {p.id: p for p in splits.people.values()}.values()
+                for person in {p.id: p for p in planned.people.values()}.values()
             },
-            **_commit_figures(splits.commit_stats, state, settings),
+            **_commit_figures(planned.commit_stats, state, settings),
             "dedup": {
-                "exact": splits.dedup.exact,
-                "near": splits.dedup.near,
-                "by_kind": splits.dedup.by_kind,
+                "exact": written.dedup.exact,
+                "near": written.dedup.near,
+                "by_kind": written.dedup.by_kind,
             },
-            "balance": {"cap": settings.module_share_cap, "train_by_module": splits.balance},
+            "balance": {"cap": settings.module_share_cap, "train_by_module": written.balance},
             "config": json.loads(settings.model_dump_json()),
-            "shards": shards,
+            "shards": written.shards,
             **extra,
         }
         manifest = _scrub_manifest(manifest)
         write_json_atomic(tmp / "manifest.json", manifest)
         os.chmod(tmp / "manifest.json", 0o666 & ~_umask())  # as the shards (not 0600)
+    log.debug("dataset built holding at most %d records at once", written.peak_records)
     return manifest
 
 
-def _split_records(
-    records: list[dict[str, Any]],
-    summaries: list[CommitSummary],
-    state: MineState,
-    settings: MineSettings,
-) -> _Splits:
-    """Author ids, the temporal split of every record, test overlap removed
-    from train/validation, each kind's train share per module capped."""
+def _plan(summaries: list[CommitSummary], state: MineState, settings: MineSettings) -> _Plan:
+    """Author ids and the temporal split of every commit, from the commits'
+    summaries and what mining each gave (no record is read)."""
     in_range = {s.sha for s in summaries}
     commit_stats = {sha: info for sha, info in state.commits.items() if sha in in_range}
     bots = {sha for sha, info in commit_stats.items() if info["status"] == "bot"}
-    people, commit_author = _assign_authors(
-        records, summaries, bots, state.directory / "gambit-cache.json"
-    )
+    people, commit_author = _assign_authors(summaries, bots, state.directory / "gambit-cache.json")
     mined = [s for s in summaries if commit_stats.get(s.sha, {}).get("status") == "mined"]
     points = [
         CommitPoint(
@@ -213,58 +239,142 @@ def _split_records(
         settings.validation_share,
     )
     plan = plan_splits(points, sizes, settings.test_per_author, cutoff)
-    for record in records:
-        record["split"] = plan.split_of.get(record["commit"], "train")
-    test = [r for r in records if r["split"] == "test"]
-    others = [r for r in records if r["split"] != "test"]
-    dedup = remove_test_overlap(others, test)
-    train_all = [r for r in dedup.kept if r["split"] == "train"]
-    validation = [r for r in dedup.kept if r["split"] == "validation"]
-    train: list[dict[str, Any]] = []
+    return _Plan(people, commit_author, plan, mined, commit_stats)
+
+
+def _write_dataset(
+    folder: Path,
+    state: MineState,
+    current: set[str],
+    planned: _Plan,
+    settings: MineSettings,
+    repo_name: str,
+    max_records: int,
+) -> _Written:
+    """Three passes: the test records' dedup keys; every record split, test
+    overlap dropped, train counted per module, all sorted (spilling to
+    disk); the sorted records, train capped per module, into the shards."""
+    split_of = planned.plan.split_of
+    overlap = TestOverlap(chunk=max_records)
+    for record in state.records_of(current):
+        if split_of.get(record["commit"], "train") == "test":
+            overlap.add_test(record)
+    overlap.index_tests()
+    remove_stale_partials(state.directory, _SORT_FOLDER)
+    sort_folder = partial_name(state.directory / _SORT_FOLDER)
+    sort_folder.mkdir()
+    try:
+        sorter = SpillSort(sort_folder, max_records, BATCH_BYTES)
+        modules = _sort_records(state, current, planned, overlap, sorter, repo_name)
+        balance, keep = _plan_balance(modules, settings)
+        written = _write_sorted(folder, sorter, keep)
+    finally:
+        shutil.rmtree(sort_folder, ignore_errors=True)
+    written.dedup, written.balance = overlap.result, balance
+    written.peak_records = max(sorter.peak_entries, overlap.peak_pending)
+    return written
+
+
+# Train records per kind, then per top-level module, in the order they were read.
+_Modules = dict[str, dict[str, int]]
+
+
+def _sort_records(
+    state: MineState,
+    current: set[str],
+    planned: _Plan,
+    overlap: TestOverlap,
+    sorter: SpillSort,
+    repo_name: str,
+) -> _Modules:
+    """Every record of `current` split, given its author id, dropped when it
+    overlaps test, and added to `sorter` under the dataset's order (kind,
+    split, author time, id; ties in the order mined); returns how many train
+    records each kind has per module."""
+    modules: _Modules = {}
+
+    def add(record: dict[str, Any], position: int) -> None:
+        kind, split = record["kind"], record["split"]
+        module, index = "", 0
+        if split == "train":
+            module = top_level_module(str(record.get("path", "")))
+            of_kind = modules.setdefault(kind, {})
+            index = of_kind.get(module, 0)
+            of_kind[module] = index + 1
+        key = [kind, split, record["author_time"], record["id"], position]
+        meta = [record["author_id"], record["language"], module, index]
+        sorter.add(key, meta, json.dumps(_public(record, repo_name), ensure_ascii=False))
+
+    records = enumerate(state.records_of(current))
+    for position, record in records:
+        record["split"] = planned.plan.split_of.get(record["commit"], "train")
+        record["author_id"] = planned.commit_author.get(record["commit"], "unknown")
+        if record["split"] == "test":
+            add(record, position)
+        else:
+            overlap.check(record, position, add)
+    overlap.finish(add)
+    return modules
+
+
+def _plan_balance(
+    modules: _Modules, settings: MineSettings
+) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, str], bytearray]]:
+    """Each kind's train share per module capped (`hygiene.cap_module_share`):
+    the manifest's entry, and for each module cut down, which of its records
+    (by position among the kind's train records of the module) stay."""
     balance: dict[str, dict[str, Any]] = {}
+    keep: dict[tuple[str, str], bytearray] = {}
     for kind in KINDS:
-        of_kind = [r for r in train_all if r["kind"] == kind]
-        if of_kind:
-            capped = cap_module_share(of_kind, settings.module_share_cap, settings.seed)
-            train += capped.kept
+        sizes = modules.get(kind)
+        if not sizes:
+            continue
+        targets, substantial = module_cap_targets(sizes, settings.module_share_cap)
+        if targets is None:
             balance[kind] = {
-                "applied": capped.applied,
-                "reason": capped.reason,
-                "modules": capped.distribution,
+                "applied": False,
+                "reason": f"{substantial} substantial top-level module(s), fewer than 1/cap",
+                "modules": {n: {"before": s, "after": s} for n, s in sorted(sizes.items())},
             }
-    final = train + validation + test
-    final.sort(key=lambda r: (r["kind"], r["split"], r["author_time"], r["id"]))
-    return _Splits(final, people, plan, mined, commit_stats, dedup, balance)
+            continue
+        for name, size in sizes.items():
+            if targets[name] < size:
+                chosen = bytearray((size + 7) // 8)
+                for index in module_sample(settings.seed, name, size, targets[name]):
+                    chosen[index >> 3] |= 1 << (index & 7)
+                keep[(kind, name)] = chosen
+        balance[kind] = {
+            "applied": True,
+            "reason": f"{substantial} substantial top-level modules",
+            "modules": {n: {"before": sizes[n], "after": targets[n]} for n in sorted(sizes)},
+        }
+    return balance, keep
 
 
-Counts = dict[str, dict[str, int]]
-
-
-def _counts(final: list[dict[str, Any]]) -> tuple[Counts, Counts, Counts]:
-    """Records per split: by kind, by author, by language."""
+def _write_sorted(
+    folder: Path, sorter: SpillSort, keep: dict[tuple[str, str], bytearray]
+) -> _Written:
+    """`<kind>.<split>.jsonl` files of the sorted public records (synced to
+    disk), train records of capped modules left out but those chosen."""
     counts: Counts = {k: dict.fromkeys(SPLIT_NAMES, 0) for k in KINDS}
     by_author: Counts = defaultdict(lambda: dict.fromkeys(SPLIT_NAMES, 0))
     by_language: Counts = defaultdict(lambda: dict.fromkeys(SPLIT_NAMES, 0))
-    for record in final:
-        counts[record["kind"]][record["split"]] += 1
-        by_author[record["author_id"]][record["split"]] += 1
-        by_language[record["language"]][record["split"]] += 1
-    return counts, by_author, by_language
-
-
-def _write_shards(
-    folder: Path, final: list[dict[str, Any]], repo_name: str, counts: Counts
-) -> dict[str, dict[str, Any]]:
-    """`<kind>.<split>.jsonl` files of the public records (synced to disk);
-    returns each shard's sha256 and record count."""
     handles: dict[str, Any] = {}
+    total = 0
     try:
-        for record in final:
-            name = f"{record['kind']}.{record['split']}.jsonl"
+        for key, (author_id, language, module, index), text in sorter.sorted():
+            kind, split = key[0], key[1]
+            chosen = keep.get((kind, module)) if split == "train" else None
+            if chosen is not None and not chosen[index >> 3] & (1 << (index & 7)):
+                continue
+            name = f"{kind}.{split}.jsonl"
             if name not in handles:
                 handles[name] = (folder / name).open("w", encoding="utf-8")
-            handles[name].write(json.dumps(_public(record, repo_name), ensure_ascii=False))
-            handles[name].write("\n")
+            handles[name].write(text + "\n")
+            counts[kind][split] += 1
+            by_author[author_id][split] += 1
+            by_language[language][split] += 1
+            total += 1
     finally:
         for handle in handles.values():
             handle.flush()
@@ -274,7 +384,81 @@ def _write_shards(
     for name in sorted(handles):
         kind, split = name.split(".")[:2]
         shards[name] = {"sha256": sha256_file(folder / name), "records": counts[kind][split]}
-    return shards
+    return _Written(shards, total, counts, by_author, by_language, DedupResult([]), {}, 0)
+
+
+class TestOverlap:
+    """`hygiene.remove_test_overlap` in passes: the test records added first
+    (`add_test`: their exact keys, MinHash LSH per kind), then each other
+    record checked (`check`, in batches of MinHashes) and handed on when it
+    equals no test record of its kind up to whitespace nor is near one."""
+
+    __test__ = False  # not a pytest class
+    CHUNK = 512
+
+    def __init__(self, threshold: float = 0.8, num_perm: int = 64, chunk: int = CHUNK) -> None:
+        from datasketch import MinHashLSH
+
+        self._lsh_class = MinHashLSH
+        self.threshold, self.num_perm = threshold, num_perm
+        self.chunk = max(1, min(chunk, self.CHUNK))  # records checked (or indexed) at once
+        self.exact_keys: set[tuple[str, str]] = set()
+        self.indexes: dict[str, Any] = {}
+        self._inserted: Counter[str] = Counter()
+        self._tests: list[tuple[str, str]] = []
+        self._pending: list[tuple[dict[str, Any], int, str]] = []
+        self.peak_pending = 0
+        self.result = DedupResult(kept=[])
+
+    def _minhashes(self, texts: Iterable[str]) -> Iterator[Any]:
+        from datasketch import MinHash
+
+        return MinHash.generator((list(shingles(t)) for t in texts), num_perm=self.num_perm)
+
+    def add_test(self, record: dict[str, Any]) -> None:
+        kind, text = record["kind"], dedup_text(record)
+        self.exact_keys.add((kind, exact_key(text)))
+        self._tests.append((kind, text))
+        if len(self._tests) >= self.chunk:
+            self.index_tests()
+
+    def index_tests(self) -> None:
+        """Put the test records still pending into their kind's LSH index."""
+        tests, self._tests = self._tests, []
+        for (kind, _), minhash in zip(tests, self._minhashes(t for _, t in tests), strict=True):
+            lsh = self.indexes.get(kind)
+            if lsh is None:
+                lsh = self.indexes[kind] = self._lsh_class(
+                    threshold=self.threshold, num_perm=self.num_perm
+                )
+            lsh.insert(str(self._inserted[kind]), minhash)
+            self._inserted[kind] += 1
+
+    def check(
+        self, record: dict[str, Any], position: int, keep: Callable[[dict[str, Any], int], None]
+    ) -> None:
+        self._pending.append((record, position, dedup_text(record)))
+        self.peak_pending = max(self.peak_pending, len(self._pending))
+        if len(self._pending) >= self.chunk:
+            self.finish(keep)
+
+    def finish(self, keep: Callable[[dict[str, Any], int], None]) -> None:
+        """Check the records still pending."""
+        pending, self._pending = self._pending, []
+        minhashes = self._minhashes(text for _, _, text in pending)
+        for (record, position, text), minhash in zip(pending, minhashes, strict=True):
+            kind = record["kind"]
+            counts = self.result.by_kind.setdefault(kind, {"exact": 0, "near": 0})
+            if (kind, exact_key(text)) in self.exact_keys:
+                self.result.exact += 1
+                counts["exact"] += 1
+                continue
+            lsh = self.indexes.get(kind)
+            if lsh is not None and lsh.query(minhash):
+                self.result.near += 1
+                counts["near"] += 1
+                continue
+            keep(record, position)
 
 
 def _commit_figures(

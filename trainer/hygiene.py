@@ -377,7 +377,7 @@ def exact_key(text: str) -> str:
     return hashlib.sha1(re.sub(r"\s+", "", text).encode()).hexdigest()
 
 
-def _shingles(text: str, size: int = 3) -> set[bytes]:
+def shingles(text: str, size: int = 3) -> set[bytes]:
     words = _WORD.findall(text)
     if len(words) < size:
         return {" ".join(words).encode()}
@@ -411,12 +411,12 @@ def remove_test_overlap(
     indexes: dict[str, MinHashLSH] = {}
     for kind, records in test_by_kind.items():
         lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-        hashes = MinHash.bulk([list(_shingles(dedup_text(r))) for r in records], num_perm=num_perm)
+        hashes = MinHash.bulk([list(shingles(dedup_text(r))) for r in records], num_perm=num_perm)
         for index, minhash in enumerate(hashes):
             lsh.insert(str(index), minhash)
         indexes[kind] = lsh
     texts = [dedup_text(r) for r in candidates]
-    minhashes = MinHash.bulk([list(_shingles(t)) for t in texts], num_perm=num_perm)
+    minhashes = MinHash.bulk([list(shingles(t)) for t in texts], num_perm=num_perm)
     for record, text, minhash in zip(candidates, texts, minhashes, strict=True):
         kind = record["kind"]
         counts = result.by_kind.setdefault(kind, {"exact": 0, "near": 0})
@@ -474,35 +474,50 @@ def cap_module_share(records: list[dict[str, Any]], cap: float, seed: int) -> Ba
     groups: dict[str, list[dict[str, Any]]] = {}
     for record in records:
         groups.setdefault(top_level_module(str(record.get("path", ""))), []).append(record)
-    total = len(records)
     sizes = {name: len(items) for name, items in groups.items()}
-    substantial = sum(1 for size in sizes.values() if size >= SUBSTANTIAL_SHARE * total)
-    if not groups or substantial * cap < 1:
+    targets, substantial = module_cap_targets(sizes, cap)
+    if targets is None:
         return BalanceResult(
             kept=list(records),
             distribution={n: {"before": s, "after": s} for n, s in sorted(sizes.items())},
             applied=False,
             reason=f"{substantial} substantial top-level module(s), fewer than 1/cap",
         )
-    # Shrink the largest groups until every group's share is within the cap.
-    for _ in range(len(groups)):
-        current = sum(sizes.values())
-        over = [n for n, size in sizes.items() if size > cap * current + 1e-9]
-        if not over:
-            break
-        rest = sum(size for n, size in sizes.items() if n not in over)
-        allowed = cap * rest / (1 - cap * len(over)) if cap * len(over) < 1 else 0
-        for name in over:
-            sizes[name] = max(1, min(sizes[name], math.floor(allowed)))
     kept: list[dict[str, Any]] = []
     distribution: dict[str, dict[str, int]] = {}
     for name, items in sorted(groups.items()):
-        target = sizes[name]
+        target = targets[name]
         if target < len(items):
-            rng = random.Random(f"{seed}:{name}")
-            chosen = sorted(rng.sample(range(len(items)), target))
-            kept.extend(items[i] for i in chosen)
+            kept.extend(items[i] for i in module_sample(seed, name, len(items), target))
         else:
             kept.extend(items)
         distribution[name] = {"before": len(items), "after": target}
     return BalanceResult(kept, distribution, True, f"{substantial} substantial top-level modules")
+
+
+def module_cap_targets(sizes: dict[str, int], cap: float) -> tuple[dict[str, int] | None, int]:
+    """How many records each module keeps under the cap (None: the cap does
+    not apply, see `cap_module_share`), and how many modules are substantial."""
+    total = sum(sizes.values())
+    substantial = sum(1 for size in sizes.values() if size >= SUBSTANTIAL_SHARE * total)
+    if not sizes or substantial * cap < 1:
+        return None, substantial
+    targets = dict(sizes)
+    # Shrink the largest groups until every group's share is within the cap.
+    for _ in range(len(targets)):
+        current = sum(targets.values())
+        over = [n for n, size in targets.items() if size > cap * current + 1e-9]
+        if not over:
+            break
+        rest = sum(size for n, size in targets.items() if n not in over)
+        allowed = cap * rest / (1 - cap * len(over)) if cap * len(over) < 1 else 0
+        for name in over:
+            targets[name] = max(1, min(targets[name], math.floor(allowed)))
+    return targets, substantial
+
+
+def module_sample(seed: int, module: str, size: int, target: int) -> list[int]:
+    """The positions (ascending) of the `target` records a capped module keeps
+    of its `size`, seeded by the module's name."""
+    rng = random.Random(f"{seed}:{module}")
+    return sorted(rng.sample(range(size), target))

@@ -23,6 +23,7 @@ This module reads the history (steps 1-3); the state it keeps is
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -78,7 +79,13 @@ from shoptalk.trainer.instances import (
     message_lookup_instance,
     test_pair_instances,
 )
-from shoptalk.trainer.mine_state import MineState, branch_key, mass_change_threshold
+from shoptalk.trainer.mine_state import (
+    BATCH_RECORDS,
+    BatchWriter,
+    MineState,
+    branch_key,
+    mass_change_threshold,
+)
 from shoptalk.trainer.source_files import (
     SkipRules,
     decode_source,
@@ -624,13 +631,13 @@ class _ReadPlan:
 
 
 def _read_commits(
-    plan: _ReadPlan, to_read: list[CommitSummary], state: MineState, report: Report
-) -> list[dict[str, Any]]:
+    plan: _ReadPlan, to_read: list[CommitSummary], writer: BatchWriter, report: Report
+) -> None:
     """Mine each commit of `to_read` (one `git log -p` stream), recording
-    what each gave in `state`; returns their instances. `report` gets a
-    `Progress(done, total)` per commit."""
+    what each gave in the writer's state and streaming its instances into
+    the state's batches. `report` gets a `Progress(done, total)` per commit."""
     repo = plan.repo
-    new_records: list[dict[str, Any]] = []
+    state = writer.state
     known_paths = frozenset(p for p in tree_paths(repo, plan.tip) if is_text_path(p))
     with BlobReader(repo) as blobs, BlobReader(repo) as parent_blobs, SecretScrubber() as scrubber:
         settings = plan.settings
@@ -654,8 +661,11 @@ def _read_commits(
         stream = iter_commits(repo, (s.sha for s in to_read), plan.alias_file)
         for done, commit in enumerate(stream, 1):
             records, stats = _mine_commit(commit, ctx)
-            new_records += records
+            writer.add(records)
+            # Named in the state with its records: both are saved together
+            # when the batch is full (a killed run mines it again).
             state.commits[commit.sha] = stats
+            writer.end_commit()
             report(Progress(done, len(to_read)))
         if workspace is not None:
             log.info(
@@ -667,30 +677,15 @@ def _read_commits(
         missing = [s.sha for s in to_read if s.sha not in state.commits]
         if missing:
             raise GitError(f"git did not return {len(missing)} commit(s) of {plan.branch}; retry")
-    return new_records
 
 
-def _save_state(
-    state: MineState,
-    repo: Path,
-    branch_label: str,
-    current: set[str],
-    removed: list[str],
-    new_records: list[dict[str, Any]],
-) -> None:
-    """Drop the instances of commits that left the branch, add the new ones
-    as a batch, and save the state."""
-    if removed:
-        kept_records = [r for r in state.records() if r["commit"] in current]
-        for sha in removed:
-            del state.commits[sha]
-        state.batches = [state.write_batch(kept_records)]
-    if new_records:
-        state.batches.append(state.write_batch(new_records))
-    # The state names its batches; it is saved only after they are complete,
-    # then files it no longer names (replaced, or left by a killed run) go.
+def _save_state(state: MineState, repo: Path, branch_label: str, final: bool) -> None:
+    """Save the state (naming only complete batches); at the end of the run,
+    delete the batch files it no longer names (replaced, or left by a killed
+    run)."""
     state.save(repo, branch_label)
-    state.remove_stray_batches()
+    if final:
+        state.remove_stray_batches()
 
 
 def mine_repository(
@@ -701,10 +696,13 @@ def mine_repository(
     out_dir: Path | None = None,
     full: bool = False,
     report: Report = quiet,
+    batch_records: int = BATCH_RECORDS,
 ) -> MineResult:
     """Mine `repo` (incrementally) and (re)write its dataset; see the module doc.
 
-    `report` gets a `Progress(done, total)` of the commits read. Raises
+    `report` gets a `Progress(done, total)` of the commits read. Instances
+    are streamed into batches of `batch_records` (the state saved after
+    each), and the dataset built holding about that many at once. Raises
     MineError/GitError (ShopTalkError) with a message for the user."""
     repo = _toplevel(repo.expanduser())
     warnings: list[str] = []
@@ -756,11 +754,16 @@ def mine_repository(
             state.commits[summary.sha] = {"status": "mass_change", "files": summary.files_touched}
         else:
             to_read.append(summary)
-    new_records: list[dict[str, Any]] = []
-    if to_read:
-        read_plan = _ReadPlan(repo, tip, branch, settings, rules, alias_file, ignore_text)
-        new_records = _read_commits(read_plan, to_read, state, report)
-    _save_state(state, repo, branch_label, current, removed, new_records)
+    if removed:
+        # The instances of commits that left the branch go first (batch by
+        # batch), so the state saved while reading never names them.
+        state.drop_commits(removed)
+    saved = functools.partial(_save_state, state, repo, branch_label)
+    with BatchWriter(state, saved, batch_records) as writer:
+        if to_read:
+            read_plan = _ReadPlan(repo, tip, branch, settings, rules, alias_file, ignore_text)
+            _read_commits(read_plan, to_read, writer, report)
+    new_instances = writer.written
     warnings = scrub_texts(warnings)
     dataset_dir = target or store.dataset_dir
     up_to_date = current_manifest(dataset_dir, tip, settings)
@@ -768,11 +771,10 @@ def mine_repository(
         # Nothing new on the branch and the same settings: the dataset on disk
         # is what a rebuild would write (the watcher calls this often).
         return MineResult(dataset_dir, up_to_date, 0, 0, 0, False, warnings)
-    records = [r for r in state.records() if r["commit"] in current]
     extra = {
         "incremental": {
             "new_commits": len(todo),
-            "new_instances": len(new_records),
+            "new_instances": new_instances,
             "removed_commits": len(removed),
             "full": fresh,
         },
@@ -780,20 +782,21 @@ def mine_repository(
     }
     manifest = build_dataset(
         dataset_dir,
-        records,
-        summaries,
         state,
+        current,
+        summaries,
         settings,
         repo=repo,
         branch=branch_label,
         tip=tip,
         extra=extra,
+        max_records=batch_records,
     )
     return MineResult(
         dataset_dir=dataset_dir,
         manifest=manifest,
         new_commits=len(todo),
-        new_instances=len(new_records),
+        new_instances=new_instances,
         removed_commits=len(removed),
         full=fresh,
         warnings=warnings,

@@ -100,8 +100,8 @@ log = logging.getLogger(__name__)
 
 # Bump when instance extraction changes: cached instances are then re-mined.
 # 2: exact paths (git quoting, no trailing tab); 3: secrets scrubbed in every field;
-# 4: completions carry the parent commit's repository context
-EXTRACTION_VERSION = 4
+# 4: completions carry the parent commit's repository context; 5: that context scrubbed
+EXTRACTION_VERSION = 5
 IGNORE_FILE = ".shoptalkignore"
 # Fields of an instance that hold no text from the repository (everything
 # else — texts, path, module ids, symbol — is scrubbed for secrets).
@@ -255,17 +255,21 @@ class _Context:
 def _holds_placeholder(value: Any) -> bool:
     if isinstance(value, str):
         return has_placeholder(value)
+    if isinstance(value, dict):
+        return any(_holds_placeholder(k) or _holds_placeholder(v) for k, v in value.items())
     return isinstance(value, list) and any(_holds_placeholder(v) for v in value)
 
 
 def _scrub_record(record: dict[str, Any], scrubber: SecretScrubber) -> bool:
     """Scrub every field of an instance but its structural ones (ids, shas,
     dates, numbers): texts, path, module ids, symbol — and replace there any
-    secret found elsewhere in the commit. True when it holds a placeholder."""
+    secret found elsewhere in the commit. True when it holds a placeholder.
+    (The repository context of a completion, a dict of other files' texts
+    read unscrubbed at the parent commit, is scrubbed like the rest.)"""
     context = str(record.get("path", ""))
     touched = False
     for name, value in record.items():
-        if name in _STRUCTURAL_FIELDS or not isinstance(value, str | list):
+        if name in _STRUCTURAL_FIELDS or not isinstance(value, str | list | dict):
             continue
         record[name] = scrubber.scrub_value(value, context)
         touched = touched or _holds_placeholder(record[name])

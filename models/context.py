@@ -496,7 +496,11 @@ def _imported_modules(
     found: list[tuple[Module, str | None]] = []
     for name in imports:
         if language == "python":
-            ids = [name, *(f"{name}.{u}" for u in used if f"{name}.{u}" in module_map.modules)]
+            # Sorted: a set's order follows the hash seed, and the block must not.
+            ids = [
+                name,
+                *(f"{name}.{u}" for u in sorted(used) if f"{name}.{u}" in module_map.modules),
+            ]
             found.extend((m, None) for i in ids if (m := module_map.get(i)) is not None)
         elif language == "java":
             package = name.removesuffix(".*")

@@ -587,6 +587,18 @@ def _clip_doc(doc: str) -> str:
     return doc[: cut if cut > 0 else DOC_CHARS].rstrip()
 
 
+def module_map_of(files: Mapping[str, FileSummary]) -> ModuleMap:
+    """The module map of already parsed files (`summarize_file`), their
+    module ids recomputed for this set of paths (Python ids depend on which
+    `__init__.py` exist)."""
+    paths = set(files)
+    current = {
+        p: replace(s, module_id=module_id_for(p, s.language, paths, s.package))
+        for p, s in files.items()
+    }
+    return ModuleMap(_group(current.values()), current)
+
+
 def build_module_map(contents: Mapping[str, str]) -> ModuleMap:
     """The module map of `{posix path: text}` (a checkout, or the blobs of a
     commit). Files in other languages are ignored."""

@@ -298,16 +298,31 @@ def test_the_workspace_moved_along_history_is_the_parents_checkout(tmp_path: Pat
     commits = [repo.commit("one")]
     repo.write("billing/invoices.py", INVOICES)
     repo.write("notes.txt", "not source")
+    # A relative import: resolved against the module id, which changes when
+    # the folder becomes a package (commit four).
+    repo.write(
+        "lib/pkg/c.py", "from . import d\nfrom .d import helper\n\n\ndef run():\n    helper()\n"
+    )
+    repo.write("lib/pkg/d.py", "def helper():\n    return 1\n")
     commits.append(repo.commit("two"))
     repo.move("billing/ledger.py", "billing/journal.py")
     repo.write("billing/invoices.py", INVOICES + REFUND)
     commits.append(repo.commit("three"))
     repo.remove("billing/taxes.py")
+    repo.write("lib/pkg/__init__.py", "")
     commits.append(repo.commit("four"))
     query = ["journal_book", "append_posting", "vat_rate", "country", "amount"]
     with BlobReader(repo.path) as blobs:
         moving = CommitWorkspace(repo.path, blobs)
-        for commit in [commits[0], commits[2], commits[1], commits[3], None, commits[2]]:
+        for commit in [
+            commits[0],
+            commits[2],
+            commits[1],
+            commits[3],
+            None,
+            commits[2],
+            commits[3],
+        ]:
             workspace = moving.at(commit)
             files = _tree(repo.path, commit) if commit else {}
             fresh = WorkspaceIndex.from_contents(files)
@@ -317,4 +332,5 @@ def test_the_workspace_moved_along_history_is_the_parents_checkout(tmp_path: Pat
             ]
             assert workspace.index.search(query, 24) == fresh.search(query, 24)
             assert workspace.module_map is not None
-            assert sorted(workspace.module_map.files) == sorted(build_module_map(files).files)
+            # The whole map: files, module ids, symbols and resolved imports.
+            assert workspace.module_map == build_module_map(files)

@@ -15,22 +15,27 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections import OrderedDict
 from pathlib import Path, PurePosixPath
 
 from shoptalk.models.context import Workspace
 from shoptalk.models.exclusion import Exclusion, decode_source, path_skip_reason
 from shoptalk.models.module_map import (
     SKIPPED_DIRS,
+    FileSummary,
     ModuleMap,
     build_module_map,
     language_for,
+    module_id_for,
+    module_map_of,
+    summarize_file,
 )
 from shoptalk.models.workspace_index import IndexLimits, WorkspaceIndex
 from shoptalk.trainer.git_log import BlobReader, GitError, decode_path
 
-# Above this many changed files the module map is rebuilt once rather than
-# file by file (`ModuleMap.with_file` regroups every module).
-MODULE_MAP_REBUILD = 32
+# Parsed files kept by (path, blob): a merge-heavy history moves between
+# branches' trees again and again, and parsing (tree-sitter) is the cost.
+SUMMARY_CACHE = 20_000
 _REGULAR = (b"100644", b"100755")
 
 
@@ -91,7 +96,9 @@ class CommitWorkspace:
         self.limits = limits or IndexLimits()
         self.commit: str | None = None  # what the workspace holds (None: empty)
         self.index = WorkspaceIndex(self.exclusion, self.limits)
-        self._modules: dict[str, str] = {}  # texts the module map reads
+        self._blobs: dict[str, str] = {}  # {path: blob} of the files the module map reads
+        self._summaries: dict[str, FileSummary] = {}  # their parsed forms
+        self._parsed: OrderedDict[tuple[str, str, str], FileSummary | None] = OrderedDict()
         self.module_map: ModuleMap = build_module_map({})
         self.seconds = 0.0  # spent moving (mining reports the cost)
         self.files_read = 0
@@ -103,7 +110,7 @@ class CommitWorkspace:
             if commit is None:
                 self._reset()
             elif self.commit is None:
-                self._apply(dict(tree_blobs(self.repo, commit)), rebuild=True)
+                self._apply(dict(tree_blobs(self.repo, commit)))
             else:
                 self._apply(tree_changes(self.repo, self.commit, commit))
             self.commit = commit
@@ -112,29 +119,59 @@ class CommitWorkspace:
 
     def _reset(self) -> None:
         self.index = WorkspaceIndex(self.exclusion, self.limits)
-        self._modules = {}
+        self._blobs = {}
+        self._summaries = {}
         self.module_map = build_module_map({})
 
-    def _apply(self, changes: dict[str, str | None], rebuild: bool = False) -> None:
-        rebuild = rebuild or len(changes) > MODULE_MAP_REBUILD
+    def _apply(self, changes: dict[str, str | None]) -> None:
+        texts: dict[str, str | None] = {}
+        mapped: list[str] = []
+        inits_before = {p for p in self._blobs if p.endswith("__init__.py")}
         for path in sorted(changes):
             blob = changes[path]
             indexed = self.index.accepts(path) and path_skip_reason(path) is None
-            mapped = _module_map_reads(path)
-            if not (indexed or mapped):
-                continue
-            text = self._read(blob) if blob is not None else None
             if indexed:
-                self.index.update(path, text)
-            if mapped:
-                if text is None:
-                    self._modules.pop(path, None)
+                texts[path] = self._read(blob) if blob is not None else None
+                self.index.update(path, texts[path])
+            if _module_map_reads(path):
+                mapped.append(path)
+                if blob is None:
+                    self._blobs.pop(path, None)
+                    self._summaries.pop(path, None)
                 else:
-                    self._modules[path] = text
-                if not rebuild:
-                    self.module_map = self.module_map.with_file(path, text)
-        if rebuild:
-            self.module_map = build_module_map(self._modules)
+                    self._blobs[path] = blob
+        if not mapped:
+            return
+        inits = {p for p in self._blobs if p.endswith("__init__.py")}
+        # Python module ids (and so relative imports) follow the packages'
+        # `__init__.py` files: when those changed, every Python file is checked.
+        check = self._blobs if inits != inits_before else [p for p in mapped if p in self._blobs]
+        paths = set(self._blobs)
+        for path in check:
+            summary = self._summary(path, self._blobs[path], paths, texts)
+            if summary is None:
+                self._summaries.pop(path, None)
+            else:
+                self._summaries[path] = summary
+        self.module_map = module_map_of(self._summaries)
+
+    def _summary(
+        self, path: str, blob: str, paths: set[str], texts: dict[str, str | None]
+    ) -> FileSummary | None:
+        """The parsed file `path` at `blob` under the module id `paths` give
+        it (parsed once per blob and id: from the cache when seen before)."""
+        language = language_for(path)
+        module_id = module_id_for(path, language, paths) if language == "python" else ""
+        key = (path, blob, module_id)
+        if key in self._parsed:
+            self._parsed.move_to_end(key)
+            return self._parsed[key]
+        text = texts[path] if path in texts else self._read(blob)
+        summary = summarize_file(path, text, paths) if text is not None else None
+        self._parsed[key] = summary
+        if len(self._parsed) > SUMMARY_CACHE:
+            self._parsed.popitem(last=False)
+        return summary
 
     def _read(self, blob: str) -> str | None:
         data = self.blobs.read(blob, self.limits.max_file_bytes)

@@ -358,3 +358,49 @@ def test_context_tokens_grow_with_the_budgets() -> None:
     assert needed_context_tokens(EngineOptions()) <= 1024  # today's default still fits
     big = EngineOptions(prefix_chars=6000, suffix_chars=400, context_chars=2000)
     assert needed_context_tokens(big) >= (6000 + 400 + 2000) // 3 + big.max_tokens
+
+
+CONTEXT_SCRIPT = """
+import sys
+from shoptalk.models.context import ContextOptions, Workspace, build_context
+from shoptalk.models.module_map import build_module_map
+from shoptalk.models.workspace_index import WorkspaceIndex
+
+files = {
+    "shop/__init__.py": "",
+    "shop/taxes.py": "def vat_rate(country):\\n    '''Tax rate.'''\\n    return 0.2\\n",
+    "shop/ledger.py": "def post_entry(book, amount):\\n    '''Post.'''\\n    book.add(amount)\\n",
+    "shop/refunds.py": "def refund(order):\\n    '''Refund.'''\\n    return order\\n",
+    "shop/orders.py": "def place(order):\\n    '''Place.'''\\n    return order\\n",
+}
+head = "import shop\\n\\n\\ndef close(book, order):\\n    "
+# Used only after the cursor: no use is nearer the cursor than another (a tie).
+tail = "\\n    shop.taxes.vat_rate('de')\\n    shop.ledger.post_entry(book, 1)\\n"
+tail += "    shop.refunds.refund(order)\\n    shop.orders.place(order)\\n"
+files["app.py"] = head + tail
+workspace = Workspace(WorkspaceIndex.from_contents(files), build_module_map(files))
+block = build_context(workspace, "app.py", head, tail, ContextOptions(chars=3000))
+sys.stdout.write(block)
+"""
+
+
+def test_the_block_does_not_depend_on_the_hash_seed() -> None:
+    """Mined and served blocks must be the same in every process: a set's
+    iteration order follows PYTHONHASHSEED."""
+    import os
+    import subprocess
+    import sys
+
+    blocks = {
+        subprocess.run(
+            [sys.executable, "-c", CONTEXT_SCRIPT],
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in (1, 2, 3, 4)
+    }
+    assert len(blocks) == 1, blocks
+    (block,) = blocks
+    assert "def vat_rate" in block and "def post_entry" in block

@@ -21,6 +21,8 @@ from shoptalk.models.jobs import Job, JobQueue
 from shoptalk.models.store import RepoStore
 from shoptalk.server.continuous import ContinuousLearner, retrain_command
 from shoptalk.server.lsp import _plain
+from shoptalk.trainer.promotion import promote_run
+from shoptalk.trainer.run_record import RunFolder
 
 RESUME_STEPS = 40
 
@@ -85,8 +87,29 @@ def test_commit_is_noticed_trained_and_promoted(
     assert {j.state for j in seen} >= {"queued", "running", "done"}
     [decision] = queue.decisions(repo.resolve())
     current = RepoStore.for_repo(data_dir, repo).current()
-    assert decision.promoted and current is not None and current["run_id"] == decision.run_id
-    assert Path(current["model"]).is_file()
+    _check_first_decision(decision, current)
+    assert Path(
+        RunFolder(RepoStore.for_repo(data_dir, repo).run_dir(decision.run_id)).exported_models()[0]
+    ).is_file()
+
+
+def _check_first_decision(decision: Any, current: dict[str, Any] | None) -> None:
+    """The first job's gate is over the base: only a measured gain promotes,
+    and the decision says what was measured (tiny random models score alike,
+    so here it is "no measurable difference" unless a gain really shows)."""
+    if decision.promoted:
+        assert current is not None and current["run_id"] == decision.run_id
+        assert "interval" in decision.reason
+    else:
+        assert current is None, current  # the base stays served
+        assert "needs a measured gain" in decision.reason and "interval" in decision.reason
+
+
+def _promote_by_hand(data_dir: Path, repo: Path, run_id: str) -> None:
+    """What `export --promote --force` does for a run the gate kept back."""
+    store = RepoStore.for_repo(data_dir, repo)
+    run = RunFolder(store.run_dir(run_id))
+    promote_run(store, run_id, run.exported_models()[0], run.adapter_dir)
 
 
 @pytest.mark.e2e
@@ -138,9 +161,12 @@ async def test_serving_server_retrains_reports_progress_and_swaps(
         assert answered_during_job > 0
 
         [decision] = JobQueue(data_dir).decisions(repo.resolve())
-        assert decision.promoted
+        _check_first_decision(decision, RepoStore.for_repo(data_dir, repo).current())
+        if not decision.promoted:
+            _promote_by_hand(data_dir, repo, decision.run_id)
         current = RepoStore.for_repo(data_dir, repo).current()
         assert current is not None and current["run_id"] == decision.run_id
+        # The same server process picks the promoted model up.
         while (await session.status())["run_id"] != decision.run_id:
             assert time.monotonic() < deadline, session.stderr.decode()[-3000:]
             await asyncio.sleep(0.2)
@@ -168,7 +194,8 @@ async def test_serving_server_retrains_reports_progress_and_swaps(
         assert "train" in shown and shown == sorted(shown, key=order.index), shown
         percents = [v["percentage"] for v in values if v["kind"] in ("begin", "report")]
         assert percents == sorted(percents) and 0 < percents[-1] < 100, percents
-        assert values[-1]["kind"] == "end" and values[-1]["message"].startswith("done: promoted")
+        outcome = "done: promoted" if decision.promoted else "done: not promoted"
+        assert values[-1]["kind"] == "end" and values[-1]["message"].startswith(outcome)
         assert JobQueue(data_dir).jobs(repo.resolve())[0].head == head
     finally:
         await stop_session(session)
@@ -226,12 +253,12 @@ def test_killed_retrain_worker_resumes_its_run(
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     finished = queue.get(job.id)
-    assert finished.state == "done" and finished.message.startswith("promoted"), finished.message
+    assert finished.state == "done", finished.message
     assert finished.params["run_id"] == run_id and finished.attempts == 2
     record = json.loads((run / "record.json").read_text())
     assert record["status"] == "complete" and record["steps"] == RESUME_STEPS
     [resumed] = record["resumed"]
     assert resumed["step"] >= killed_at
     [decision] = queue.decisions(repo.resolve())
-    current = store.current()
-    assert decision.run_id == run_id and current is not None and current["run_id"] == run_id
+    assert decision.run_id == run_id
+    _check_first_decision(decision, store.current())

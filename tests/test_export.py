@@ -91,7 +91,12 @@ def test_q8_0_keeps_the_top1(
     reference = hf_logits(merged_model(read_run(tiny_run(arch))), ids)
     path = exported(arch, "q8_0")
     got = llama_cpp_logits(path, ids)
-    assert (got.argmax(-1) == reference.argmax(-1)).mean() >= 0.98
+    # Where the top two logits are within Q8_0's rounding the choice may flip;
+    # how many such near-ties a random tiny model has depends on the float
+    # order of the fixture's few Adam steps (torch's thread count in the run).
+    decisive = decisive_positions(reference, 0.1)
+    assert decisive.mean() > 0.5
+    assert (got.argmax(-1) == reference.argmax(-1))[decisive].mean() >= 0.98
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
     assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
     assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32

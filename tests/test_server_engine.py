@@ -26,7 +26,7 @@ from shoptalk.models.completion import (
     GenerationRequest,
     complete_lines,
 )
-from shoptalk.models.context import Workspace
+from shoptalk.models.context import CONTEXT_LINE_STEP, Workspace
 from shoptalk.models.module_map import build_module_map
 from shoptalk.models.workspace_index import WorkspaceIndex
 
@@ -137,8 +137,13 @@ def test_context_block_stays_put_while_typing_so_the_kv_cache_is_reused(
         assert engine.last_plan is not None and engine.last_plan.context == plan.context
         assert again.generation is not None
         assert again.generation.evaluated_tokens <= 4 < again.generation.prompt_tokens
-    # A new line (or a prefill) builds the block again, with what the index has now.
+    # The first line of the next 16-line stretch builds the block again, with
+    # what the index has now (a new line inside the stretch keeps it).
     moved = text + "nt(palette)\n    "
+    engine.complete(moved, len(moved), use_cache=False, path="app.py", workspace=workspace)
+    assert engine.last_plan is not None and engine.last_plan.context == plan.context
+    while moved.count("\n") % CONTEXT_LINE_STEP != 0:
+        moved += "canvas.paint(palette)\n    "
     engine.complete(moved, len(moved), use_cache=False, path="app.py", workspace=workspace)
     assert engine.last_plan is not None and "# ui/late.py\n" in engine.last_plan.context
     assert engine.prefill(moved, len(moved), path="app.py", workspace=workspace) <= 1

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,18 @@ def default_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     data = tmp_path_factory.mktemp("default-model")
     return ensure_gguf(data, CATALOG[DEFAULT_BASE], lambda _msg: None)
+
+
+@pytest.fixture
+def model(tiny_gguf: Callable[..., Path], tmp_path: Path) -> Path:
+    """The tiny GGUF as an exported model a server serves with `--model`
+    (copied, with its manifest)."""
+    import shutil
+
+    from shoptalk.models.manifest import write_manifest
+
+    target = tmp_path / "models" / "model-a.gguf"
+    target.parent.mkdir(parents=True)
+    shutil.copy(tiny_gguf("gemma3"), target)
+    write_manifest(target, kind="model", base="gemma3-270m", run_id="run-a")
+    return target

@@ -28,17 +28,8 @@ from shoptalk.trainer.evaluate import ServedModel, context_overrides, resolve_mo
 from shoptalk.trainer.formats import record_context, record_items
 from shoptalk.trainer.mine import mine_repository
 from tests.git_repos import BOB, RepoBuilder, git
+from tests.test_context_e2e import TAXES
 from tests.tiny_models import place_base_gguf
-
-TAXES = '''"""Value added tax."""
-
-RATES = {"fr": 0.2, "de": 0.19}
-
-
-def vat_rate(country: str) -> float:
-    """The value added tax rate of a country (ISO code)."""
-    return RATES[country]
-'''
 
 LEDGER = "".join(
     f"def ledger_entry_{i}(journal_book, amount):\n"

@@ -5,13 +5,10 @@ the real `shoptalk serve --stdio` on a tiny GGUF, plus the notes' rules."""
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from shoptalk.models.manifest import write_manifest
 from shoptalk.server.answer_notes import AnswerNotes, over_budget_message
 from shoptalk.server.document_exclusion import DocumentExclusion
 from shoptalk.server.lsp import _plain
@@ -68,15 +65,6 @@ def test_exclusion_rules_apply_inside_and_outside_the_repository(tmp_path: Path)
     # An edited .shoptalkignore is read again.
     (root / ".shoptalkignore").write_text("")
     assert rules.reason(uri(root / "private" / "notes.py"), root) is None
-
-
-@pytest.fixture
-def model(tiny_gguf: Callable[..., Path], tmp_path: Path) -> Path:
-    target = tmp_path / "models" / "model-a.gguf"
-    target.parent.mkdir(parents=True)
-    shutil.copy(tiny_gguf("gemma3"), target)
-    write_manifest(target, kind="model", base="gemma3-270m", run_id="run-a")
-    return target
 
 
 @pytest.mark.e2e

@@ -5,7 +5,6 @@ real server's status."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +13,6 @@ import pytest
 from lsprotocol import types
 
 from shoptalk.models.backends import LlamaBackend, LlamaOptions
-from shoptalk.models.manifest import write_manifest
 from shoptalk.models.registry import latency_budget_ms
 from shoptalk.models.settings import ServeSettings
 from shoptalk.models.speed import (
@@ -54,15 +52,6 @@ def test_the_probe_times_decoding_on_a_real_model(tiny_gguf: Callable[..., Path]
     assert speed.tokens > 0 and speed.seconds > 0
     assert budget == budget_from_speed(speed, 48)
     assert MIN_BUDGET_MS <= budget <= MAX_BUDGET_MS
-
-
-@pytest.fixture
-def model(tiny_gguf: Callable[..., Path], tmp_path: Path) -> Path:
-    target = tmp_path / "models" / "model-a.gguf"
-    target.parent.mkdir(parents=True)
-    shutil.copy(tiny_gguf("gemma3"), target)
-    write_manifest(target, kind="model", base="gemma3-270m", run_id="run-a")
-    return target
 
 
 @pytest.mark.e2e

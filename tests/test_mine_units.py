@@ -488,3 +488,89 @@ def test_prefilter_passes_every_line_detect_secrets_flags() -> None:
                     assert may_hold_secret(line), line
     assert flagged >= len(CANARY_LINES)
     assert not may_hold_secret("    return sum(line for line in lines if line > 0)")
+
+
+# Lines on the edges of the secret scan's fast prefilters: each hint's words
+# in other cases, shapes one character short, non-ASCII letters that `(?i)`
+# folds onto ASCII ones (Kelvin sign, long s, dotless i), calls by name.
+TRICKY_SECRET_LINES = [
+    "PASS = 1",
+    "x = 'Pa55'",
+    "\u212aEY = 'hunter22hunter22'",  # KELVIN SIGN + EY: `(?i)key` matches it
+    "\u017fecret = 'Sup3r-Secret!'",  # LATIN SMALL LETTER LONG S
+    "tok\u0131n = 'x'",
+    "café = 'AbCdEfGhIjKlMnOpQrSt'",
+    "a" * 19,
+    "a" * 20,
+    "abcdefg1",
+    "abcdefg",
+    "ip = 10.0.0.1",
+    "v = 1.2.3",
+    "v = ١.٢.٣.٤",  # Arabic-Indic digits: `\\d` matches them
+    "mysql -P3306 -uroot -pS3cret",
+    "DSN = 'u:S3cret@tcp(db:3306)/x'",
+    "GLPAT-abcdefghijklmnopqrstu",
+    "GhP_abcdefghijklmnopqrstuvwxyz0123456789",
+    "bot = '123456789:AAabcdefghijklmnopqrstuvwxyz0123456'",
+    "Authorization: Bearer abcdefghijklmnopqrstuvwx",
+    "GITHUB_PAT_abcdefghijklmnopqrstuvwxyz",
+    "ftp = FTP('host', 'admin', 'Zq8hunter')",
+    "conn = getConnection(url, 'sa', 'Zq8hunter')",
+    "s.bind_s('cn=admin', 'Zq8hunter')",
+    "x.pass_('Zq8hunter')",
+    "requests.get(u, auth=HTTPBasicAuth('me', 'Zq8hunter'))",
+    "NetworkCredential('me', 'Zq8hunter')",
+    "    pass",
+    "return sum(line for line in lines if line > 0)",
+    "",
+]
+
+
+def test_fast_hints_agree_with_their_regexes() -> None:
+    """The secret scan's prefilters answer as the regexes they replace
+    (hygiene.may_hold_secret, secret_rules.has_context_hint), and every
+    connect/login call name holds one of the call rule's literal parts."""
+    from shoptalk.trainer import hygiene, secret_rules
+
+    root = Path(__file__).resolve().parents[1]
+    lines = list(TRICKY_SECRET_LINES) + list(CANARY_LINES) + [c[0] for c in CONTEXT_LINES]
+    for path in sorted((root / "trainer").glob("*.py")):
+        lines += path.read_text().splitlines()
+    for line in dict.fromkeys(lines):
+        for variant in (line, line.upper(), line.lower()):
+            slow = hygiene._may_hold_secret_by_regex(variant)
+            assert hygiene.may_hold_secret(variant) == slow, variant
+            slow = secret_rules.CONTEXT_HINT.search(variant) is not None
+            assert secret_rules.has_context_hint(variant) == slow, variant
+    for name in secret_rules._PASSWORD_POSITION:
+        assert any(part in name for part in secret_rules._CALL_PARTS), name
+
+
+def test_fast_secret_scan_agrees_with_the_rule_by_rule_scan(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The scrubber with its prefilters gives the same texts, counts and
+    remembered secrets as with every line (and text) run through each rule."""
+    from shoptalk.trainer import hygiene, secret_rules
+
+    root = Path(__file__).resolve().parents[1]
+    texts = list(TRICKY_SECRET_LINES) + list(CANARY_LINES) + [c[0] for c in CONTEXT_LINES]
+    texts.append("\n".join(TRICKY_SECRET_LINES))
+    texts += [(root / "trainer" / name).read_text() for name in ("secret_rules.py", "hygiene.py")]
+
+    def scan() -> list[object]:
+        found: list[object] = []
+        with SecretScrubber() as scrubber:
+            for text in texts:
+                for filename in ("x.py", "x.yaml", ".env", "notes.md"):
+                    found.append(scrubber.scrub(text, filename))
+                    found.append(scrubber.scrub_known(text))
+        return found
+
+    fast = scan()
+    monkeypatch.setattr(hygiene, "may_hold_secret", hygiene._may_hold_secret_by_regex)
+    monkeypatch.setattr(
+        secret_rules, "has_context_hint", lambda line: bool(secret_rules.CONTEXT_HINT.search(line))
+    )
+    monkeypatch.setattr(secret_rules, "_CALL_PARTS", ("",))  # every text searched for calls
+    assert scan() == fast

@@ -71,6 +71,10 @@ class MineSettings(_Section):
     # Completions carry the repository context the server would have built at
     # the parent commit (candidates stored; rendered for any context budget).
     context: bool = True
+    # ...only for the newest this many commits (and the validation and test
+    # windows): training reads the newest first, evaluation the windows, and
+    # a commit's context costs ~0.5 CPU-s (50k commits: hours). None: all.
+    context_commits: int | None = Field(1000, ge=0)
     seed: int = 0
     alias_file: Path | None = None
 

@@ -17,7 +17,7 @@ import shutil
 import stat
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,7 +117,7 @@ Counts = dict[str, dict[str, int]]
 
 
 @dataclass
-class _Plan:
+class DatasetPlan:
     """What the dataset is made of before any record is read: the people,
     each commit's author and split, the commits mined."""
 
@@ -126,6 +126,12 @@ class _Plan:
     plan: SplitPlan
     mined: list[CommitSummary]
     commit_stats: dict[str, dict[str, Any]]
+
+    def held_out_windows(self) -> set[str]:
+        """The mined commits of the validation and test windows (at or after
+        `validation_from`; not the older commits moved to test per author)."""
+        start = self.plan.validation_from
+        return {s.sha for s in self.mined if s.author_time >= start}
 
 
 @dataclass
@@ -155,16 +161,24 @@ def build_dataset(
     tip: str,
     extra: dict[str, Any],
     max_records: int = BATCH_RECORDS,
+    planned: DatasetPlan | None = None,
+    context_commits: Collection[str] | None = None,
 ) -> dict[str, Any]:
     """Split, dedup, balance and write the state's records of the `current`
     commits to `out_dir` (atomically), in passes over the state's batches
-    holding at most about `max_records` records; returns the manifest."""
-    planned = _plan(summaries, state, settings)
+    holding at most about `max_records` records; returns the manifest.
+    `planned`: `plan_dataset` of these arguments, when the caller has it.
+    `context_commits`: the commits whose completions keep their repository
+    context (None: all); the others' is left out, as mined without it."""
+    if planned is None:
+        planned = plan_dataset(summaries, state, settings)
     repo_name = scrub_texts([repo.name])[0]  # every record carries it
     folder_mode = _folder_mode(out_dir)
     with atomic_dir(out_dir) as tmp:
         os.chmod(tmp, folder_mode)
-        written = _write_dataset(tmp, state, current, planned, settings, repo_name, max_records)
+        written = _write_dataset(
+            tmp, state, current, planned, settings, repo_name, max_records, context_commits
+        )
         manifest = {
             "producer": DATASET_PRODUCER,
             "format": 1,
@@ -196,7 +210,7 @@ def build_dataset(
                 }
                 for person in {p.id: p for p in planned.people.values()}.values()
             },
-            **_commit_figures(planned.commit_stats, state, settings),
+            **_commit_figures(planned.commit_stats, state, settings, context_commits),
             "dedup": {
                 "exact": written.dedup.exact,
                 "near": written.dedup.near,
@@ -214,7 +228,9 @@ def build_dataset(
     return manifest
 
 
-def _plan(summaries: list[CommitSummary], state: MineState, settings: MineSettings) -> _Plan:
+def plan_dataset(
+    summaries: list[CommitSummary], state: MineState, settings: MineSettings
+) -> DatasetPlan:
     """Author ids and the temporal split of every commit, from the commits'
     summaries and what mining each gave (no record is read)."""
     in_range = {s.sha for s in summaries}
@@ -239,17 +255,18 @@ def _plan(summaries: list[CommitSummary], state: MineState, settings: MineSettin
         settings.validation_share,
     )
     plan = plan_splits(points, sizes, settings.test_per_author, cutoff)
-    return _Plan(people, commit_author, plan, mined, commit_stats)
+    return DatasetPlan(people, commit_author, plan, mined, commit_stats)
 
 
 def _write_dataset(
     folder: Path,
     state: MineState,
     current: set[str],
-    planned: _Plan,
+    planned: DatasetPlan,
     settings: MineSettings,
     repo_name: str,
     max_records: int,
+    context_commits: Collection[str] | None = None,
 ) -> _Written:
     """Three passes: the test records' dedup keys; every record split, test
     overlap dropped, train counted per module, all sorted (spilling to
@@ -265,7 +282,9 @@ def _write_dataset(
     sort_folder.mkdir()
     try:
         sorter = SpillSort(sort_folder, max_records, BATCH_BYTES)
-        modules = _sort_records(state, current, planned, overlap, sorter, repo_name)
+        modules = _sort_records(
+            state, current, planned, overlap, sorter, repo_name, context_commits
+        )
         balance, keep = _plan_balance(modules, settings)
         written = _write_sorted(folder, sorter, keep)
     finally:
@@ -282,13 +301,15 @@ _Modules = dict[str, dict[str, int]]
 def _sort_records(
     state: MineState,
     current: set[str],
-    planned: _Plan,
+    planned: DatasetPlan,
     overlap: TestOverlap,
     sorter: SpillSort,
     repo_name: str,
+    context_commits: Collection[str] | None = None,
 ) -> _Modules:
-    """Every record of `current` split, given its author id, dropped when it
-    overlaps test, and added to `sorter` under the dataset's order (kind,
+    """Every record of `current` split, given its author id (its repository
+    context left out unless its commit is in `context_commits`), dropped when
+    it overlaps test, and added to `sorter` under the dataset's order (kind,
     split, author time, id; ties in the order mined); returns how many train
     records each kind has per module."""
     modules: _Modules = {}
@@ -309,6 +330,8 @@ def _sort_records(
     for position, record in records:
         record["split"] = planned.plan.split_of.get(record["commit"], "train")
         record["author_id"] = planned.commit_author.get(record["commit"], "unknown")
+        if context_commits is not None and record["commit"] not in context_commits:
+            record.pop("context", None)
         if record["split"] == "test":
             add(record, position)
         else:
@@ -462,10 +485,14 @@ class TestOverlap:
 
 
 def _commit_figures(
-    commit_stats: dict[str, dict[str, Any]], state: MineState, settings: MineSettings
+    commit_stats: dict[str, dict[str, Any]],
+    state: MineState,
+    settings: MineSettings,
+    context_commits: Collection[str] | None = None,
 ) -> dict[str, Any]:
     """The manifest's entries summed over the commits: skipped commits and
-    files, the mass-change threshold, the secrets found and what was done."""
+    files, the mass-change threshold, the secrets found and what was done
+    (instances scrubbed only in a repository context left out are not counted)."""
     skipped_commits = Counter(
         info["status"] for info in commit_stats.values() if info["status"] != "mined"
     )
@@ -480,7 +507,15 @@ def _commit_figures(
             "policy": settings.secrets,
             "found": _sum_counts(i.get("secrets", {}) for i in stats),
             "instances_dropped": sum(int(i.get("secret_instances_dropped", 0)) for i in stats),
-            "instances_scrubbed": sum(int(i.get("secret_instances_scrubbed", 0)) for i in stats),
+            "instances_scrubbed": sum(
+                int(info.get("secret_instances_scrubbed", 0))
+                - (
+                    0
+                    if context_commits is None or sha in context_commits
+                    else int(info.get("context_scrubbed", 0))
+                )
+                for sha, info in commit_stats.items()
+            ),
         },
     }
 

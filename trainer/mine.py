@@ -29,6 +29,7 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,9 +46,11 @@ from shoptalk.trainer.commit_workspace import CommitWorkspace
 from shoptalk.trainer.dataset_build import (
     SHARD_NAME,
     SPLIT_NAMES,
+    DatasetPlan,
     build_dataset,
     current_manifest,
     is_shoptalk_manifest,
+    plan_dataset,
     scrub_texts,
 )
 from shoptalk.trainer.git_log import (
@@ -250,6 +253,8 @@ class _Context:
     module_of_path: dict[str, str]
     # The parent commit's files, for the completions' context (None: off).
     workspace: CommitWorkspace | None = None
+    # The commits whose completions get that context (None: every commit).
+    context_commits: Collection[str] | None = None
 
 
 def _holds_placeholder(value: Any) -> bool:
@@ -260,20 +265,24 @@ def _holds_placeholder(value: Any) -> bool:
     return isinstance(value, list) and any(_holds_placeholder(v) for v in value)
 
 
-def _scrub_record(record: dict[str, Any], scrubber: SecretScrubber) -> bool:
+def _scrub_record(record: dict[str, Any], scrubber: SecretScrubber) -> tuple[bool, bool]:
     """Scrub every field of an instance but its structural ones (ids, shas,
     dates, numbers): texts, path, module ids, symbol — and replace there any
-    secret found elsewhere in the commit. True when it holds a placeholder.
-    (The repository context of a completion, a dict of other files' texts
-    read unscrubbed at the parent commit, is scrubbed like the rest.)"""
+    secret found elsewhere in the commit. (The repository context of a
+    completion, a dict of other files' texts read unscrubbed at the parent
+    commit, is scrubbed like the rest.) Whether it holds a placeholder, and
+    whether only in its repository context."""
     context = str(record.get("path", ""))
-    touched = False
+    outside = in_context = False
     for name, value in record.items():
         if name in _STRUCTURAL_FIELDS or not isinstance(value, str | list | dict):
             continue
         record[name] = scrubber.scrub_value(value, context)
-        touched = touched or _holds_placeholder(record[name])
-    return touched
+        if name == "context":
+            in_context = _holds_placeholder(record[name])
+        else:
+            outside = outside or _holds_placeholder(record[name])
+    return outside or in_context, in_context and not outside
 
 
 def _path_secrets(changes: list[FileChange], scrubber: SecretScrubber) -> Counter[str]:
@@ -307,16 +316,17 @@ def _mine_commit(commit: Commit, ctx: _Context) -> tuple[list[dict[str, Any]], d
     files = _read_files(commit, ctx, skipped, secrets)
     records = _commit_instances(commit, ctx, files, secrets)
     kept: list[dict[str, Any]] = []
-    dropped = scrubbed = 0
+    dropped = scrubbed = context_scrubbed = 0
     for record in records:
         # Every field of every instance is scanned again: contexts were cut
         # from scrubbed text, but paths, module ids and symbols were not, and a
         # secret found in one file is replaced wherever the commit repeats it.
-        touched = _scrub_record(record, ctx.scrubber)
+        touched, only_context = _scrub_record(record, ctx.scrubber)
         if touched and settings.secrets == "drop":
             dropped += 1
             continue
         scrubbed += touched
+        context_scrubbed += only_context
         kept.append(record)
     stats = {
         "status": "mined",
@@ -327,6 +337,12 @@ def _mine_commit(commit: Commit, ctx: _Context) -> tuple[list[dict[str, Any]], d
         "secret_instances_dropped": dropped,
         "secret_instances_scrubbed": scrubbed,
     }
+    if ctx.workspace is not None:
+        # Whether its completions carry their repository context; instances
+        # scrubbed only there are not counted when the dataset leaves it out.
+        stats["context"] = _with_context(commit, ctx)
+        if context_scrubbed:
+            stats["context_scrubbed"] = context_scrubbed
     return kept, stats
 
 
@@ -442,9 +458,10 @@ def _commit_instances(
 def _context_of(commit: Commit, ctx: _Context) -> ContextOf | None:
     """The context of a cursor of `commit` as the server would build it over
     a checkout of the commit's parent (None: mining without context)."""
-    if ctx.workspace is None:
+    if not _with_context(commit, ctx):
         return None
     moving = ctx.workspace
+    assert moving is not None
     parent = commit.parents[0] if commit.parents else None
     settings = ctx.settings
 
@@ -458,6 +475,12 @@ def _context_of(commit: Commit, ctx: _Context) -> ContextOf | None:
         return found
 
     return context
+
+
+def _with_context(commit: Commit, ctx: _Context) -> bool:
+    if ctx.workspace is None:
+        return False
+    return ctx.context_commits is None or commit.sha in ctx.context_commits
 
 
 # Diff text scrubbed beyond the prompt's budget, for secrets a placeholder made shorter.
@@ -635,11 +658,17 @@ class _ReadPlan:
 
 
 def _read_commits(
-    plan: _ReadPlan, to_read: list[CommitSummary], writer: BatchWriter, report: Report
+    plan: _ReadPlan,
+    to_read: list[CommitSummary],
+    writer: BatchWriter,
+    report: Report,
+    context_commits: Collection[str] | None = None,
 ) -> None:
     """Mine each commit of `to_read` (one `git log -p` stream), recording
     what each gave in the writer's state and streaming its instances into
-    the state's batches. `report` gets a `Progress(done, total)` per commit."""
+    the state's batches; with `mine.context`, the completions of
+    `context_commits` (None: all) carry their repository context. `report`
+    gets a `Progress(done, total)` per commit."""
     repo = plan.repo
     state = writer.state
     known_paths = frozenset(p for p in tree_paths(repo, plan.tip) if is_text_path(p))
@@ -661,6 +690,7 @@ def _read_commits(
             package_files=frozenset(p for p in known_paths if p.endswith("__init__.py")),
             module_of_path=_module_index(known_paths),
             workspace=workspace,
+            context_commits=context_commits,
         )
         stream = iter_commits(repo, (s.sha for s in to_read), plan.alias_file)
         for done, commit in enumerate(stream, 1):
@@ -675,12 +705,65 @@ def _read_commits(
             log.info(
                 "repository context: %.1f s over %d commits (%d files read)",
                 workspace.seconds,
-                len(to_read),
+                len(to_read) if context_commits is None else len(context_commits),
                 workspace.files_read,
             )
         missing = [s.sha for s in to_read if s.sha not in state.commits]
         if missing:
             raise GitError(f"git did not return {len(missing)} commit(s) of {plan.branch}; retry")
+
+
+def _newest_commits(summaries: list[CommitSummary], settings: MineSettings) -> set[str] | None:
+    """The commits whose completions carry their repository context, before
+    the held-out windows are known: the newest `context_commits` (None: all)."""
+    if settings.context_commits is None:
+        return None
+    return {s.sha for s in summaries[: settings.context_commits]}
+
+
+def _context_missing(
+    state: MineState, summaries: list[CommitSummary], wanted: Collection[str]
+) -> list[CommitSummary]:
+    """The commits of `wanted` (oldest first) that yielded completions mined
+    without their repository context. (A state from before `context_commits`
+    mined every commit with it: no flag means it has it.)"""
+    missing: list[CommitSummary] = []
+    for summary in reversed(summaries):
+        info = state.commits.get(summary.sha, {})
+        mined = info.get("status") == "mined" and info.get("completions")
+        if summary.sha in wanted and mined and not info.get("context", True):
+            missing.append(summary)
+    return missing
+
+
+def _fill_context(
+    plan: _ReadPlan,
+    summaries: list[CommitSummary],
+    newest: set[str],
+    writer: BatchWriter,
+    report: Report,
+) -> tuple[DatasetPlan, set[str], int]:
+    """Mine again, with their repository context, the commits of the
+    validation and test windows (and the newest ones) that were mined
+    without it: windows longer than `context_commits`, or a setting raised.
+    Returns the dataset's plan, the commits whose completions keep their
+    context, and how many commits were mined again."""
+    state = writer.state
+    again = rounds = 0
+    while True:
+        planned = plan_dataset(summaries, state, plan.settings)
+        wanted = newest | planned.held_out_windows()
+        missing = _context_missing(state, summaries, wanted)
+        # (with secrets = "drop" a context can drop instances, so move the windows)
+        if not missing or rounds == 3:
+            break
+        rounds += 1
+        log.info("mining %d commit(s) again with their repository context", len(missing))
+        writer.flush()  # their records may be in the open batch
+        state.drop_commits([s.sha for s in missing])
+        _read_commits(plan, missing, writer, report, {s.sha for s in missing})
+        again += len(missing)
+    return planned, wanted, again
 
 
 def _save_state(state: MineState, repo: Path, branch_label: str, final: bool) -> None:
@@ -763,15 +846,23 @@ def mine_repository(
         # batch), so the state saved while reading never names them.
         state.drop_commits(removed)
     saved = functools.partial(_save_state, state, repo, branch_label)
+    read_plan = _ReadPlan(repo, tip, branch, settings, rules, alias_file, ignore_text)
+    newest = _newest_commits(summaries, settings)
+    planned: DatasetPlan | None = None
+    context_commits: set[str] | None = None
+    again = 0
     with BatchWriter(state, saved, batch_records) as writer:
         if to_read:
-            read_plan = _ReadPlan(repo, tip, branch, settings, rules, alias_file, ignore_text)
-            _read_commits(read_plan, to_read, writer, report)
+            _read_commits(read_plan, to_read, writer, report, newest)
+        if newest is not None and settings.context and "completion" in settings.kinds:
+            planned, context_commits, again = _fill_context(
+                read_plan, summaries, newest, writer, report
+            )
     new_instances = writer.written
     warnings = scrub_texts(warnings)
     dataset_dir = target or store.dataset_dir
     up_to_date = current_manifest(dataset_dir, tip, settings)
-    if up_to_date is not None and not todo and not removed and not fresh:
+    if up_to_date is not None and not todo and not removed and not fresh and not again:
         # Nothing new on the branch and the same settings: the dataset on disk
         # is what a rebuild would write (the watcher calls this often).
         return MineResult(dataset_dir, up_to_date, 0, 0, 0, False, warnings)
@@ -795,6 +886,8 @@ def mine_repository(
         tip=tip,
         extra=extra,
         max_records=batch_records,
+        planned=planned,
+        context_commits=context_commits,
     )
     return MineResult(
         dataset_dir=dataset_dir,

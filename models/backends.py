@@ -31,6 +31,7 @@ import re
 import threading
 import time
 import urllib.parse
+from collections import OrderedDict
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -65,7 +66,11 @@ def _successor(prefix: bytes) -> bytes | None:
 
 class VocabPieces:
     """The text (bytes) of every token, indexed for token healing: which tokens
-    may come next when the generated text must begin with some bytes."""
+    may come next when the generated text must begin with some bytes.
+
+    One sorted list of the non-empty pieces (and their ids, numpy) answers
+    both questions by bisection; a dict of token lists per piece cost ~40 MB
+    more on a 262k vocabulary (the default base) for the same answers."""
 
     def __init__(self, pieces: Sequence[bytes]) -> None:
         import numpy as np
@@ -75,13 +80,14 @@ class VocabPieces:
         order = sorted((t for t, p in enumerate(self.pieces) if p), key=self.pieces.__getitem__)
         self._sorted = [self.pieces[i] for i in order]
         self._sorted_ids = np.asarray(order, dtype=np.int64)
-        self._by_piece: dict[bytes, list[int]] = {}
-        for token, piece in enumerate(self.pieces):
-            if piece:
-                self._by_piece.setdefault(piece, []).append(token)
 
     def __len__(self) -> int:
         return len(self.pieces)
+
+    def _exact(self, piece: bytes) -> Any:
+        lo = bisect.bisect_left(self._sorted, piece)
+        hi = bisect.bisect_right(self._sorted, piece, lo)
+        return self._sorted_ids[lo:hi]
 
     def candidates(self, required: bytes) -> Any:
         """Ids (numpy int64) of the tokens that can start text beginning with
@@ -93,14 +99,11 @@ class VocabPieces:
         upper = _successor(required)
         hi = len(self._sorted) if upper is None else bisect.bisect_left(self._sorted, upper)
         starting = self._sorted_ids[lo:hi]
-        partial = [
-            token
-            for size in range(1, len(required))
-            for token in self._by_piece.get(required[:size], ())
-        ]
+        partial = [self._exact(required[:size]) for size in range(1, len(required))]
+        partial = [ids for ids in partial if len(ids)]
         if not partial:
             return starting
-        return np.concatenate([starting, np.asarray(partial, dtype=np.int64)])
+        return np.concatenate([starting, *partial])
 
 
 def heal_split(tokens: list[int], pieces: VocabPieces, text: bytes) -> tuple[list[int], bytes]:
@@ -172,16 +175,25 @@ def _log_softmax_at(logits: Any, token: int) -> float:
 
 @dataclass
 class _Decoding:
-    """A greedy generation in progress: the prompt it follows, the healed
-    bytes it must start with (what is still `required`), its tokens and text."""
+    """A greedy generation in progress: the prompt it follows (in `slot`), the
+    healed bytes it must start with (what is still `required`), its tokens
+    and text."""
 
     prompt: list[int]
     healed: bytes
     required: bytes
+    slot: str = "main"
     ids: list[int] = field(default_factory=list)
     out: bytes = b""
     text: str = ""
     drafted: int = 0  # tokens taken from a draft
+
+
+# The quick prompt's KV cells (on top of `context_tokens`): ~1,200 characters
+# of code (~350 tokens on the default base), the answer and a draft.
+QUICK_SLOT_TOKENS = 512
+# Prompt reading shorter than this says little about the speed (overheads).
+SPEED_MIN_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -190,6 +202,32 @@ class LlamaOptions:
     threads: int | None = None
     gpu_layers: int = -1
     batch: int = 256
+    # KV cells of the `quick` prompt, a second sequence beside the whole
+    # prompt's (0: none, every prompt is read in full).
+    quick_tokens: int = QUICK_SLOT_TOKENS
+    # Milliseconds per prompt token the engine plans with (None: measured on
+    # the prompts this backend reads).
+    prompt_ms_per_token: float | None = None
+
+
+@dataclass
+class _Slot:
+    """One sequence of llama.cpp's KV cache and the tokens its cells hold, in
+    order (positions 0..len-1)."""
+
+    name: str
+    seq: int
+    capacity: int
+    tokens: list[int] = field(default_factory=list)
+
+
+def _common_prefix(cached: list[int], tokens: list[int]) -> int:
+    common = 0
+    for a, b in zip(cached, tokens, strict=False):
+        if a != b:
+            break
+        common += 1
+    return common
 
 
 def llama_supports_gpu() -> bool:
@@ -202,7 +240,13 @@ def llama_supports_gpu() -> bool:
 
 
 class LlamaBackend:
-    """A GGUF model loaded with llama-cpp-python, shared by completion and module lookup."""
+    """A GGUF model loaded with llama-cpp-python, shared by completion and module lookup.
+
+    The KV cache holds two sequences in one pool of cells: `main`, the whole
+    prompt (`context_tokens`), and `quick`, a short prompt the engine answers
+    from while `main` is still being read (`quick_tokens`; see
+    `CompletionEngine.complete`). Reading one never evicts the other, so a
+    prefill of the whole prompt interrupted by requests keeps what it read."""
 
     def __init__(
         self,
@@ -222,10 +266,11 @@ class LlamaBackend:
             ) from exc
         gpu = llama_supports_gpu()
         threads = self.options.threads or default_threads()
+        quick = max(0, self.options.quick_tokens)
         try:
             self.llm = Llama(
                 model_path=str(model_path),
-                n_ctx=self.options.context_tokens,
+                n_ctx=self.options.context_tokens + quick,
                 n_batch=self.options.batch,
                 n_threads=threads,
                 n_threads_batch=threads,
@@ -233,6 +278,8 @@ class LlamaBackend:
                 logits_all=False,
                 verbose=False,
             )
+            if quick:
+                self._open_shared_context(2)
         except (ValueError, RuntimeError, OSError) as exc:
             raise BackendError(
                 f"llama.cpp cannot load {model_path}: {exc}. The file may be damaged or "
@@ -245,9 +292,29 @@ class LlamaBackend:
         self._stop_ids.add(int(self.llm.token_eos()))
         self._adapters: Any = None
         self._partial: _Decoding | None = None
+        self._slots = {"main": _Slot("main", 0, self.options.context_tokens)}
+        if quick:
+            self._slots["quick"] = _Slot("quick", 1, quick)
+        self._measured_ms: float | None = None
+        self._tokenized: OrderedDict[tuple[PromptPlan, bool, str], tuple[list[int], bytes]] = (
+            OrderedDict()
+        )
         self.adapter = None
         if adapter is not None:
             self.set_adapter(adapter)
+
+    def _open_shared_context(self, sequences: int) -> None:
+        """Give the Llama a context whose KV cache holds `sequences` sequences
+        in one pool of `n_ctx` cells (llama-cpp-python opens one sequence)."""
+        from llama_cpp import _internals
+
+        llm = self.llm
+        params = llm.context_params
+        params.n_seq_max = sequences
+        params.kv_unified = True
+        llm._ctx.close()
+        context = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
+        llm._ctx = llm._stack.enter_context(contextlib.closing(context))
 
     def set_adapter(self, adapter: Path | None) -> None:
         """Apply a GGUF LoRA adapter (replacing the current one), or with None
@@ -264,6 +331,8 @@ class LlamaBackend:
                 self._adapters.apply(adapter)
             self.adapter = adapter
             self._partial = None
+            for slot in self._slots.values():
+                slot.tokens.clear()
 
     def _read_pieces(self) -> list[bytes]:
         import llama_cpp
@@ -284,7 +353,11 @@ class LlamaBackend:
 
     # -- prompts -------------------------------------------------------------
 
-    def tokenize_plan(self, plan: PromptPlan, heal: bool) -> tuple[list[int], bytes]:
+    def tokenize_plan(
+        self, plan: PromptPlan, heal: bool, limit: int | None = None
+    ) -> tuple[list[int], bytes]:
+        """The prompt's tokens (at most `limit`: the main slot's size less a
+        margin) and the healed bytes backed off its end."""
         lead = self.llm.tokenize(plan.lead.encode("utf-8"), add_bos=True, special=True)
         context = (
             self.llm.tokenize(plan.context.encode("utf-8", errors="replace"), False, False)
@@ -301,7 +374,7 @@ class LlamaBackend:
             if plan.trail
             else []
         )
-        limit = self.options.context_tokens - 16
+        limit = (self.options.context_tokens if limit is None else limit) - 16
         overflow = len(lead) + len(context) + len(body) + len(trail) - limit
         if overflow > 0:
             # Budgets larger than the context (or pathological, binary-looking
@@ -312,36 +385,109 @@ class LlamaBackend:
             body = body[overflow - dropped :]
         return lead + context + body + trail, healed
 
+    def _tokens(self, plan: PromptPlan, heal: bool, slot: _Slot) -> tuple[list[int], bytes]:
+        """`tokenize_plan` for `slot`, remembered for the last few plans (the
+        engine asks what a plan lacks before generating from it)."""
+        key = (plan, heal, slot.name)
+        known = self._tokenized.get(key)
+        if known is None:
+            known = self.tokenize_plan(plan, heal, slot.capacity)
+            self._tokenized[key] = known
+            while len(self._tokenized) > 8:
+                self._tokenized.popitem(last=False)
+        return list(known[0]), known[1]
+
+    def _slot(self, name: str) -> _Slot:
+        slot = self._slots.get(name)
+        if slot is None:
+            raise ValueError(f"this backend has no {name!r} prompt slot")
+        return slot
+
+    def pending_tokens(self, plan: PromptPlan, slot: str = "main") -> int | None:
+        """Prompt tokens of `plan` that `slot` has not evaluated (what a
+        request would read before answering); None when there is no such slot."""
+        if slot not in self._slots:
+            return None
+        target = self._slots[slot]
+        tokens, _ = self._tokens(plan, True, target)
+        with self.lock:
+            return len(tokens) - _common_prefix(target.tokens, tokens)
+
+    @property
+    def prompt_ms_per_token(self) -> float | None:
+        """Milliseconds per prompt token read (fixed by the options, else
+        measured on the prompts read so far; None before any)."""
+        return self.options.prompt_ms_per_token or self._measured_ms
+
+    def _note_speed(self, evaluated: int, started: float) -> None:
+        if evaluated < SPEED_MIN_TOKENS:
+            return
+        rate = 1000 * (time.monotonic() - started) / evaluated
+        previous = self._measured_ms
+        self._measured_ms = rate if previous is None else (previous + rate) / 2
+
+    # -- the KV cache ------------------------------------------------------------
+
+    def _fill_batch(self, tokens: list[int], slot: _Slot, logits_all: bool) -> None:
+        batch = self.llm._batch.batch
+        n_past = len(slot.tokens)
+        batch.n_tokens = len(tokens)
+        for i, token in enumerate(tokens):
+            batch.token[i] = token
+            batch.pos[i] = n_past + i
+            batch.seq_id[i][0] = slot.seq
+            batch.n_seq_id[i] = 1
+            batch.logits[i] = logits_all
+        batch.logits[len(tokens) - 1] = True
+
+    def _eval(self, slot: _Slot, tokens: list[int]) -> None:
+        """Append `tokens` to `slot`'s sequence (logits of the last one)."""
+        llm = self.llm
+        for start in range(0, len(tokens), self.options.batch):
+            chunk = tokens[start : start + self.options.batch]
+            self._fill_batch(chunk, slot, logits_all=False)
+            llm._ctx.decode(llm._batch)
+            slot.tokens.extend(chunk)
+        if slot.seq == 0:  # llama-cpp-python's own record (create_completion reads it)
+            count = len(slot.tokens)
+            llm.input_ids[count - len(tokens) : count] = tokens
+            llm.n_tokens = count
+
+    def _truncate(self, slot: _Slot, length: int) -> None:
+        """Forget `slot`'s tokens from position `length` on."""
+        self.llm._ctx.kv_cache_seq_rm(slot.seq, length, -1)
+        del slot.tokens[length:]
+        if slot.seq == 0:
+            self.llm.n_tokens = len(slot.tokens)
+
     def _sync(
         self,
+        slot: _Slot,
         tokens: list[int],
         cancelled: threading.Event | None = None,
         deadline: float | None = None,
     ) -> tuple[int, bool]:
-        """Make the context hold `tokens`, evaluating only what is not cached,
-        in chunks so that a cancel or the deadline stops it early (what was
+        """Make `slot` hold `tokens`, evaluating only what is not cached, in
+        chunks so that a cancel or the deadline stops it early (what was
         evaluated stays cached for the next request). Returns the number of
         tokens evaluated and whether the prompt is complete."""
-        llm = self.llm
-        cached = llm.input_ids[: llm.n_tokens].tolist()
-        common = 0
-        for a, b in zip(cached, tokens, strict=False):
-            if a != b:
-                break
-            common += 1
+        common = _common_prefix(slot.tokens, tokens)
         if common >= len(tokens):
             common = len(tokens) - 1  # the last token's logits are needed again
-        llm.n_tokens = common
+        self._truncate(slot, common)
         position = common
+        started = time.monotonic()
         while position < len(tokens):
             if position > common and (
                 (cancelled is not None and cancelled.is_set())
                 or (deadline is not None and time.monotonic() > deadline)
             ):
+                self._note_speed(position - common, started)
                 return position - common, False
             chunk = tokens[position : position + EVAL_CHUNK]
-            llm.eval(chunk)
+            self._eval(slot, chunk)
             position += len(chunk)
+        self._note_speed(len(tokens) - common, started)
         return len(tokens) - common, True
 
     def _logits(self) -> Any:
@@ -350,16 +496,20 @@ class LlamaBackend:
         pointer = self.llm._ctx.get_logits_ith(-1)
         return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
 
-    def prefill(self, plan: PromptPlan, cancelled: threading.Event | None = None) -> int:
-        tokens, _ = self.tokenize_plan(plan, heal=True)
+    def prefill(
+        self, plan: PromptPlan, cancelled: threading.Event | None = None, slot: str = "main"
+    ) -> int:
+        target = self._slot(slot)
+        tokens, _ = self._tokens(plan, True, target)
         with self.lock:
-            return self._sync(tokens, cancelled)[0]
+            return self._sync(target, tokens, cancelled)[0]
 
     def generate(
         self, request: GenerationRequest, cancelled: threading.Event | None = None
     ) -> Generation:
         started = time.monotonic()
-        tokens, healed = self.tokenize_plan(request.plan, request.heal)
+        slot = self._slot(request.slot)
+        tokens, healed = self._tokens(request.plan, request.heal, slot)
         end_ids = set(self._stop_ids)
         for marker in request.plan.end_markers:
             marker_tokens = self.llm.tokenize(marker.encode(), add_bos=False, special=True)
@@ -370,15 +520,17 @@ class LlamaBackend:
                 return Generation(
                     "", "cancelled", len(tokens), 0, 0, healed.decode(errors="replace")
                 )
-            state = self._resumable(tokens, healed)
+            state = self._resumable(slot, tokens, healed)
             # The budget bounds the answer, not the reading of the prompt: a
             # document seen for the first time (thousands of tokens, seconds
             # on a laptop CPU) is read in full, stopped only by a cancel (a
             # newer request, the editor's $/cancelRequest), and the answer then
             # gets the whole budget. Cut while reading, every first request
-            # on a newly opened file would come back empty.
+            # on a newly opened file would come back empty. (The engine
+            # answers from the quick prompt when the whole one would take too
+            # long to read.)
             budget_s = max(0.0, request.deadline - started)
-            evaluated, complete = self._sync(tokens + state.ids, cancelled)
+            evaluated, complete = self._sync(slot, tokens + state.ids, cancelled)
             if not complete:
                 return Generation(
                     "",
@@ -390,7 +542,7 @@ class LlamaBackend:
                     time.monotonic() - started,
                 )
             request = replace(request, deadline=max(request.deadline, time.monotonic() + budget_s))
-            reason = self._decode(request, tokens, state, end_ids, cancelled)
+            reason = self._decode(request, slot, tokens, state, end_ids, cancelled)
             # A generation the time budget cut is kept: the next request for
             # the same prompt goes on from it instead of starting over.
             self._partial = state if reason == "budget" else None
@@ -408,20 +560,25 @@ class LlamaBackend:
             drafted_tokens=state.drafted,
         )
 
-    def _resumable(self, tokens: list[int], healed: bytes) -> _Decoding:
+    def _resumable(self, slot: _Slot, tokens: list[int], healed: bytes) -> _Decoding:
         """The generation the budget cut last time, when it was for this very
         prompt and its tokens are still in the KV cache; else a fresh start."""
         partial = self._partial
         self._partial = None
-        if partial is not None and partial.prompt == tokens and partial.healed == healed:
-            cached = self.llm.input_ids[: self.llm.n_tokens].tolist()
-            if cached[: len(tokens) + len(partial.ids)] == tokens + partial.ids:
-                return partial
-        return _Decoding(prompt=list(tokens), healed=healed, required=healed)
+        if (
+            partial is not None
+            and partial.slot == slot.name
+            and partial.prompt == tokens
+            and partial.healed == healed
+            and slot.tokens[: len(tokens) + len(partial.ids)] == tokens + partial.ids
+        ):
+            return partial
+        return _Decoding(prompt=list(tokens), healed=healed, required=healed, slot=slot.name)
 
     def _decode(
         self,
         request: GenerationRequest,
+        slot: _Slot,
         tokens: list[int],
         state: _Decoding,
         end_ids: set[int],
@@ -430,7 +587,7 @@ class LlamaBackend:
         """Greedy tokens after the evaluated prompt (and `state`'s tokens)
         until the stop rule, an end token, the budget or max_tokens."""
         if request.drafts and not state.ids:
-            reason = self._follow_draft(request, tokens, state, end_ids)
+            reason = self._follow_draft(request, slot, tokens, state, end_ids)
             if reason is not None:
                 return reason
         while len(state.ids) < request.max_tokens:
@@ -444,9 +601,9 @@ class LlamaBackend:
             reason = self._take(token, request, state, end_ids)
             if reason is not None:
                 return reason
-            if len(tokens) + len(state.ids) >= self.options.context_tokens:
+            if len(tokens) + len(state.ids) >= slot.capacity:
                 return "max_tokens"
-            self.llm.eval([token])
+            self._eval(slot, [token])
         return "max_tokens"
 
     def _choose(self, logits: Any, state: _Decoding) -> int | None:
@@ -483,7 +640,12 @@ class LlamaBackend:
         return None
 
     def _follow_draft(
-        self, request: GenerationRequest, tokens: list[int], state: _Decoding, end_ids: set[int]
+        self,
+        request: GenerationRequest,
+        slot: _Slot,
+        tokens: list[int],
+        state: _Decoding,
+        end_ids: set[int],
     ) -> StopReason | None:
         """Lookup decoding: evaluate the first draft's tokens in one batch and
         keep the ones greedy decoding would have chosen anyway (the output is
@@ -494,14 +656,12 @@ class LlamaBackend:
         draft = self.llm.tokenize(
             state.healed + request.drafts[0].encode("utf-8", errors="replace"), False, False
         )
-        room = min(
-            request.max_tokens, self.options.context_tokens - len(tokens) - 1, self.options.batch
-        )
+        room = min(request.max_tokens, slot.capacity - len(tokens) - 1, self.options.batch)
         draft = draft[: max(0, room - 1)]
         if not draft:
             return None
-        n_past = self.llm.n_tokens
-        rows = [self._logits().copy(), *self._batch_logits(draft, keep=True)]
+        n_past = len(slot.tokens)
+        rows = [self._logits().copy(), *self._batch_logits(slot, draft, keep=True)]
         accepted = 0
         reason: StopReason | None = None
         for index, token in enumerate(draft):
@@ -512,9 +672,10 @@ class LlamaBackend:
             if reason is not None:
                 break
         state.drafted = accepted
-        self.llm.input_ids[n_past : n_past + accepted] = draft[:accepted]
-        self.llm.n_tokens = n_past + accepted
-        self.llm._ctx.kv_cache_seq_rm(-1, n_past + accepted, -1)
+        slot.tokens.extend(draft[:accepted])
+        if slot.seq == 0:
+            self.llm.input_ids[n_past : n_past + accepted] = draft[:accepted]
+        self._truncate(slot, n_past + accepted)
         if reason is not None or accepted == len(draft):
             return reason  # all taken: the batch's last logits are the current ones
         following = self._choose(rows[accepted], state)
@@ -522,60 +683,74 @@ class LlamaBackend:
             return "end"
         reason = self._take(following, request, state, end_ids)
         if reason is None:
-            self.llm.eval([following])
+            self._eval(slot, [following])
         return reason
 
-    def score(self, plan: PromptPlan, continuation: str) -> ContinuationScore | None:
+    def score(
+        self, plan: PromptPlan, continuation: str, slot: str = "main"
+    ) -> ContinuationScore | None:
         """Log-probability of `continuation` after the healed prompt: the
-        prompt comes from the KV cache, the continuation's tokens are
+        prompt comes from `slot`'s KV cache, the continuation's tokens are
         evaluated in one batch and dropped again."""
-        tokens, healed = self.tokenize_plan(plan, heal=True)
+        target = self._slot(slot)
+        tokens, healed = self._tokens(plan, True, target)
         answer = self.llm.tokenize(
             healed + continuation.encode("utf-8", errors="replace"), add_bos=False, special=False
         )
         answer = answer[: self.options.batch - 1]
         if not answer:
             return ContinuationScore(0.0, 0)
-        if len(tokens) + len(answer) >= self.options.context_tokens:
+        if len(tokens) + len(answer) >= target.capacity:
             return ContinuationScore(float("-inf"), len(answer))
         with self.lock:
-            self._sync(tokens)
+            self._sync(target, tokens)
             total = _log_softmax_at(self._logits(), answer[0])
-            for row, token in zip(self._batch_logits(answer[:-1]), answer[1:], strict=True):
+            for row, token in zip(self._batch_logits(target, answer[:-1]), answer[1:], strict=True):
                 total += _log_softmax_at(row, token)
         return ContinuationScore(total, len(answer))
 
-    def _batch_logits(self, tokens: list[int], keep: bool = False) -> list[Any]:
+    def _batch_logits(self, slot: _Slot, tokens: list[int], keep: bool = False) -> list[Any]:
         """Logits after each of `tokens`, evaluated in one batch after the
-        cached prompt; the tokens are dropped from the KV cache again unless
-        `keep` (the caller then records the ones it keeps)."""
+        prompt cached in `slot`; the tokens are dropped from the KV cache
+        again unless `keep` (the caller then records the ones it keeps)."""
         import numpy as np
 
         if not tokens:
             return []
         llm = self.llm
-        n_past = llm.n_tokens
-        llm._ctx.kv_cache_seq_rm(-1, n_past, -1)
-        llm._batch.set_batch(batch=tokens, n_past=n_past, logits_all=True)
+        n_past = len(slot.tokens)
+        llm._ctx.kv_cache_seq_rm(slot.seq, n_past, -1)
+        self._fill_batch(tokens, slot, logits_all=True)
         llm._ctx.decode(llm._batch)
         rows = [
             np.ctypeslib.as_array(llm._ctx.get_logits_ith(i), shape=(self.n_vocab,)).copy()
             for i in range(len(tokens))
         ]
         if not keep:
-            llm._ctx.kv_cache_seq_rm(-1, n_past, -1)
+            llm._ctx.kv_cache_seq_rm(slot.seq, n_past, -1)
         return rows
 
     def generate_with_grammar(self, prompt: str, grammar: str, max_tokens: int) -> str:
         """Greedy text for `prompt` constrained by a GBNF grammar (module lookup).
-        Shares the KV cache with completion under the same lock."""
+        Shares the KV cache with completion under the same lock: llama-cpp-
+        python reads and writes the main sequence (and clears cells of every
+        sequence past its prompt), so the quick prompt is read again next time."""
         from llama_cpp import LlamaGrammar
 
         compiled = LlamaGrammar.from_string(grammar, verbose=False)
         with self.lock:
-            result = self.llm.create_completion(
-                prompt, max_tokens=max_tokens, temperature=0.0, grammar=compiled
-            )
+            try:
+                result = self.llm.create_completion(
+                    prompt, max_tokens=max_tokens, temperature=0.0, grammar=compiled
+                )
+            finally:
+                main = self._slots["main"]
+                main.tokens = self.llm.input_ids[: self.llm.n_tokens].tolist()
+                self._truncate(main, len(main.tokens))
+                self._partial = None
+                quick = self._slots.get("quick")
+                if quick is not None:
+                    self._truncate(quick, 0)
         choices: Any = result["choices"]  # type: ignore[index]
         return str(choices[0]["text"])
 
@@ -586,6 +761,7 @@ class LlamaBackend:
             "adapter": str(self.adapter) if self.adapter else None,
             "device": self.device,
             "context_tokens": self.options.context_tokens,
+            "quick_tokens": self.options.quick_tokens,
         }
 
     def close(self) -> None:
@@ -747,7 +923,9 @@ class OpenAIBackend:
             elapsed_s=time.monotonic() - started,
         )
 
-    def prefill(self, plan: PromptPlan, cancelled: threading.Event | None = None) -> int:
+    def prefill(
+        self, plan: PromptPlan, cancelled: threading.Event | None = None, slot: str = "main"
+    ) -> int:
         # A remote server keeps its own prompt cache; one token primes it.
         prefix, _ = heal_text(plan.prefix)
         body = self._body(plan.lead + plan.context + prefix + plan.trail, 1, "")
@@ -756,7 +934,16 @@ class OpenAIBackend:
                 pass
         return 0
 
-    def score(self, plan: PromptPlan, continuation: str) -> ContinuationScore | None:
+    def pending_tokens(self, plan: PromptPlan, slot: str = "main") -> int | None:
+        return None  # the server's prompt cache is its own: every prompt is read whole
+
+    @property
+    def prompt_ms_per_token(self) -> float | None:
+        return None
+
+    def score(
+        self, plan: PromptPlan, continuation: str, slot: str = "main"
+    ) -> ContinuationScore | None:
         # `/v1/completions` gives the log-probabilities of generated tokens
         # only, not of a given text: the copy channel is off on this backend.
         return None

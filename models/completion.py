@@ -46,6 +46,7 @@ from shoptalk.models.prompt import (
 log = logging.getLogger(__name__)
 
 Multiline = Literal["auto", "always", "never"]
+PromptSlot = Literal["main", "quick"]
 MAX_BLOCK_LINES = 8
 CACHE_SIZE = 16
 CACHE_PREFIX_TAIL = 4000  # characters of the prefix a cache entry remembers
@@ -62,6 +63,9 @@ class GenerationRequest:
     # Likely continuations (copy candidates): checked in one batch against
     # greedy decoding, which keeps the tokens that match (lookup decoding).
     drafts: tuple[str, ...] = ()
+    # Where the prompt's tokens are cached: the whole prompt ("main") or the
+    # short one answered from while the whole one is being read ("quick").
+    slot: PromptSlot = "main"
 
 
 StopReason = Literal["stop", "end", "budget", "max_tokens", "cancelled", "error"]
@@ -99,12 +103,26 @@ class Backend(Protocol):
         self, request: GenerationRequest, cancelled: threading.Event | None = None
     ) -> Generation: ...
 
-    def prefill(self, plan: PromptPlan, cancelled: threading.Event | None = None) -> int: ...
+    def prefill(
+        self, plan: PromptPlan, cancelled: threading.Event | None = None, slot: str = "main"
+    ) -> int: ...
 
-    def score(self, plan: PromptPlan, continuation: str) -> ContinuationScore | None:
+    def score(
+        self, plan: PromptPlan, continuation: str, slot: str = "main"
+    ) -> ContinuationScore | None:
         """The model's log-probability of `continuation` right after the
         prompt (healed as generation heals it); None when the backend cannot
         score (the copy channel is then off)."""
+        ...
+
+    def pending_tokens(self, plan: PromptPlan, slot: str = "main") -> int | None:
+        """Prompt tokens of `plan` not in `slot`'s cache (what a request would
+        read before answering); None when the backend keeps no such slot."""
+        ...
+
+    @property
+    def prompt_ms_per_token(self) -> float | None:
+        """How long reading one prompt token takes here (None: not known)."""
         ...
 
     def describe(self) -> dict[str, object]: ...
@@ -375,6 +393,17 @@ CONTEXT_TOKEN_MARGIN = 64
 # A copied line shown when the model's answer is empty must be this likely
 # per token on average (about 0.37).
 COPY_MIN_MEAN_LOGPROB = -1.0
+# The quick prompt (issue 19: the first request after opening a file within
+# 1 s). When the KV cache lacks so much of the whole prompt (context block,
+# code after the cursor, 6,000 characters before it: ~2,900 tokens, ~7 s at
+# ~2.4 ms per token on two cores) that reading the rest would take more than
+# READ_SHARE of the request's budget, the answer comes from the last
+# QUICK_PREFIX_CHARS before the cursor alone (~350 tokens), cached in its own
+# slot, while the whole prompt keeps filling between requests; once it is
+# read, requests answer from it again (the same prompt as always).
+QUICK_PREFIX_CHARS = 1200
+QUICK_SUFFIX_CHARS = 200  # FIM bases keep a little of the code after the cursor
+READ_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -414,6 +443,7 @@ class Suggestion:
     source: Literal["model", "cache", "copy", "none"]
     generation: Generation | None = None
     elapsed_s: float = 0.0
+    slot: PromptSlot = "main"  # "quick": answered before the whole prompt was read
 
 
 class CompletionEngine:
@@ -508,6 +538,48 @@ class CompletionEngine:
             path=path,
         )
 
+    def quick_plan(self, text: str, offset: int, path: str | None = None) -> PromptPlan:
+        """The short prompt answered from while the whole one is being read:
+        the last QUICK_PREFIX_CHARS before the cursor (FIM bases: and a little
+        after it), no repository context."""
+        offset = max(0, min(offset, len(text)))
+        return plan_prompt(
+            self.template,
+            text[:offset],
+            text[offset:],
+            self.use_fim,
+            min(QUICK_PREFIX_CHARS, self.options.prefix_chars),
+            min(QUICK_SUFFIX_CHARS, self.options.suffix_chars),
+            layout="fim" if self.layout == "fim" else "none",
+            path=path,
+        )
+
+    def prompts(
+        self,
+        text: str,
+        offset: int,
+        path: str | None = None,
+        workspace: Workspace | None = None,
+        budget_ms: int | None = None,
+    ) -> tuple[PromptPlan, PromptPlan | None]:
+        """The whole prompt for this cursor, and the quick prompt to answer
+        from instead (None: answer from the whole one). The quick one is
+        chosen when reading what the cache lacks of the whole prompt would
+        take more than READ_SHARE of the budget (at the backend's measured
+        reading speed; before it has read anything, the whole prompt) and the
+        quick one lacks less."""
+        plan = self.plan(text, offset, path, workspace)
+        pending = self.backend.pending_tokens(plan, "main")
+        budget = budget_ms or self.options.max_latency_ms
+        rate = self.backend.prompt_ms_per_token
+        if pending is None or rate is None or pending * rate <= READ_SHARE * budget:
+            return plan, None
+        quick = self.quick_plan(text, offset, path)
+        quick_pending = self.backend.pending_tokens(quick, "quick")
+        if quick_pending is None or quick_pending >= pending:
+            return plan, None
+        return plan, quick
+
     def prefill(
         self,
         text: str,
@@ -518,8 +590,16 @@ class CompletionEngine:
     ) -> int:
         """Evaluate the prompt for this cursor ahead of the first request, with
         the context its stretch of lines gets (stops early, keeping what it
-        evaluated, when `cancelled` is set)."""
-        return self.backend.prefill(self.plan(text, offset, path, workspace), cancelled)
+        evaluated, when `cancelled` is set). When a request could not read
+        the rest of it in time, the quick prompt is read first, so a request
+        that comes meanwhile answers from it; then the whole one goes on."""
+        plan, quick = self.prompts(text, offset, path, workspace)
+        evaluated = 0
+        if quick is not None:
+            evaluated += self.backend.prefill(quick, cancelled, "quick")
+            if cancelled is not None and cancelled.is_set():
+                return evaluated
+        return evaluated + self.backend.prefill(plan, cancelled)
 
     def complete(
         self,
@@ -543,7 +623,9 @@ class CompletionEngine:
         multiline = allows_multiline(prefix, suffix, self.options.multiline)
         stop = stop_rule(prefix, multiline)
         budget = (budget_ms or self.options.max_latency_ms) / 1000.0
-        plan = self.plan(text, offset, path, workspace)
+        whole, quick = self.prompts(text, offset, path, workspace, budget_ms)
+        plan = quick or whole
+        slot: PromptSlot = "quick" if quick is not None else "main"
         self.last_plan = plan
         candidates = (
             copy_candidates(workspace, path, prefix, suffix) if self.options.copy_channel else []
@@ -555,10 +637,11 @@ class CompletionEngine:
             heal=self.options.heal,
             stop_at=stop,
             drafts=tuple(candidates[:1]),
+            slot=slot,
         )
         generation = self.backend.generate(request, cancelled)
         if generation.stop_reason == "cancelled":
-            return Suggestion("", "none", generation, time.monotonic() - started)
+            return Suggestion("", "none", generation, time.monotonic() - started, slot)
         answer = finish_text(generation.text, stop)
         if generation.stop_reason == "budget":
             answer = complete_lines(answer)
@@ -568,14 +651,19 @@ class CompletionEngine:
             # The budget bounds the answer, not the reading of the prompt (see the
             # backend): scoring the candidates gets it from when the answer was
             # ready, so a first request on a newly opened file still scores them.
+            # The quick prompt is short to read: its request keeps the budget.
             answered_at = started + generation.elapsed_s
             deadline = max(request.deadline, answered_at + budget)
-            copied = self._copy_choice(plan, answer, candidates, deadline, cancelled)
+            if slot == "quick":
+                deadline = request.deadline
+            copied = self._copy_choice(plan, slot, answer, candidates, deadline, cancelled)
             copied = postfilter(copied, prefix, suffix) if copied else ""
             if copied:
                 suggestion, source = copied, "copy"
         log.debug(
-            "completion: %s after %d generated / %d evaluated of %d prompt tokens in %.0f ms",
+            "completion (%s prompt): %s after %d generated / %d evaluated of %d prompt "
+            "tokens in %.0f ms",
+            slot,
             generation.stop_reason,
             generation.generated_tokens,
             generation.evaluated_tokens,
@@ -586,12 +674,17 @@ class CompletionEngine:
             # Only whole lines are worth serving again; a budget cut is partial.
             self.cache.put(prefix, suffix, suggestion)
         return Suggestion(
-            suggestion, source if suggestion else "none", generation, time.monotonic() - started
+            suggestion,
+            source if suggestion else "none",
+            generation,
+            time.monotonic() - started,
+            slot,
         )
 
     def _copy_choice(
         self,
         plan: PromptPlan,
+        slot: PromptSlot,
         answer: str,
         candidates: list[str],
         deadline: float,
@@ -602,7 +695,7 @@ class CompletionEngine:
         first_line = answer.split("\n", 1)[0]
         best: float | None = None
         if first_line.strip():
-            own = self.backend.score(plan, first_line) if candidates else None
+            own = self.backend.score(plan, first_line, slot) if candidates else None
             if own is None:
                 return ""  # nothing to compare, or a backend that cannot score
             best = own.mean
@@ -612,7 +705,7 @@ class CompletionEngine:
                 break
             if candidate == first_line:
                 continue
-            scored = self.backend.score(plan, candidate)
+            scored = self.backend.score(plan, candidate, slot)
             if scored is None:
                 return ""
             floor = COPY_MIN_MEAN_LOGPROB if best is None else best

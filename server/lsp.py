@@ -506,9 +506,21 @@ class ShopTalkServer(LanguageServer):
             log.exception("could not build the module map of %s", root)
             return
         self.module_map = module_map
-        self.module_index = ModuleIndex(module_map)  # BM25 answers while the retriever loads
-        self.module_index = served_module_index(module_map, self._lookup_store(), self._data_dir())
+        # BM25 alone until the first lookup: the served retriever (an embedding
+        # model and every module's vector) is loaded by `find_modules`, not
+        # beside typing, where it took ~280 MB and both cores for a while after
+        # every start (issue 19: server RSS 1,050 MB with context on).
+        self.module_index = ModuleIndex(module_map)
         log.info("module map: %d modules in %.1fs", len(module_map), time.monotonic() - started)
+
+    def _serve_lookup_index(self) -> None:
+        """The lookup's served index: the repository's module history and its
+        served retriever over the current module map (on the first lookup,
+        and again when another retriever is promoted)."""
+        module_map = self.module_map
+        if module_map is None:
+            return
+        self.module_index = served_module_index(module_map, self._lookup_store(), self._data_dir())
 
     def update_module(self, uri: str, text: str | None) -> None:
         root = self.workspace_root
@@ -622,7 +634,7 @@ class ShopTalkServer(LanguageServer):
             return cached, offset, text
         budget = engine.options.max_latency_ms  # measured when "auto"
 
-        def job() -> str:
+        def job() -> Suggestion | None:
             # A request that waited is not dropped for it: a newer request or
             # the editor's cancel makes it stale; the budget bounds its answer.
             try:
@@ -640,7 +652,7 @@ class ShopTalkServer(LanguageServer):
                 self.answer_notes.answered(elapsed, budget, stop, bool(suggestion.text))
             except ShopTalkError as exc:
                 self.show_once(f"ShopTalk: {exc}", types.MessageType.Error)
-                return ""
+                return None
             except Exception as exc:
                 log.exception("completion failed")
                 self.show_once(
@@ -648,14 +660,18 @@ class ShopTalkServer(LanguageServer):
                     "see the server log",
                     types.MessageType.Error,
                 )
-                return ""
-            return suggestion.text
+                return None
+            return suggestion
 
         result = await self.run_inference(request, job)
-        if not result:
+        if result is not None and result.slot == "quick":
+            # Answered before the whole prompt was read: go on reading it now
+            # (a newer request interrupts, keeping what was read).
+            self.schedule_prefill(uri, offset, 0.0)
+        if result is None or not result.text:
             return None
         self.counters["answered"] += 1
-        return result, offset, text
+        return result.text, offset, text
 
     def exclusion_root(self) -> Path | None:
         return self.repo or self.workspace_root
@@ -735,9 +751,13 @@ class ShopTalkServer(LanguageServer):
             index = self.module_index
             if index is None:
                 return {"modules": [], "error": "the module map could not be built; see the log"}
-        if retriever_changed(index, self._lookup_store()) and self.workspace_root is not None:
-            # a new retriever was promoted
-            self._background.submit(self._build_module_map, self.workspace_root)
+        if not index.served:
+            await asyncio.get_running_loop().run_in_executor(
+                self._background, self._serve_lookup_index
+            )
+            index = self.module_index or index
+        elif retriever_changed(index, self._lookup_store()):
+            self._background.submit(self._serve_lookup_index)  # a new retriever was promoted
         # BM25 + the retriever (numpy, tens of ms): off the model's worker, so a
         # running completion never delays it; the language model is left out
         # (35-80 s per query on CPU for no gain, docs/benchmarks.md).
@@ -1079,6 +1099,7 @@ def _last_completion(
         "context": plan.context if plan is not None else None,
         "suggestion": suggestion.text,
         "source": suggestion.source,
+        "slot": suggestion.slot,
         "stop_reason": generation.stop_reason if generation else None,
         "prompt_tokens": generation.prompt_tokens if generation else None,
         "evaluated_tokens": generation.evaluated_tokens if generation else None,

@@ -242,6 +242,7 @@ def bench_repo(source: Path, cutoff: str, work: Path, args: RetrieverArgs) -> di
     rankings = Rankings([p.modules for p in queries])
     bare = ModuleIndex(data.module_map, data.history_before)
     rankings.ranked["bm25"] = bm25_rankings(bare, queries)
+    rankings.ranked["bm25+names"] = bm25_rankings(bare, queries, names=True)
     zero = zero_shot_index(data, Embedder.load(base), store)
     rank_queries(zero, queries, "zero-shot", rankings)
     unseen = ModuleIndex(data.module_map, commit_history(data.train)).with_dense(zero.dense)

@@ -41,6 +41,7 @@ from shoptalk.models.dense_index import (
 )
 from shoptalk.models.module_docs import ModuleDoc, module_documents
 from shoptalk.models.module_map import Module, ModuleMap
+from shoptalk.models.module_names import NameTable
 from shoptalk.models.prompt import module_lookup_prompt
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,9 @@ ZERO_SHOT_WEIGHT = 0.5
 # served top-1 on click 56.5 -> 63.6, textual 30.8 -> 34.2, typer 73.6 -> 72.4
 # (docs/benchmarks.md).
 MEMORY_WEIGHT = 2.0
+# A module the query names in code (`HelpFormatter.write_usage`, `formatting`):
+# measured in docs/benchmarks.md ("module lookup", names).
+NAME_WEIGHT = 2.0
 # A test module that the query asks about still ranks below the code it tests.
 TEST_PENALTY = 0.5
 # BM25 alone: abstain when the matched terms carry less than this share of the query's IDF.
@@ -224,6 +228,7 @@ class ModuleIndex:
         self.dense = dense
         self.docs: dict[str, ModuleDoc] = module_documents(module_map, self.history)
         self._docs: dict[str, Counter[str]] = {mid: _doc_terms(d) for mid, d in self.docs.items()}
+        self.names = NameTable.of(module_map.modules.values())
         self._lengths = {mid: sum(c.values()) for mid, c in self._docs.items()}
         self._avg = (sum(self._lengths.values()) / len(self._lengths)) if self._lengths else 1.0
         frequency: Counter[str] = Counter()
@@ -382,6 +387,7 @@ def lookup_modules(
     limit: int = 5,
     model_weight: float = TUNED_MODEL_WEIGHT,
     use_dense: bool = True,
+    use_names: bool = True,
 ) -> LookupAnswer:
     """The modules best matching `query`, with a calibrated confidence: BM25
     fused with the retriever (when the index has one) and, when `generate` is
@@ -399,6 +405,12 @@ def lookup_modules(
         BM25_WEIGHT,
         lambda m, _r: "matches " + ", ".join(matched[m][:4]),
     )
+    named = (
+        {n.id: n for n in index.names.named(query, set(index.candidates(query)))}
+        if use_names
+        else {}
+    )
+    fusion.add(list(named), NAME_WEIGHT, lambda m, _r: f"defines or is `{named[m].name}`")
     cosine = index.dense_scores(query) if use_dense and index.dense is not None else {}
     source = index.dense.source if cosine and index.dense is not None else "bm25"
     baseline = 0.0
@@ -429,7 +441,11 @@ def lookup_modules(
     else:
         signal = index.coverage(query, matched.get(order[0], [])) if order else 0.0
     hits = [_hit(mid, index, query, fusion, cosine, baseline, calibration) for mid in order]
-    abstained = not hits or calibration.abstains(signal)
+    # A name the query writes as code that few modules define is a match,
+    # however far the words are from every document.
+    abstained = not hits or (
+        calibration.abstains(signal) and not any(n.code for n in named.values())
+    )
     confidence = "none" if abstained else calibration.level(signal)
     return LookupAnswer(
         query,

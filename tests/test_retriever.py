@@ -397,7 +397,14 @@ def test_eval_reports_bm25_zero_shot_trained_and_fused(
         data_dir,  # type: ignore[arg-type]
     )
     methods = figures["methods"]
-    assert set(methods) == {"bm25", "zero-shot", "zero-shot+bm25", "trained", "trained+bm25"}
+    assert set(methods) == {
+        "bm25",
+        "bm25+names",
+        "zero-shot",
+        "zero-shot+bm25",
+        "trained",
+        "trained+bm25",
+    }
     assert figures["queries"] == len(HELDOUT) and figures["retriever"]
     assert methods["trained+bm25"]["mrr"] > methods["bm25"]["mrr"]
     assert all(0 <= m["top1"] <= m["top3"] <= 100 for m in methods.values())

@@ -56,6 +56,7 @@ def lookup_figures(
     rankings = Rankings([p.modules for p in queries])
     bare = ModuleIndex(data.module_map, data.history_before)
     rankings.ranked["bm25"] = bm25_rankings(bare, queries)
+    rankings.ranked["bm25+names"] = bm25_rankings(bare, queries, names=True)
     if zero_shot:
         try:
             base = load_base(data_dir, store_root)

@@ -480,10 +480,11 @@ def rank_queries(
 
 
 def bm25_rankings(
-    index: ModuleIndex, pairs: Sequence[LookupPair], depth: int = 10
+    index: ModuleIndex, pairs: Sequence[LookupPair], depth: int = 10, names: bool = False
 ) -> list[list[str]]:
+    """BM25 alone (the baseline), or with the names the queries spell out fused in."""
     bare = index.with_dense(None)
-    return [lookup_modules(p.query, bare, None, depth).ids() for p in pairs]
+    return [lookup_modules(p.query, bare, None, depth, use_names=names).ids() for p in pairs]
 
 
 def calibrate(

@@ -1,0 +1,163 @@
+"""Names a query spells out: "`HelpFormatter.write_usage` adds spaces" names
+the module that defines `write_usage`; "types in `formatting`" names the
+module called `formatting`.
+
+Word rankings (BM25, the embedding) read such a name as a few sub-words among
+the others, and a repository-wide word like `format` drowns it. Here a name
+counts only when it is written like code (in backticks, with `()`, dotted,
+snake_case or camelCase) or, for module names, as a word of four letters or
+more; and only when few modules define it (a name defined everywhere, like
+`__init__` or `main`, says nothing). The ranking is fused with the others in
+`shoptalk.models.module_lookup`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+from shoptalk.models.module_map import Module
+
+# A name defined in more modules than this does not point at one.
+MAX_DEFINERS = 3
+MODULE_WORD_MIN = 4  # a plain word names a module only from this length
+PLAIN_MODULE_WEIGHT = 0.5  # a plain word that is a module's name counts half
+FULL_NAME_WEIGHT = 2.0  # a module's full dotted id or a file path leaves no doubt
+
+_SPAN = re.compile(r"`([^`]+)`|([A-Za-z_][\w.]*\w)(\(\))?")
+# A file path as written in a query: `src/pkg/core.py`, `core.py`, `pkg/core`.
+_PATH = re.compile(
+    r"(?<![\w/.-])((?:[\w.-]+/)*[\w-]+\.(?:py|pyi|js|jsx|ts|tsx|go|java|rs|rb|c|h|cc|cpp|hpp))\b"
+)
+_DOTTED = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
+
+
+def _module_key(name: str) -> str:
+    """Module names compare without case and leading underscores: `_termui_impl` ~ `termui_impl`."""
+    return name.lower().lstrip("_")
+
+
+def _ends(path: str, written: str) -> bool:
+    return path == written or path.endswith("/" + written.lstrip("./"))
+
+
+def _looks_like_code(token: str, quoted: bool, called: bool) -> bool:
+    return (
+        quoted
+        or called
+        or "_" in token
+        or "." in token
+        or re.search(r"[a-z][A-Z]", token) is not None
+    )
+
+
+@dataclass(frozen=True)
+class NamedModule:
+    id: str
+    name: str  # the name in the query that points at it
+    code: bool  # written like code (a plain word only names modules, more weakly)
+
+
+@dataclass
+class NameTable:
+    """Which modules define each symbol name and which are called each name."""
+
+    symbols: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    modules: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    ids: dict[str, str] = field(default_factory=dict)  # lower-case id -> id
+    # file name -> (path, module id) of every file with that name
+    files: dict[str, list[tuple[str, str]]] = field(default_factory=lambda: defaultdict(list))
+
+    @classmethod
+    def of(cls, modules: Iterable[Module]) -> NameTable:
+        table = cls()
+        for module in modules:
+            for symbol in module.symbols:
+                for part in symbol.name.split("."):
+                    table.symbols[part].add(module.id)
+            last = re.split(r"[./]", module.id)[-1]
+            table.modules[_module_key(last)].add(module.id)
+            table.ids[module.id.lower()] = module.id
+            for path in module.files:
+                table.modules[_module_key(PurePosixPath(path).stem)].add(module.id)
+                table.files[PurePosixPath(path).name].append((path, module.id))
+        return table
+
+    def named(self, query: str, allowed: set[str]) -> list[NamedModule]:
+        """The modules the query names, strongest first; [] when it names none."""
+        score: dict[str, float] = defaultdict(float)
+        why: dict[str, tuple[str, bool]] = {}
+        for path in _PATH.findall(query):
+            self._add(
+                {m for p, m in self.files.get(path.rsplit("/", 1)[-1], []) if _ends(p, path)},
+                path,
+                FULL_NAME_WEIGHT,
+                allowed,
+                score,
+                why,
+            )
+        for match in _SPAN.finditer(_PATH.sub(" ", query)):
+            quoted, plain, called = match.group(1), match.group(2), match.group(3)
+            for token in _DOTTED.findall(quoted or plain or ""):
+                code = _looks_like_code(token, quoted is not None, called is not None)
+                consumed = self._vote_dotted(token, allowed, score, why)
+                for name in token.split(".")[consumed:]:
+                    self._vote(name, code, allowed, score, why)
+        ranked = sorted(score, key=lambda mid: (-score[mid], mid))
+        return [NamedModule(mid, *why[mid]) for mid in ranked]
+
+    def _vote_dotted(
+        self,
+        token: str,
+        allowed: set[str],
+        score: dict[str, float],
+        why: dict[str, tuple[str, bool]],
+    ) -> int:
+        """`pkg.sub.mod.func`: the longest dotted prefix that is a module id
+        names it; returns how many parts that prefix took (0: none)."""
+        parts = token.split(".")
+        for end in range(len(parts), 1, -1):
+            found = self.ids.get(".".join(parts[:end]).lower())
+            if found is not None:
+                self._add({found}, ".".join(parts[:end]), FULL_NAME_WEIGHT, allowed, score, why)
+                return end
+        return 0
+
+    def _vote(
+        self,
+        name: str,
+        code: bool,
+        allowed: set[str],
+        score: dict[str, float],
+        why: dict[str, tuple[str, bool]],
+    ) -> None:
+        found: list[tuple[set[str], float]] = []
+        if code or len(name) >= MODULE_WORD_MIN:
+            found.append(
+                (self.modules.get(_module_key(name), set()), 1.0 if code else PLAIN_MODULE_WEIGHT)
+            )
+        if code:
+            found.append((self.symbols.get(name, set()), 1.0))
+        for definers, weight in found:
+            self._add(definers, name, weight, allowed, score, why, code)
+
+    @staticmethod
+    def _add(
+        definers: set[str],
+        name: str,
+        weight: float,
+        allowed: set[str],
+        score: dict[str, float],
+        why: dict[str, tuple[str, bool]],
+        code: bool = True,
+    ) -> None:
+        definers = definers & allowed
+        if not definers or len(definers) > MAX_DEFINERS:
+            return
+        for mid in definers:
+            score[mid] += weight / len(definers)
+            if mid not in why or (code and not why[mid][1]):
+                why[mid] = (name, code)

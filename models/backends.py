@@ -192,6 +192,8 @@ class _Decoding:
 # The quick prompt's KV cells (on top of `context_tokens`): ~1,200 characters
 # of code (~350 tokens on the default base), the answer and a draft.
 QUICK_SLOT_TOKENS = 512
+# Tokens dropped at a time from a prompt longer than its slot.
+OVERFLOW_STEP = 64
 # Prompt reading shorter than this says little about the speed (overheads).
 SPEED_MIN_TOKENS = 16
 
@@ -379,7 +381,9 @@ class LlamaBackend:
         if overflow > 0:
             # Budgets larger than the context (or pathological, binary-looking
             # lines): drop the repository context first, then the tokens
-            # farthest from the cursor.
+            # farthest from the cursor, OVERFLOW_STEP tokens at a time, so the
+            # prompt's start stays put while the user types (KV reuse).
+            overflow = -(-overflow // OVERFLOW_STEP) * OVERFLOW_STEP
             dropped = min(overflow, len(context))
             context = context[dropped:]
             body = body[overflow - dropped :]

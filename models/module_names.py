@@ -5,10 +5,13 @@ module called `formatting`.
 Word rankings (BM25, the embedding) read such a name as a few sub-words among
 the others, and a repository-wide word like `format` drowns it. Here a name
 counts only when it is written like code (in backticks, with `()`, dotted,
-snake_case or camelCase) or, for module names, as a word of four letters or
-more; and only when few modules define it (a name defined everywhere, like
-`__init__` or `main`, says nothing). The ranking is fused with the others in
-`shoptalk.models.module_lookup`.
+snake_case or camelCase, or as a file path) and only when few modules define
+it (a name defined everywhere, like `__init__` or `main`, says nothing).
+Plain words that happen to be module names do not count: in a repository of
+widgets "tweak the button style" names `style.py` no more than `button.py`
+(measured in docs/benchmarks.md: on Textualize/textual such matches were right
+1 time in 4, and code-written names alone scored higher on every repository).
+The ranking is fused with the others in `shoptalk.models.module_lookup`.
 """
 
 from __future__ import annotations
@@ -23,8 +26,6 @@ from shoptalk.models.module_map import Module
 
 # A name defined in more modules than this does not point at one.
 MAX_DEFINERS = 3
-MODULE_WORD_MIN = 4  # a plain word names a module only from this length
-PLAIN_MODULE_WEIGHT = 0.5  # a plain word that is a module's name counts half
 FULL_NAME_WEIGHT = 2.0  # a module's full dotted id or a file path leaves no doubt
 
 _SPAN = re.compile(r"`([^`]+)`|([A-Za-z_][\w.]*\w)(\(\))?")
@@ -58,7 +59,6 @@ def _looks_like_code(token: str, quoted: bool, called: bool) -> bool:
 class NamedModule:
     id: str
     name: str  # the name in the query that points at it
-    code: bool  # written like code (a plain word only names modules, more weakly)
 
 
 @dataclass
@@ -89,32 +89,28 @@ class NameTable:
     def named(self, query: str, allowed: set[str]) -> list[NamedModule]:
         """The modules the query names, strongest first; [] when it names none."""
         score: dict[str, float] = defaultdict(float)
-        why: dict[str, tuple[str, bool]] = {}
+        why: dict[str, str] = {}
         for path in _PATH.findall(query):
-            self._add(
-                {m for p, m in self.files.get(path.rsplit("/", 1)[-1], []) if _ends(p, path)},
-                path,
-                FULL_NAME_WEIGHT,
-                allowed,
-                score,
-                why,
-            )
+            definers = {m for p, m in self.files.get(path.rsplit("/", 1)[-1], []) if _ends(p, path)}
+            self._add(definers, path, allowed, score, why, FULL_NAME_WEIGHT)
         for match in _SPAN.finditer(_PATH.sub(" ", query)):
             quoted, plain, called = match.group(1), match.group(2), match.group(3)
             for token in _DOTTED.findall(quoted or plain or ""):
-                code = _looks_like_code(token, quoted is not None, called is not None)
+                if not _looks_like_code(token, quoted is not None, called is not None):
+                    continue
                 consumed = self._vote_dotted(token, allowed, score, why)
                 for name in token.split(".")[consumed:]:
-                    self._vote(name, code, allowed, score, why)
+                    self._add(self.modules.get(_module_key(name), set()), name, allowed, score, why)
+                    self._add(self.symbols.get(name, set()), name, allowed, score, why)
         ranked = sorted(score, key=lambda mid: (-score[mid], mid))
-        return [NamedModule(mid, *why[mid]) for mid in ranked]
+        return [NamedModule(mid, why[mid]) for mid in ranked]
 
     def _vote_dotted(
         self,
         token: str,
         allowed: set[str],
         score: dict[str, float],
-        why: dict[str, tuple[str, bool]],
+        why: dict[str, str],
     ) -> int:
         """`pkg.sub.mod.func`: the longest dotted prefix that is a module id
         names it; returns how many parts that prefix took (0: none)."""
@@ -122,42 +118,22 @@ class NameTable:
         for end in range(len(parts), 1, -1):
             found = self.ids.get(".".join(parts[:end]).lower())
             if found is not None:
-                self._add({found}, ".".join(parts[:end]), FULL_NAME_WEIGHT, allowed, score, why)
+                self._add({found}, ".".join(parts[:end]), allowed, score, why, FULL_NAME_WEIGHT)
                 return end
         return 0
-
-    def _vote(
-        self,
-        name: str,
-        code: bool,
-        allowed: set[str],
-        score: dict[str, float],
-        why: dict[str, tuple[str, bool]],
-    ) -> None:
-        found: list[tuple[set[str], float]] = []
-        if code or len(name) >= MODULE_WORD_MIN:
-            found.append(
-                (self.modules.get(_module_key(name), set()), 1.0 if code else PLAIN_MODULE_WEIGHT)
-            )
-        if code:
-            found.append((self.symbols.get(name, set()), 1.0))
-        for definers, weight in found:
-            self._add(definers, name, weight, allowed, score, why, code)
 
     @staticmethod
     def _add(
         definers: set[str],
         name: str,
-        weight: float,
         allowed: set[str],
         score: dict[str, float],
-        why: dict[str, tuple[str, bool]],
-        code: bool = True,
+        why: dict[str, str],
+        weight: float = 1.0,
     ) -> None:
         definers = definers & allowed
         if not definers or len(definers) > MAX_DEFINERS:
             return
         for mid in definers:
             score[mid] += weight / len(definers)
-            if mid not in why or (code and not why[mid][1]):
-                why[mid] = (name, code)
+            why.setdefault(mid, name)

@@ -93,8 +93,8 @@ def test_code_written_names_point_at_their_definers() -> None:
     assert named("optimize split_arg_string with extend") == ["tool.shell_completion"]
     assert named("make wrap_text() faster") == ["tool.formatting"]
     assert named("Add type annotations in `formatting`") == ["tool.formatting"]
-    # A plain word of four letters or more names a module only by its name, at half weight.
-    assert named("Document the shell completion utils") == ["tool.utils"]
+    # A plain word that is a module's name is prose too.
+    assert named("Document the shell completion utils") == []
 
 
 def test_prose_and_names_defined_everywhere_point_nowhere() -> None:
@@ -123,7 +123,7 @@ def test_the_table_indexes_symbols_and_module_names() -> None:
         build_module_map({"pkg/_termui_impl.py": "def open_url(u):\n    pass\n"}).modules.values()
     )
     assert table.named("fix `termui_impl.open_url`", {"pkg._termui_impl"}) == [
-        NamedModule("pkg._termui_impl", "termui_impl", True)
+        NamedModule("pkg._termui_impl", "termui_impl")
     ]
 
 

@@ -593,13 +593,21 @@ class CompletionEngine:
         evaluated, when `cancelled` is set). When a request could not read
         the rest of it in time, the quick prompt is read first, so a request
         that comes meanwhile answers from it; then the whole one goes on."""
+        started = time.monotonic()
         plan, quick = self.prompts(text, offset, path, workspace)
-        evaluated = 0
+        quick_read = whole_read = 0
         if quick is not None:
-            evaluated += self.backend.prefill(quick, cancelled, "quick")
-            if cancelled is not None and cancelled.is_set():
-                return evaluated
-        return evaluated + self.backend.prefill(plan, cancelled)
+            quick_read = self.backend.prefill(quick, cancelled, "quick")
+        if quick is None or cancelled is None or not cancelled.is_set():
+            whole_read = self.backend.prefill(plan, cancelled)
+        log.debug(
+            "prefill: %d quick + %d whole prompt tokens read in %.0f ms%s",
+            quick_read,
+            whole_read,
+            (time.monotonic() - started) * 1000,
+            " (interrupted)" if cancelled is not None and cancelled.is_set() else "",
+        )
+        return quick_read + whole_read
 
     def complete(
         self,
@@ -651,11 +659,12 @@ class CompletionEngine:
             # The budget bounds the answer, not the reading of the prompt (see the
             # backend): scoring the candidates gets it from when the answer was
             # ready, so a first request on a newly opened file still scores them.
-            # The quick prompt is short to read: its request keeps the budget.
+            # A quick answer is there to be fast: its candidates get what is
+            # left of the share of the budget a request may spend reading.
             answered_at = started + generation.elapsed_s
             deadline = max(request.deadline, answered_at + budget)
             if slot == "quick":
-                deadline = request.deadline
+                deadline = started + READ_SHARE * budget
             copied = self._copy_choice(plan, slot, answer, candidates, deadline, cancelled)
             copied = postfilter(copied, prefix, suffix) if copied else ""
             if copied:

@@ -141,6 +141,11 @@ class WorkspaceSync:
             return None
         return {**workspace.index.stats(), "build_seconds": self.build_seconds}
 
+    @property
+    def closed(self) -> bool:
+        """Whether the server let go of this index (shutdown)."""
+        return self._closed.is_set()
+
     def close(self) -> None:
         self._closed.set()
         with self._lock:

@@ -183,6 +183,8 @@ class ShopTalkServer(LanguageServer):
         self._client_options: Any = None
         self._looked_for_repo = False
         self.workspace_sync: WorkspaceSync | None = None  # the index for prompt context
+        self._lookup_loading = False  # the served retriever is being loaded
+        self._lookup_loading_lock = threading.Lock()
         self.last_completion: dict[str, Any] | None = None  # `shoptalk/lastPrompt`
         self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shoptalk-infer")
         self._background = concurrent.futures.ThreadPoolExecutor(
@@ -205,6 +207,7 @@ class ShopTalkServer(LanguageServer):
             "stale": 0,
             "cancelled": 0,
             "answered": 0,
+            "quick_answers": 0,  # answered before the whole prompt was read
         }
         self.answer_notes = AnswerNotes()  # loading / over budget: status, status bars, log
         self.exclusion = DocumentExclusion()  # never-send files, whatever the settings
@@ -520,14 +523,28 @@ class ShopTalkServer(LanguageServer):
         self.module_index = ModuleIndex(module_map)
         log.info("module map: %d modules in %.1fs", len(module_map), time.monotonic() - started)
 
+    def _load_lookup_index(self) -> None:
+        """Load the lookup's served index in the background, once at a time."""
+        with self._lookup_loading_lock:
+            if self._lookup_loading:
+                return
+            self._lookup_loading = True
+        self._background.submit(self._serve_lookup_index)
+
     def _serve_lookup_index(self) -> None:
         """The lookup's served index: the repository's module history and its
         served retriever over the current module map (on the first lookup,
         and again when another retriever is promoted)."""
-        module_map = self.module_map
-        if module_map is None:
-            return
-        self.module_index = served_module_index(module_map, self._lookup_store(), self._data_dir())
+        try:
+            module_map = self.module_map
+            if module_map is not None:
+                store = self._lookup_store()
+                self.module_index = served_module_index(module_map, store, self._data_dir())
+        except Exception:
+            log.exception("could not load the module lookup's retriever; BM25 answers")
+        finally:
+            with self._lookup_loading_lock:
+                self._lookup_loading = False
 
     def update_module(self, uri: str, text: str | None) -> None:
         root = self.workspace_root
@@ -682,6 +699,7 @@ class ShopTalkServer(LanguageServer):
         if result is not None and result.slot == "quick":
             # Answered before the whole prompt was read: go on reading it now
             # (a newer request interrupts, keeping what was read).
+            self.counters["quick_answers"] += 1
             self.schedule_prefill(uri, offset, 0.0)
         if result is None or not result.text:
             return None
@@ -766,13 +784,11 @@ class ShopTalkServer(LanguageServer):
             index = self.module_index
             if index is None:
                 return {"modules": [], "error": "the module map could not be built; see the log"}
-        if not index.served:
-            await asyncio.get_running_loop().run_in_executor(
-                self._background, self._serve_lookup_index
-            )
-            index = self.module_index or index
-        elif retriever_changed(index, self._lookup_store()):
-            self._background.submit(self._serve_lookup_index)  # a new retriever was promoted
+        if not index.served or retriever_changed(index, self._lookup_store()):
+            # BM25 answers while the retriever loads (on a first start it
+            # embeds every module: ~2 minutes for textual's 960 on a busy
+            # 2-core machine; its vectors are cached for the next start).
+            self._load_lookup_index()
         # BM25 + the retriever (numpy, tens of ms): off the model's worker, so a
         # running completion never delays it; the language model is left out
         # (35-80 s per query on CPU for no gain, docs/benchmarks.md).

@@ -73,8 +73,11 @@ class MineSettings(_Section):
     context: bool = True
     # ...only for the newest this many commits (and the validation and test
     # windows): training reads the newest first, evaluation the windows, and
-    # a commit's context costs ~0.5 CPU-s (50k commits: hours). None: all.
-    context_commits: int | None = Field(1000, ge=0)
+    # a commit's context costs ~1 CPU-s on sympy (50k commits: hours; 500
+    # commits hold ~6k completions, more than a CPU training run reads). None: all.
+    context_commits: int | None = Field(500, ge=0)
+    # Processes reading commits in a long history (None: 2, or 1 on one CPU).
+    workers: int | None = Field(None, ge=1)
     seed: int = 0
     alias_file: Path | None = None
 

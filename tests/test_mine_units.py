@@ -558,16 +558,36 @@ def test_fast_secret_scan_agrees_with_the_rule_by_rule_scan(
     texts.append("\n".join(TRICKY_SECRET_LINES))
     texts += [(root / "trainer" / name).read_text() for name in ("secret_rules.py", "hygiene.py")]
 
-    def scan() -> list[object]:
+    def scan(cached: bool = True) -> list[object]:
         found: list[object] = []
         with SecretScrubber() as scrubber:
-            for text in texts:
+
+            def value(text: str, filename: str) -> object:
+                if cached:
+                    return scrubber.scrub_value(text, filename)
+                clean, _ = scrubber.scrub(text, filename, count_lines=set())
+                return hygiene._valid_utf8(scrubber.scrub_known(clean))
+
+            for number, text in enumerate(texts):
                 for filename in ("x.py", "x.yaml", ".env", "notes.md"):
+                    found.append(value(text, filename))  # before and after its secrets are known
                     found.append(scrubber.scrub(text, filename))
                     found.append(scrubber.scrub_known(text))
+                    found.append(value(text, filename))
+                    found.append([value(t, filename) for t in texts[:number:7]])
+                if number % 5 == 4:
+                    scrubber.forget()
         return found
 
     fast = scan()
+    assert scan(cached=False) == fast
+    with SecretScrubber() as scrubber:  # a secret found after a text was scrubbed
+        prose = "deploy with Zq8-hunter2! today"
+        assert scrubber.scrub_value(prose, "notes.md") == prose
+        scrubber.scrub('PASSWORD = "Zq8-hunter2!"', ".env")
+        assert (
+            scrubber.scrub_value(prose, "notes.md") == "deploy with <SECRET_SECRET_KEYWORD> today"
+        )
     monkeypatch.setattr(hygiene, "may_hold_secret", hygiene._may_hold_secret_by_regex)
     monkeypatch.setattr(
         secret_rules, "has_context_hint", lambda line: bool(secret_rules.CONTEXT_HINT.search(line))

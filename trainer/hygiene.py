@@ -176,6 +176,9 @@ class SecretScrubber:
         self._stack = contextlib.ExitStack()
         self._cache: dict[tuple[str, str], tuple[Finding, ...]] = {}
         self._known: dict[str, str] = {}  # secret text replaced since `forget` -> type
+        # scrub_value's strings, while `_known` is unchanged (a completion's
+        # context repeats the same candidates at every cursor of a file).
+        self._values: dict[tuple[str, str], str] = {}
         self._detect: Callable[[list[tuple[int, str]], str], Iterable[Any]] | None = None
 
     def __enter__(self) -> SecretScrubber:
@@ -271,8 +274,9 @@ class SecretScrubber:
                 if counted(index + 1):
                     counts[kind] += 1
                 for secret in secrets:
-                    if is_distinctive(secret):
+                    if is_distinctive(secret) and self._known.get(secret) != kind:
                         self._known[secret] = kind
+                        self._values.clear()
             if new_line != line:
                 lines[index] = new_line
                 changed = True
@@ -282,6 +286,7 @@ class SecretScrubber:
         """Forget the secrets replaced so far (`scrub_known` no longer
         replaces them): called between commits."""
         self._known.clear()
+        self._values.clear()
 
     def scrub_known(self, text: str) -> str:
         """`text` with every secret replaced since `forget` replaced here too,
@@ -297,8 +302,15 @@ class SecretScrubber:
         their keys included) — placeholders replace the secrets — and made
         valid UTF-8 (a stray undecodable byte becomes U+FFFD)."""
         if isinstance(value, str):
-            clean, _ = self.scrub(value, filename, count_lines=set())
-            return _valid_utf8(self.scrub_known(clean))
+            key = (value, filename)
+            done = self._values.get(key)
+            if done is None:
+                clean, _ = self.scrub(value, filename, count_lines=set())
+                done = _valid_utf8(self.scrub_known(clean))
+                if len(self._values) > 20_000:
+                    self._values.clear()
+                self._values[key] = done  # (scrubbing it again would add no secret)
+            return done
         if isinstance(value, list | tuple):
             return [self.scrub_value(item, filename) for item in value]
         if isinstance(value, dict):

@@ -22,14 +22,20 @@ This module reads the history (steps 1-3); the state it keeps is
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import logging
+import multiprocessing
+import multiprocessing.util
+import os
 import time
-from collections import Counter
-from collections.abc import Collection
+from collections import Counter, deque
+from collections.abc import Collection, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -657,60 +663,159 @@ class _ReadPlan:
     ignore_text: str = ""
 
 
+# Mining in worker processes pays from this many commits (each opens its own
+# git readers and scrubber); commits go to them in chunks of CHUNK_COMMITS.
+PARALLEL_FROM = 256
+CHUNK_COMMITS = 32
+
+
+@dataclass(frozen=True)
+class _MineSetup:
+    """What mining a commit needs, for this process or a worker's."""
+
+    plan: _ReadPlan
+    package_files: frozenset[str]  # the tip's `__init__.py` files (Python module ids)
+    module_of_path: dict[str, str]
+    context_commits: frozenset[str] | None
+
+
+def _open_context(setup: _MineSetup, stack: contextlib.ExitStack) -> _Context:
+    """The readers, scrubber and workspace mining commits holds (closed with `stack`)."""
+    plan, settings = setup.plan, setup.plan.settings
+    blobs = stack.enter_context(BlobReader(plan.repo))
+    workspace = None
+    if settings.context and "completion" in settings.kinds:
+        exclusion = Exclusion(plan.ignore_text, tuple(settings.ignore_globs))
+        limits = IndexLimits(
+            max_file_bytes=settings.max_file_bytes, max_line_chars=settings.max_line_chars
+        )
+        parent_blobs = stack.enter_context(BlobReader(plan.repo))
+        workspace = CommitWorkspace(plan.repo, parent_blobs, exclusion, limits)
+    return _Context(
+        repo=plan.repo,
+        settings=settings,
+        rules=plan.rules,
+        blobs=blobs,
+        scrubber=stack.enter_context(SecretScrubber()),
+        package_files=setup.package_files,
+        module_of_path=setup.module_of_path,
+        workspace=workspace,
+        context_commits=setup.context_commits,
+    )
+
+
+_Mined = tuple[str, list[dict[str, Any]], dict[str, Any]]  # sha, records, stats
+
+
+def _mine_stream(ctx: _Context, shas: list[str], alias_file: Path | None) -> Iterator[_Mined]:
+    for commit in iter_commits(ctx.repo, shas, alias_file):
+        yield commit.sha, *_mine_commit(commit, ctx)
+
+
+def _mine_here(setup: _MineSetup, shas: list[str]) -> Iterator[_Mined]:
+    with contextlib.ExitStack() as stack:
+        ctx = _open_context(setup, stack)
+        yield from _mine_stream(ctx, shas, setup.plan.alias_file)
+        _log_context_cost(ctx)
+
+
+def _log_context_cost(ctx: _Context) -> None:
+    if ctx.workspace is not None:
+        log.info(
+            "repository context: %.1f s moving and searching (%d files read)",
+            ctx.workspace.seconds,
+            ctx.workspace.files_read,
+        )
+
+
+# A worker process's context, opened once by `_worker_start` (closed when it exits).
+_WORKER: tuple[_Context, _MineSetup] | None = None
+
+
+def _worker_start(setup: _MineSetup) -> None:
+    global _WORKER
+    stack = contextlib.ExitStack()
+    _WORKER = (_open_context(setup, stack), setup)
+    multiprocessing.util.Finalize(None, stack.close, exitpriority=10)
+
+
+def _worker_mine(shas: list[str]) -> list[_Mined]:
+    assert _WORKER is not None, "_worker_start runs first"
+    ctx, setup = _WORKER
+    return list(_mine_stream(ctx, shas, setup.plan.alias_file))
+
+
+def _mine_in_workers(setup: _MineSetup, shas: list[str], workers: int) -> Iterator[_Mined]:
+    """The commits mined by `workers` processes, each handed the next chunk
+    of CHUNK_COMMITS when it is free; yielded in `shas` order. A commit's
+    instances depend on nothing mined before it (the scrubber forgets
+    between commits, the workspace is moved to its parent whatever it held),
+    so the state and dataset are those of one process. Two chunks per
+    worker at most are held (done or queued)."""
+    chunks = [shas[i : i + CHUNK_COMMITS] for i in range(0, len(shas), CHUNK_COMMITS)]
+    # Forked: a started ("spawn") worker runs the caller's main module again,
+    # which hangs a script that calls mining without a `__main__` guard.
+    fork = multiprocessing.get_context("fork")
+    pool = ProcessPoolExecutor(workers, fork, initializer=_worker_start, initargs=(setup,))
+    try:
+        queued = iter(chunks)
+        pending = deque(pool.submit(_worker_mine, c) for c in itertools.islice(queued, 2 * workers))
+        while pending:
+            mined = pending.popleft().result()
+            following = next(queued, None)
+            if following is not None:
+                pending.append(pool.submit(_worker_mine, following))
+            yield from mined
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def worker_count(settings: MineSettings, commits: int, parallel_from: int = PARALLEL_FROM) -> int:
+    """Processes mining `commits` commits: `mine.workers` (None: up to 2, as
+    the CPUs allow), one for fewer than `parallel_from` commits."""
+    if commits < parallel_from:
+        return 1
+    wanted = settings.workers if settings.workers is not None else 2
+    return max(1, min(wanted, os.cpu_count() or 1, -(-commits // CHUNK_COMMITS)))
+
+
 def _read_commits(
     plan: _ReadPlan,
     to_read: list[CommitSummary],
     writer: BatchWriter,
     report: Report,
     context_commits: Collection[str] | None = None,
+    parallel_from: int = PARALLEL_FROM,
 ) -> None:
-    """Mine each commit of `to_read` (one `git log -p` stream), recording
-    what each gave in the writer's state and streaming its instances into
-    the state's batches; with `mine.context`, the completions of
+    """Mine each commit of `to_read` (`git log -p` streams, in worker
+    processes for a long list), recording what each gave in the writer's
+    state and streaming its instances into the state's batches, in
+    `to_read` order; with `mine.context`, the completions of
     `context_commits` (None: all) carry their repository context. `report`
     gets a `Progress(done, total)` per commit."""
-    repo = plan.repo
     state = writer.state
-    known_paths = frozenset(p for p in tree_paths(repo, plan.tip) if is_text_path(p))
-    with BlobReader(repo) as blobs, BlobReader(repo) as parent_blobs, SecretScrubber() as scrubber:
-        settings = plan.settings
-        workspace = None
-        if settings.context and "completion" in settings.kinds:
-            exclusion = Exclusion(plan.ignore_text, tuple(settings.ignore_globs))
-            limits = IndexLimits(
-                max_file_bytes=settings.max_file_bytes, max_line_chars=settings.max_line_chars
-            )
-            workspace = CommitWorkspace(repo, parent_blobs, exclusion, limits)
-        ctx = _Context(
-            repo=repo,
-            settings=plan.settings,
-            rules=plan.rules,
-            blobs=blobs,
-            scrubber=scrubber,
-            package_files=frozenset(p for p in known_paths if p.endswith("__init__.py")),
-            module_of_path=_module_index(known_paths),
-            workspace=workspace,
-            context_commits=context_commits,
-        )
-        stream = iter_commits(repo, (s.sha for s in to_read), plan.alias_file)
-        for done, commit in enumerate(stream, 1):
-            records, stats = _mine_commit(commit, ctx)
-            writer.add(records)
-            # Named in the state with its records: both are saved together
-            # when the batch is full (a killed run mines it again).
-            state.commits[commit.sha] = stats
-            writer.end_commit()
-            report(Progress(done, len(to_read)))
-        if workspace is not None:
-            log.info(
-                "repository context: %.1f s over %d commits (%d files read)",
-                workspace.seconds,
-                len(to_read) if context_commits is None else len(context_commits),
-                workspace.files_read,
-            )
-        missing = [s.sha for s in to_read if s.sha not in state.commits]
-        if missing:
-            raise GitError(f"git did not return {len(missing)} commit(s) of {plan.branch}; retry")
+    known_paths = frozenset(p for p in tree_paths(plan.repo, plan.tip) if is_text_path(p))
+    setup = _MineSetup(
+        plan,
+        frozenset(p for p in known_paths if p.endswith("__init__.py")),
+        _module_index(known_paths),
+        None if context_commits is None else frozenset(context_commits),
+    )
+    shas = [s.sha for s in to_read]
+    workers = worker_count(plan.settings, len(shas), parallel_from)
+    if workers > 1:
+        log.info("mining %d commits in %d processes", len(shas), workers)
+    mined = _mine_in_workers(setup, shas, workers) if workers > 1 else _mine_here(setup, shas)
+    for done, (sha, records, stats) in enumerate(mined, 1):
+        writer.add(records)
+        # Named in the state with its records: both are saved together
+        # when the batch is full (a killed run mines it again).
+        state.commits[sha] = stats
+        writer.end_commit()
+        report(Progress(done, len(to_read)))
+    missing = [s.sha for s in to_read if s.sha not in state.commits]
+    if missing:
+        raise GitError(f"git did not return {len(missing)} commit(s) of {plan.branch}; retry")
 
 
 def _newest_commits(summaries: list[CommitSummary], settings: MineSettings) -> set[str] | None:
@@ -742,6 +847,7 @@ def _fill_context(
     newest: set[str],
     writer: BatchWriter,
     report: Report,
+    parallel_from: int = PARALLEL_FROM,
 ) -> tuple[DatasetPlan, set[str], int]:
     """Mine again, with their repository context, the commits of the
     validation and test windows (and the newest ones) that were mined
@@ -761,7 +867,7 @@ def _fill_context(
         log.info("mining %d commit(s) again with their repository context", len(missing))
         writer.flush()  # their records may be in the open batch
         state.drop_commits([s.sha for s in missing])
-        _read_commits(plan, missing, writer, report, {s.sha for s in missing})
+        _read_commits(plan, missing, writer, report, {s.sha for s in missing}, parallel_from)
         again += len(missing)
     return planned, wanted, again
 
@@ -784,12 +890,14 @@ def mine_repository(
     full: bool = False,
     report: Report = quiet,
     batch_records: int = BATCH_RECORDS,
+    parallel_from: int = PARALLEL_FROM,
 ) -> MineResult:
     """Mine `repo` (incrementally) and (re)write its dataset; see the module doc.
 
     `report` gets a `Progress(done, total)` of the commits read. Instances
     are streamed into batches of `batch_records` (the state saved after
-    each), and the dataset built holding about that many at once. Raises
+    each), and the dataset built holding about that many at once; from
+    `parallel_from` commits to read, `mine.workers` processes read them. Raises
     MineError/GitError (ShopTalkError) with a message for the user."""
     repo = _toplevel(repo.expanduser())
     warnings: list[str] = []
@@ -853,10 +961,10 @@ def mine_repository(
     again = 0
     with BatchWriter(state, saved, batch_records) as writer:
         if to_read:
-            _read_commits(read_plan, to_read, writer, report, newest)
+            _read_commits(read_plan, to_read, writer, report, newest, parallel_from)
         if newest is not None and settings.context and "completion" in settings.kinds:
             planned, context_commits, again = _fill_context(
-                read_plan, summaries, newest, writer, report
+                read_plan, summaries, newest, writer, report, parallel_from
             )
     new_instances = writer.written
     warnings = scrub_texts(warnings)

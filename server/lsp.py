@@ -930,7 +930,10 @@ def did_open(ls: ShopTalkServer, params: types.DidOpenTextDocumentParams) -> Non
         ls.adopt_repository(params.text_document.uri)
     if ls.workspace_sync is not None:
         ls.workspace_sync.document(params.text_document.uri, params.text_document.text)
-    ls.schedule_prefill(params.text_document.uri, None, 0.0)
+    # The end of the document is a guess at the cursor: it waits an idle
+    # pause, so the cursor the editor reports after opening (shoptalk/prefill,
+    # debounced 250 ms by the clients) replaces it before it reads anything.
+    ls.schedule_prefill(params.text_document.uri, None, ls.settings.serve.idle_prefill_ms / 1000.0)
 
 
 def did_change(ls: ShopTalkServer, params: types.DidChangeTextDocumentParams) -> None:

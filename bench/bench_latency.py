@@ -377,6 +377,10 @@ def exact_match(engine: CompletionEngine, instances: list[Instance]) -> float:
     return 100.0 * hits / max(1, len(instances))
 
 
+def load_average() -> str:
+    return " / ".join(f"{value:.1f}" for value in os.getloadavg())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -409,6 +413,7 @@ def main() -> None:
 
     sessions = typing_sessions(args.repo, args.sessions, args.chars, args.since)
     typed = sum(len(s.typed) for s in sessions)
+    print(f"load average at the start: {load_average()}")
     print(
         f"typing {typed} characters in {len(sessions)} sessions: "
         + ", ".join(f"{s.path}@{s.commit}" for s in sessions)
@@ -453,6 +458,9 @@ def main() -> None:
         f"server counters: {result.counters}"
     )
     print(f"server peak RSS: {result.peak_rss_mb:.0f} MB")
+    print(
+        f"load average at the end: {load_average()} (a shared machine's figures are not a quiet one's)"
+    )
 
     if args.em_instances <= 0:
         return

@@ -9,7 +9,9 @@
   cancel flag between tokens. A generation the deadline cut is kept and
   continued by the next request for the same prompt. `score` gives the
   log-probability of a given continuation (the copy channel), evaluated in
-  one batch on the cached prompt.
+  one batch on the cached prompt. The KV cache holds two sequences: the
+  whole prompt (`main`) and the engine's quick prompt (`quick`), so reading
+  one never evicts the other.
 - `OpenAIBackend`: any OpenAI-compatible `/v1/completions` server
   (llama-cpp-python's server, vLLM), streamed so that the same stop rule,
   deadline and cancel apply; the boundary is healed on characters with a

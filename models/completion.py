@@ -12,6 +12,12 @@ repository context block that stays put while the user types on a line; the
 copy channel offers continuations found verbatim in the repository when the
 model scores them above its own answer; an answer the time budget cut is not
 shown (the backend goes on from it on the next request for the same prompt).
+
+While the whole prompt is not read yet (a file just opened, a context block
+that moved) and reading the rest would take more than half the budget, the
+answer comes from a quick prompt, the last lines before the cursor, kept in
+its own slot of the backend's KV cache; the whole prompt fills in between
+requests (`prefill`) and answers again once it is read.
 """
 
 from __future__ import annotations
@@ -655,16 +661,14 @@ class CompletionEngine:
             answer = complete_lines(answer)
         suggestion = postfilter(answer, prefix, suffix)
         source: Literal["model", "copy"] = "model"
-        if candidates and generation.stop_reason != "budget":
+        # A quick answer is there to be fast: its candidates served as drafts
+        # only (scoring them costs a batch each, ~0.1-0.5 s on a busy CPU).
+        if candidates and generation.stop_reason != "budget" and slot == "main":
             # The budget bounds the answer, not the reading of the prompt (see the
             # backend): scoring the candidates gets it from when the answer was
             # ready, so a first request on a newly opened file still scores them.
-            # A quick answer is there to be fast: its candidates get what is
-            # left of the share of the budget a request may spend reading.
             answered_at = started + generation.elapsed_s
             deadline = max(request.deadline, answered_at + budget)
-            if slot == "quick":
-                deadline = started + READ_SHARE * budget
             copied = self._copy_choice(plan, slot, answer, candidates, deadline, cancelled)
             copied = postfilter(copied, prefix, suffix) if copied else ""
             if copied:

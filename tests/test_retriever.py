@@ -229,6 +229,12 @@ def test_calibration_fits_thresholds_that_separate() -> None:
     assert calibration.abstain_below <= 0.6  # never past most right answers
     assert all(calibration.abstains(s) for s in (0.1, 0.2, 0.15))
     assert calibration.level(0.8) == "high" and calibration.high_at > calibration.abstain_below
+    # Apart: half-way between the made-up queries and the right answers.
+    apart = fit_calibration([0.8] * 20, [True] * 20, [0.1] * 19 + [0.2], "test")
+    assert 0.15 < apart.abstain_below < 0.8 and apart.abstain_below == pytest.approx(0.45, 0.05)
+    # Overlapping: no higher than where the right answers begin.
+    overlap = fit_calibration([0.3] + [0.6] * 19, [True] * 20, [0.2] * 10 + [0.5] * 10, "test")
+    assert overlap.abstain_below <= float(np.quantile([0.3] + [0.6] * 19, 0.05)) + 1e-9
     restored = Calibration.from_dict({"abstain_below": "x"}, BASE_CALIBRATION)
     assert restored == BASE_CALIBRATION
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shoptalk.models.dense_index import load_base, load_export
+from shoptalk.models.dense_index import RETRIEVER_FILE, load_base, load_export
 from shoptalk.models.embedder import Embedder, base_embedder_dir
 from shoptalk.models.module_docs import is_test_path
 from shoptalk.models.module_lookup import ModuleIndex, lookup_modules
@@ -43,6 +43,7 @@ from shoptalk.trainer.retriever import (
     bm25_rankings,
     calibrate,
     commit_history,
+    measure_export,
     rank_queries,
     train_lookup_retriever,
 )
@@ -226,7 +227,9 @@ def abstention(index: ModuleIndex, queries: list[LookupPair]) -> dict[str, float
     }
 
 
-def bench_repo(source: Path, cutoff: str, work: Path, args: RetrieverArgs) -> dict[str, object]:
+def bench_repo(
+    source: Path, cutoff: str, work: Path, args: RetrieverArgs, reuse: bool = False
+) -> dict[str, object]:
     started = time.monotonic()
     repo = clone(source, work)
     data, _tree = build_data(repo, cutoff, work)
@@ -247,9 +250,13 @@ def bench_repo(source: Path, cutoff: str, work: Path, args: RetrieverArgs) -> di
     rank_queries(zero, queries, "zero-shot", rankings)
     unseen = ModuleIndex(data.module_map, commit_history(data.train)).with_dense(zero.dense)
     zero_fit, _ = calibrate(unseen, data.validation, "zero-shot, validation queries")
-    out, meta = train_lookup_retriever(
-        data, base, work / f"{repo.name}-retriever", args, "bench", print
-    )
+    out = work / f"{repo.name}-retriever"
+    if reuse and (out / RETRIEVER_FILE).is_file():  # the same training, measured again
+        meta = json.loads((out / RETRIEVER_FILE).read_text())
+        meta = measure_export(data, out, meta)
+        print(f"{repo.name}: reused the retriever trained in {out}", file=sys.stderr)
+    else:
+        out, meta = train_lookup_retriever(data, base, out, args, "bench", print)
     dense = load_export(out)
     dense.memory = dense.memory.only({"train", "validation"})  # the queries' own subjects left out
     trained = ModuleIndex(data.module_map, data.history_before, dense)
@@ -282,6 +289,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=RetrieverArgs.batch_size)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "bench_lookup")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="measure the retriever a previous run trained in --work again (calibration, rankings)",
+    )
     options = parser.parse_args()
     options.work.mkdir(parents=True, exist_ok=True)
     args = RetrieverArgs(
@@ -293,7 +305,7 @@ def main() -> None:
     )
     results = []
     for source in options.repo:
-        result = bench_repo(source, options.cutoff, options.work, args)
+        result = bench_repo(source, options.cutoff, options.work, args, options.reuse)
         results.append(result)
         print(json.dumps(result, indent=1))
         if options.out:

@@ -578,13 +578,30 @@ def train_lookup_retriever(
         "final_loss": round(float(np.mean(trained.losses[-10:])), 4) if trained.losses else None,
     }
     write_export(out, trained, served_docs, args, meta, memory_of(data))
+    return out, measure_export(data, out, meta, trained.encoder, args.doc_tokens, started)
+
+
+def measure_export(
+    data: LookupData,
+    out: Path,
+    meta: dict[str, Any],
+    encoder: _Encoder | None = None,
+    doc_tokens: int = RetrieverArgs.doc_tokens,
+    started: float | None = None,
+) -> dict[str, Any]:
+    """Calibrate the export at `out` on the validation queries, measure it on
+    the held-out ones and write its figures (`retriever.json`); returns them.
+    `encoder` (the torch model just trained) embeds changed documents faster
+    than the served numpy path, which does it otherwise."""
+    started = time.monotonic() if started is None else started
+    served_docs = ModuleIndex(data.module_map, data.history_all).docs
     dense = load_export(out)
     served_memory = dense.memory
     dense.memory = served_memory.only({"train", "validation"})  # never the held-out subjects
     index = ModuleIndex(data.module_map, data.history_before, dense)
     changed = [d for mid, d in index.docs.items() if served_docs[mid].digest != d.digest]
-    if changed:  # the held-out commits' subjects are left out of these: torch embeds them faster
-        vectors = trained.encoder.encode_frozen([d.text for d in changed], args.doc_tokens)
+    if changed and encoder is not None:  # the held-out commits' subjects are left out of these
+        vectors = encoder.encode_frozen([d.text for d in changed], doc_tokens)
         dense.remember({d.id: (d.digest, v) for d, v in zip(changed, vectors.numpy(), strict=True)})
     # Calibrated on the validation queries against documents that do not carry
     # their own subjects (as a new query meets the index).
@@ -602,7 +619,7 @@ def train_lookup_retriever(
     from shoptalk.models.files import write_json_atomic
 
     write_json_atomic(out / RETRIEVER_FILE, meta)
-    return out, meta
+    return meta
 
 
 def memory_of(data: LookupData) -> list[tuple[LookupPair, str]]:

@@ -76,8 +76,10 @@ class MineSettings(_Section):
     # a commit's context costs ~1 CPU-s on sympy (50k commits: hours; 500
     # commits hold ~6k completions, more than a CPU training run reads). None: all.
     context_commits: int | None = Field(500, ge=0)
-    # Processes reading commits in a long history (None: 2, or 1 on one CPU).
-    workers: int | None = Field(None, ge=1)
+    # Processes reading commits in a long history (from 256 commits). 1: on
+    # this shared 2-CPU machine two were slower (1,208 sympy commits: 69 s
+    # wall against 52 s, the same CPU); try 2 where a second core is idle.
+    workers: int = Field(1, ge=1)
     seed: int = 0
     alias_file: Path | None = None
 

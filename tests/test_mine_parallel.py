@@ -5,6 +5,7 @@ the dataset are byte for byte those of one process."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +47,8 @@ def test_two_processes_write_the_state_and_dataset_of_one(
 
 
 def test_worker_count() -> None:
-    settings = MineSettings()
-    assert worker_count(settings, 10, parallel_from=256) == 1
-    assert worker_count(MineSettings(workers=1), 5000) == 1
-    assert 1 <= worker_count(settings, 5000) <= 2
-    assert worker_count(MineSettings(workers=8), 40) == 1  # below the threshold
+    assert worker_count(MineSettings(), 5000) == 1  # one by default
+    assert worker_count(MineSettings(workers=2), 10, parallel_from=256) == 1
+    assert 1 <= worker_count(MineSettings(workers=2), 5000) <= 2  # as the CPUs allow
+    two_chunks = worker_count(MineSettings(workers=8), 40, parallel_from=1)
+    assert two_chunks == min(2, os.cpu_count() or 1)

@@ -771,12 +771,11 @@ def _mine_in_workers(setup: _MineSetup, shas: list[str], workers: int) -> Iterat
 
 
 def worker_count(settings: MineSettings, commits: int, parallel_from: int = PARALLEL_FROM) -> int:
-    """Processes mining `commits` commits: `mine.workers` (None: up to 2, as
-    the CPUs allow), one for fewer than `parallel_from` commits."""
+    """Processes mining `commits` commits: `mine.workers` (no more than the
+    CPUs or the chunks), one for fewer than `parallel_from` commits."""
     if commits < parallel_from:
         return 1
-    wanted = settings.workers if settings.workers is not None else 2
-    return max(1, min(wanted, os.cpu_count() or 1, -(-commits // CHUNK_COMMITS)))
+    return max(1, min(settings.workers, os.cpu_count() or 1, -(-commits // CHUNK_COMMITS)))
 
 
 def _read_commits(

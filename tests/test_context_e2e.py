@@ -266,3 +266,29 @@ async def test_copy_channel_answers_with_the_repository_line_the_model_prefers(
         assert [item.insert_text for item in items] == [better[0]]
     finally:
         await stop_session(session)
+
+
+async def test_the_cursor_reported_after_opening_is_read_before_the_first_keystroke(
+    context_session: Session,
+) -> None:
+    """The editor reports where the cursor rests after opening a file
+    (shoptalk/prefill): the whole prompt there, context block included, is
+    read before the first request there (not the end of the document, the
+    server's guess when no cursor is reported). With FIM (the tiny model)
+    the code after the cursor follows the prefix, so a keystroke reads it
+    again; a request at the cursor reads only the last token."""
+    session = context_session
+    before = DOCUMENT + "def settle(journal_book, amount):\n    journal_book.append_po"
+    after = "\n\n" + DOCUMENT.replace("handler", "later")
+    uri = await session.open("billing/settle.py", before + after)
+    line, character = position_at_end(before)
+    position = {"line": line, "character": character}
+    session.client.protocol.notify(
+        "shoptalk/prefill", {"textDocument": {"uri": uri}, "position": position}
+    )
+    await asyncio.sleep(1.5)  # the user looks at the file (the tiny model reads it in ms)
+    await session.inline(uri, line, character)
+    first = await last_prompt(session)
+    assert first["path"] == "billing/settle.py" and first["slot"] == "main"
+    assert first["context"].startswith("# ") and first["context"] != "# billing/settle.py\n"
+    assert first["evaluated_tokens"] <= 1 and first["prompt_tokens"] > 500

@@ -871,6 +871,27 @@ def _fill_context(
     return planned, wanted, again
 
 
+def _mine_new_commits(
+    plan: _ReadPlan,
+    to_read: list[CommitSummary],
+    summaries: list[CommitSummary],
+    writer: BatchWriter,
+    report: Report,
+    parallel_from: int,
+) -> tuple[DatasetPlan | None, set[str] | None, int]:
+    """Mine `to_read` (the newest `context_commits` of `summaries` with their
+    repository context), then the windows' commits that lack it; returns
+    `_fill_context`'s plan, commits with context and commits mined again
+    (None, None, 0 when every commit has it, or none)."""
+    settings = plan.settings
+    newest = _newest_commits(summaries, settings)
+    if to_read:
+        _read_commits(plan, to_read, writer, report, newest, parallel_from)
+    if newest is None or not settings.context or "completion" not in settings.kinds:
+        return None, None, 0
+    return _fill_context(plan, summaries, newest, writer, report, parallel_from)
+
+
 def _save_state(state: MineState, repo: Path, branch_label: str, final: bool) -> None:
     """Save the state (naming only complete batches); at the end of the run,
     delete the batch files it no longer names (replaced, or left by a killed
@@ -954,17 +975,10 @@ def mine_repository(
         state.drop_commits(removed)
     saved = functools.partial(_save_state, state, repo, branch_label)
     read_plan = _ReadPlan(repo, tip, branch, settings, rules, alias_file, ignore_text)
-    newest = _newest_commits(summaries, settings)
-    planned: DatasetPlan | None = None
-    context_commits: set[str] | None = None
-    again = 0
     with BatchWriter(state, saved, batch_records) as writer:
-        if to_read:
-            _read_commits(read_plan, to_read, writer, report, newest, parallel_from)
-        if newest is not None and settings.context and "completion" in settings.kinds:
-            planned, context_commits, again = _fill_context(
-                read_plan, summaries, newest, writer, report, parallel_from
-            )
+        planned, context_commits, again = _mine_new_commits(
+            read_plan, to_read, summaries, writer, report, parallel_from
+        )
     new_instances = writer.written
     warnings = scrub_texts(warnings)
     dataset_dir = target or store.dataset_dir

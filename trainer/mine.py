@@ -901,6 +901,30 @@ def _save_state(state: MineState, repo: Path, branch_label: str, final: bool) ->
         state.remove_stray_batches()
 
 
+def _skip_rules(settings: MineSettings, ignore_text: str) -> SkipRules:
+    return SkipRules(
+        globs=tuple(settings.ignore_globs),
+        ignore_rules=tuple(parse_ignore_file(ignore_text)),
+        max_file_bytes=settings.max_file_bytes,
+        max_line_chars=settings.max_line_chars,
+    )
+
+
+def _triage(
+    todo: list[CommitSummary], state: MineState, settings: MineSettings
+) -> list[CommitSummary]:
+    """The new commits to read; bots' and mass changes' are marked in the state instead."""
+    to_read: list[CommitSummary] = []
+    for summary in todo:
+        if is_bot(Alias(summary.author_name, summary.author_email), settings.bot_patterns):
+            state.commits[summary.sha] = {"status": "bot"}
+        elif summary.files_touched > state.mass_threshold:
+            state.commits[summary.sha] = {"status": "mass_change", "files": summary.files_touched}
+        else:
+            to_read.append(summary)
+    return to_read
+
+
 def mine_repository(
     repo: Path,
     settings: MineSettings,
@@ -934,12 +958,7 @@ def mine_repository(
     if target is not None:
         _safe_out_dir(target)
     ignore_text = _ignore_text(repo, tip, warnings)
-    rules = SkipRules(
-        globs=tuple(settings.ignore_globs),
-        ignore_rules=tuple(parse_ignore_file(ignore_text)),
-        max_file_bytes=settings.max_file_bytes,
-        max_line_chars=settings.max_line_chars,
-    )
+    rules = _skip_rules(settings, ignore_text)
     summaries = list_commits(repo, tip, settings.since, settings.until, alias_file)
     summaries, branch_label = _scrub_history_labels(summaries, branch)
     if not summaries:
@@ -961,14 +980,7 @@ def mine_repository(
             f"{len(removed)} commit(s) mined before are no longer on {branch} "
             "(rewritten history or a narrower range): their instances were dropped"
         )
-    to_read: list[CommitSummary] = []
-    for summary in todo:
-        if is_bot(Alias(summary.author_name, summary.author_email), settings.bot_patterns):
-            state.commits[summary.sha] = {"status": "bot"}
-        elif summary.files_touched > state.mass_threshold:
-            state.commits[summary.sha] = {"status": "mass_change", "files": summary.files_touched}
-        else:
-            to_read.append(summary)
+    to_read = _triage(todo, state, settings)
     if removed:
         # The instances of commits that left the branch go first (batch by
         # batch), so the state saved while reading never names them.

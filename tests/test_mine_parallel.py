@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +47,13 @@ def test_two_processes_write_the_state_and_dataset_of_one(
     assert two == one
 
 
-def test_worker_count() -> None:
-    assert worker_count(MineSettings(), 5000) == 1  # one by default
+def test_worker_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two by default, as the CPUs allow.
+    assert worker_count(MineSettings(), 5000) == min(2, os.cpu_count() or 1)
     assert worker_count(MineSettings(workers=2), 10, parallel_from=256) == 1
     assert 1 <= worker_count(MineSettings(workers=2), 5000) <= 2  # as the CPUs allow
     two_chunks = worker_count(MineSettings(workers=8), 40, parallel_from=1)
     assert two_chunks == min(2, os.cpu_count() or 1)
+    # Off Linux the workers would be forked unsafely: one process.
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert worker_count(MineSettings(workers=2), 5000) == 1

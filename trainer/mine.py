@@ -32,6 +32,7 @@ import logging
 import multiprocessing
 import multiprocessing.util
 import os
+import sys
 import time
 from collections import Counter, deque
 from collections.abc import Collection, Iterator
@@ -772,8 +773,9 @@ def _mine_in_workers(setup: _MineSetup, shas: list[str], workers: int) -> Iterat
 
 def worker_count(settings: MineSettings, commits: int, parallel_from: int = PARALLEL_FROM) -> int:
     """Processes mining `commits` commits: `mine.workers` (no more than the
-    CPUs or the chunks), one for fewer than `parallel_from` commits."""
-    if commits < parallel_from:
+    CPUs or the chunks), one for fewer than `parallel_from` commits and off
+    Linux (the workers are forked, which macOS does not make safe)."""
+    if commits < parallel_from or not sys.platform.startswith("linux"):
         return 1
     return max(1, min(settings.workers, os.cpu_count() or 1, -(-commits // CHUNK_COMMITS)))
 

@@ -407,17 +407,13 @@ def lookup_modules(
         BM25_WEIGHT,
         lambda m, _r: "matches " + ", ".join(matched[m][:4]),
     )
-    named = (
-        {n.id: n for n in index.names.named(query, set(index.candidates(query)))}
-        if use_names
-        else {}
-    )
+    allowed = set(index.candidates(query))
+    named = {n.id: n for n in index.names.named(query, allowed)} if use_names else {}
     fusion.add(list(named), NAME_WEIGHT, lambda m, _r: f"defines or is `{named[m].name}`")
     cosine = index.dense_scores(query) if use_dense and index.dense is not None else {}
     source = index.dense.source if cosine and index.dense is not None else "bm25"
     baseline = 0.0
     if cosine:
-        allowed = set(index.candidates(query))
         ranked = sorted((m for m in cosine if m in allowed), key=lambda m: -cosine[m])[:depth]
         fusion.add(ranked, dense_weight(source), lambda m, r: "close in meaning" if r < 3 else "")
         # Relative to the mean: some encoders (and every random one) give all

@@ -578,7 +578,9 @@ def train_lookup_retriever(
         "final_loss": round(float(np.mean(trained.losses[-10:])), 4) if trained.losses else None,
     }
     write_export(out, trained, served_docs, args, meta, memory_of(data))
-    return out, measure_export(data, out, meta, trained.encoder, args.doc_tokens, started)
+    return out, measure_export(
+        data, out, meta, trained.encoder, args.doc_tokens, started, served_docs
+    )
 
 
 def measure_export(
@@ -588,13 +590,15 @@ def measure_export(
     encoder: _Encoder | None = None,
     doc_tokens: int = RetrieverArgs.doc_tokens,
     started: float | None = None,
+    served_docs: Mapping[str, ModuleDoc] | None = None,
 ) -> dict[str, Any]:
     """Calibrate the export at `out` on the validation queries, measure it on
     the held-out ones and write its figures (`retriever.json`); returns them.
     `encoder` (the torch model just trained) embeds changed documents faster
     than the served numpy path, which does it otherwise."""
     started = time.monotonic() if started is None else started
-    served_docs = ModuleIndex(data.module_map, data.history_all).docs
+    if served_docs is None:  # the documents the export was written with
+        served_docs = ModuleIndex(data.module_map, data.history_all).docs
     dense = load_export(out)
     served_memory = dense.memory
     dense.memory = served_memory.only({"train", "validation"})  # never the held-out subjects

@@ -261,7 +261,11 @@ class LlamaBackend:
         self.model_path = model_path
         self.options = options or LlamaOptions()
         self.adapter: Path | None = None
-        self.lock = threading.RLock()  # one llama context: one user at a time
+        # One llama context: one user at a time. Every use of `self.llm`
+        # (tokenizing included) holds the lock, so `close` cannot free the
+        # model under a running request; a closed backend answers nothing.
+        self.lock = threading.RLock()
+        self._closed = False
         try:
             from llama_cpp import Llama
         except ImportError as exc:
@@ -327,6 +331,8 @@ class LlamaBackend:
         from shoptalk.models.lora import LoraAdapters
 
         with self.lock:
+            if self._closed:
+                return
             if self._adapters is None:
                 self._adapters = LoraAdapters(self.llm)
             if adapter is None:
@@ -415,8 +421,10 @@ class LlamaBackend:
         if slot not in self._slots:
             return None
         target = self._slots[slot]
-        tokens, _ = self._tokens(plan, True, target)
         with self.lock:
+            if self._closed:
+                return None
+            tokens, _ = self._tokens(plan, True, target)
             return len(tokens) - _common_prefix(target.tokens, tokens)
 
     @property
@@ -506,8 +514,10 @@ class LlamaBackend:
         self, plan: PromptPlan, cancelled: threading.Event | None = None, slot: str = "main"
     ) -> int:
         target = self._slot(slot)
-        tokens, _ = self._tokens(plan, True, target)
         with self.lock:
+            if self._closed:
+                return 0
+            tokens, _ = self._tokens(plan, True, target)
             return self._sync(target, tokens, cancelled)[0]
 
     def generate(
@@ -515,13 +525,15 @@ class LlamaBackend:
     ) -> Generation:
         started = time.monotonic()
         slot = self._slot(request.slot)
-        tokens, healed = self._tokens(request.plan, request.heal, slot)
-        end_ids = set(self._stop_ids)
-        for marker in request.plan.end_markers:
-            marker_tokens = self.llm.tokenize(marker.encode(), add_bos=False, special=True)
-            if len(marker_tokens) == 1:
-                end_ids.add(marker_tokens[0])
         with self.lock:
+            if self._closed:
+                return Generation("", "cancelled", 0, 0, 0, "")
+            tokens, healed = self._tokens(request.plan, request.heal, slot)
+            end_ids = set(self._stop_ids)
+            for marker in request.plan.end_markers:
+                marker_tokens = self.llm.tokenize(marker.encode(), add_bos=False, special=True)
+                if len(marker_tokens) == 1:
+                    end_ids.add(marker_tokens[0])
             if cancelled is not None and cancelled.is_set():
                 return Generation(
                     "", "cancelled", len(tokens), 0, 0, healed.decode(errors="replace")
@@ -699,16 +711,20 @@ class LlamaBackend:
         prompt comes from `slot`'s KV cache, the continuation's tokens are
         evaluated in one batch and dropped again."""
         target = self._slot(slot)
-        tokens, healed = self._tokens(plan, True, target)
-        answer = self.llm.tokenize(
-            healed + continuation.encode("utf-8", errors="replace"), add_bos=False, special=False
-        )
-        answer = answer[: self.options.batch - 1]
-        if not answer:
-            return ContinuationScore(0.0, 0)
-        if len(tokens) + len(answer) >= target.capacity:
-            return ContinuationScore(float("-inf"), len(answer))
         with self.lock:
+            if self._closed:
+                return None
+            tokens, healed = self._tokens(plan, True, target)
+            answer = self.llm.tokenize(
+                healed + continuation.encode("utf-8", errors="replace"),
+                add_bos=False,
+                special=False,
+            )
+            answer = answer[: self.options.batch - 1]
+            if not answer:
+                return ContinuationScore(0.0, 0)
+            if len(tokens) + len(answer) >= target.capacity:
+                return ContinuationScore(float("-inf"), len(answer))
             self._sync(target, tokens)
             total = _log_softmax_at(self._logits(), answer[0])
             for row, token in zip(self._batch_logits(target, answer[:-1]), answer[1:], strict=True):
@@ -745,6 +761,8 @@ class LlamaBackend:
 
         compiled = LlamaGrammar.from_string(grammar, verbose=False)
         with self.lock:
+            if self._closed:
+                return ""
             try:
                 result = self.llm.create_completion(
                     prompt, max_tokens=max_tokens, temperature=0.0, grammar=compiled
@@ -771,8 +789,14 @@ class LlamaBackend:
         }
 
     def close(self) -> None:
-        with self.lock, contextlib.suppress(Exception):
-            self.llm.close()
+        """Free the model once no request is using it; later requests get
+        empty answers (the server is shutting down)."""
+        with self.lock:
+            if self._closed:
+                return
+            self._closed = True
+            with contextlib.suppress(Exception):
+                self.llm.close()
 
 
 # ---- OpenAI-compatible server ---------------------------------------------------

@@ -299,3 +299,36 @@ def test_a_draft_is_checked_in_one_batch_and_never_changes_the_answer(
     # The cache is consistent afterwards: the next request reuses the prompt.
     again = engine.complete(text, len(text), use_cache=False).generation
     assert again is not None and again.evaluated_tokens <= 1
+
+
+def test_closing_while_a_request_runs_frees_the_model_only_after_it(
+    tiny_gguf: Callable[..., Path],
+) -> None:
+    """The server closes the backend when the editor vanishes, possibly while
+    the inference thread is tokenizing or reading a prompt: the model is freed
+    only when that request is done, and later requests get empty answers
+    instead of touching freed memory (which killed the process, SIGSEGV)."""
+    own = LlamaBackend(tiny_gguf("gemma3"), LlamaOptions(context_tokens=2048, threads=1))
+    engine = CompletionEngine(own, GEMMA3_FIM, False, EngineOptions(max_tokens=16))
+    answers: list[Generation | None] = []
+    texts = [DOCUMENT.replace("handler", f"view{i}") + "x = view1_2(req" for i in range(6)]
+
+    def type_along() -> None:
+        for text in texts:
+            answers.append(engine.complete(text, len(text), use_cache=False).generation)
+
+    typist = threading.Thread(target=type_along)
+    typist.start()
+    while not answers:
+        time.sleep(0.001)
+    own.close()
+    typist.join(60)
+    assert not typist.is_alive() and len(answers) == len(texts)
+    assert answers[0] is not None and answers[0].prompt_tokens > 100
+    after = answers[-1]
+    assert after is not None and after.text == "" and after.stop_reason == "cancelled"
+    plan = engine.plan(texts[0], len(texts[0]))
+    assert own.prefill(plan) == 0
+    assert own.score(plan, "uest)") is None
+    assert own.pending_tokens(plan) is None
+    own.close()  # twice is harmless

@@ -41,6 +41,7 @@ from pygls.lsp.client import LanguageClient
 
 from shoptalk.models.completion import offset_to_utf16
 from shoptalk.models.module_map import language_for
+from shoptalk.trainer.git_log import git_date
 from shoptalk.trainer.instances import line_rng, mask_span
 from shoptalk.trainer.metrics import edit_similarity, exact_match, mcnemar
 
@@ -96,7 +97,7 @@ def checkout_at(source: Path, cutoff: str, root: Path) -> tuple[Path, str]:
     repo = root / "repo"
     if not repo.exists():
         subprocess.run(["git", "clone", "-q", str(source), str(repo)], check=True)
-    base = git(repo, "rev-list", "-1", f"--before={cutoff}", "HEAD").strip()
+    base = git(repo, "rev-list", "-1", f"--before={git_date(cutoff)}", "HEAD").strip()
     if not base:
         raise SystemExit(f"no commit before {cutoff} in {source}")
     git(repo, "checkout", "-q", "--detach", base)

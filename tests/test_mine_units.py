@@ -594,3 +594,11 @@ def test_fast_secret_scan_agrees_with_the_rule_by_rule_scan(
     )
     monkeypatch.setattr(secret_rules, "_CALL_PARTS", ("",))  # every text searched for calls
     assert scan() == fast
+
+
+def test_a_bare_day_is_its_midnight_utc_for_git() -> None:
+    from shoptalk.trainer.git_log import git_date
+
+    assert git_date("2025-06-01") == "2025-06-01 00:00:00 +0000"
+    assert git_date("2025-06-01T12:00:00Z") == "2025-06-01T12:00:00Z"
+    assert git_date("2 weeks ago") == "2 weeks ago"

@@ -8,6 +8,7 @@ obvious tools slow, so everything here goes through two long-lived pipes.
 
 from __future__ import annotations
 
+import re
 import subprocess
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -123,6 +124,17 @@ class CommitSummary:
     files_touched: int
 
 
+_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def git_date(value: str) -> str:
+    """A date for git's --since/--until/--before: a bare day (2025-06-01)
+    means its midnight UTC. Git alone reads it as that day at the current
+    time of day, so the same setting would pick a different commit hour by
+    hour."""
+    return f"{value} 00:00:00 +0000" if _DAY.fullmatch(value.strip()) else value
+
+
 def _git_base(repo: Path, mailmap_file: Path | None) -> list[str]:
     """git with the settings the parsers rely on, whatever the user's config
     says: paths unquoted unless they hold control characters, quotes or
@@ -152,9 +164,9 @@ def list_commits(
         "--format=%x00%x00%H%x00%aN%x00%aE%x00%at",
     ]
     if since:
-        args.append(f"--since={since}")
+        args.append(f"--since={git_date(since)}")
     if until:
-        args.append(f"--until={until}")
+        args.append(f"--until={git_date(until)}")
     args += [rev, "--"]
     proc = subprocess.run(args, capture_output=True, check=False)
     if proc.returncode != 0:

@@ -216,6 +216,32 @@ def test_replay_and_weights_enter_the_mix(tiny_hf: Any, tmp_path: Path) -> None:
     assert counts["completion"] >= len(FUNCS)
 
 
+def test_a_step_budget_prepares_only_the_records_its_steps_use(
+    tiny_hf: Any, tmp_path: Path
+) -> None:
+    """A short run on a long history tokenizes what its steps read (the
+    newest records first), not every record of the history."""
+    from shoptalk.trainer.train import PREPARE_CHUNK, examples_for_steps, train_adapter
+
+    repo, data_dir = tmp_path / "repo", tmp_path / "data"
+    repo.mkdir()
+    history = 3 * PREPARE_CHUNK + 50
+    records = [completion("train", k) for k in range(history)]
+    records += [completion("validation", k) for k in range(len(FUNCS))]
+    write_dataset(RepoStore.for_repo(data_dir, repo).dataset_dir, repo, records)
+    settings = tiny_settings(tiny_hf("llama"), max_steps=2, select_instances=0)
+    enough = examples_for_steps(settings.train)
+    assert enough is not None and enough < history
+    said: list[str] = []
+    result = train_adapter(
+        repo, settings, data_dir, show_progress=False, report=lambda m: said.append(str(m))
+    )
+    prepared = result.record["dataset"]["train_examples"]["completion"]
+    assert enough <= prepared < history
+    assert any("enough for --max-steps 2" in line for line in said)
+    assert examples_for_steps(TrainSettings()) is None  # no step budget: every record
+
+
 def test_too_few_instances_says_how_many(tiny_hf: Any, tmp_path: Path) -> None:
     from shoptalk.trainer.train import train_adapter
     from shoptalk.trainer.train_data import MIN_TRAIN_INSTANCES, DatasetError

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import random
 import shutil
 import time
@@ -47,7 +48,7 @@ from shoptalk.models.catalog import BaseModel, resolve_base
 from shoptalk.models.files import atomic_dir, write_failure
 from shoptalk.models.module_map import language_for
 from shoptalk.models.progress import Progress, Report, to_log
-from shoptalk.models.settings import Settings
+from shoptalk.models.settings import Settings, TrainSettings
 from shoptalk.models.store import RepoStore
 from shoptalk.trainer.budget import SAVE_SECONDS, CommandBudget, fine_tuning_seconds
 from shoptalk.trainer.checkpoints import (
@@ -477,6 +478,17 @@ def _training_mix(
     return interleave(team, replay)
 
 
+def examples_for_steps(cfg: TrainSettings) -> int | None:
+    """The team examples a `max_steps` run can use in one pass (its steps'
+    sequences less the replayed share, with a margin for the examples that
+    tokenizing drops); None without a step budget. Preparing more would
+    tokenize a large history's every record for a short run."""
+    if cfg.max_steps is None:
+        return None
+    sequences = cfg.max_steps * cfg.batch_size * cfg.grad_accum * (1 - cfg.replay_share)
+    return math.ceil(sequences * 1.1) + PREPARE_CHUNK
+
+
 def _tokenize(
     request: _Request, builder: SequenceBuilder, records: Sequence[Mapping[str, Any]]
 ) -> list[Example]:
@@ -487,6 +499,7 @@ def _tokenize(
     from shoptalk.trainer.formats import build_examples
 
     seed, deadline = request.settings.train.seed, request.budget.prepare_deadline()
+    enough = examples_for_steps(request.settings.train)
     examples: list[Example] = []
     total = len(records)
     done = 0
@@ -495,6 +508,12 @@ def _tokenize(
             request.say(
                 f"data preparation reached its share of --max-minutes: {done} of {total} "
                 "training records prepared; training on those"
+            )
+            break
+        if enough is not None and len(examples) >= enough:
+            request.say(
+                f"{done} of {total} training records prepared: enough for --max-steps "
+                f"{request.settings.train.max_steps}"
             )
             break
         chunk = records[start : start + PREPARE_CHUNK]
@@ -587,14 +606,18 @@ def _build_loop(request: _Request, prepared: _Prepared) -> Loop:
     cfg, run, dist, plan = request.settings.train, request.run, request.dist, prepared.plan
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    model = load_causal_lm(prepared.base_path, plan)
+    # Under FSDP the base is read into CPU memory and only each process's
+    # shard moves to its device.
+    model = load_causal_lm(
+        prepared.base_path, replace(plan, device=torch.device("cpu")) if dist.sharded else plan
+    )
     model = apply_lora(model, cfg, prepared.base.architecture, request.init_adapter, plan.device)
     model.train()
-    loss_module: Any = AnswerLoss(model.get_base_model())
+    loss_module: Any = dist.shard_model(AnswerLoss(model.get_base_model()), plan)
     params = trainable_parameters(model)
     optimizer: Any = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     scaler = torch.amp.GradScaler("cuda") if plan.grad_scaler else None
-    if dist.accelerator is not None:
+    if dist.accelerator is not None and not dist.sharded:
         loss_module, optimizer = dist.accelerator.prepare(loss_module, optimizer)
     tokenizer = prepared.tokenizer
     pad_id = tokenizer.pad_token_id
@@ -640,9 +663,10 @@ def _em_scorer(select: list[Example]) -> Callable[[Loop], float] | None:
     from shoptalk.trainer.heldout_em import exact_matches, percent
 
     def score(loop: Loop) -> float:
-        return percent(
-            exact_matches(loop.loss_module, select, loop.pad_id, loop.plan, loop.batch_size)
-        )
+        with loop.dist.whole(loop.loss_module):
+            return percent(
+                exact_matches(loop.loss_module, select, loop.pad_id, loop.plan, loop.batch_size)
+            )
 
     return score
 
@@ -819,9 +843,10 @@ def _measure_and_serve(request: _Request, loop: Loop, prepared: _Prepared) -> di
     if state.best_step == 0:
         request.say("final pass skipped: the run kept its start (no gain); the start is served")
         return {"measured": measured, "served": served}
+    weights = trainable_state(loop.model)  # every process: gathered under FSDP
     if request.dist.is_main:
         measured["adapter"] = str(
-            _write_adapter(loop, prepared.base_path, run.measured_adapter_dir)
+            _write_adapter(loop, prepared.base_path, weights, run.measured_adapter_dir)
         )
     served["final_pass"] = _final_pass(request, loop, prepared)
     return {"measured": measured, "served": served}
@@ -843,9 +868,12 @@ def _measure(request: _Request, loop: Loop, examples: list[Example]) -> EmDiffer
             request.say(f"measurement cut by --max-minutes at {start} of {total} instances")
             break
         part = examples[start : start + chunk]
-        ours += exact_matches(loop.loss_module, part, loop.pad_id, loop.plan, loop.batch_size)
-        with loop.model.disable_adapter():
-            base += exact_matches(loop.loss_module, part, loop.pad_id, loop.plan, loop.batch_size)
+        with loop.dist.whole(loop.loss_module):
+            ours += exact_matches(loop.loss_module, part, loop.pad_id, loop.plan, loop.batch_size)
+            with loop.model.disable_adapter():
+                base += exact_matches(
+                    loop.loss_module, part, loop.pad_id, loop.plan, loop.batch_size
+                )
         request.bar(len(ours), total, label, f"{sum(ours)} vs base {sum(base)} exact")
     request.bar(len(ours), total, label, f"{sum(ours)} vs base {sum(base)} exact", final=True)
     if not ours:
@@ -924,9 +952,10 @@ def _finish(
     wall = time.perf_counter() - request.wall_started
     outcome = OUTCOME_NO_GAIN if state.best_step == 0 else STATUS_COMPLETE
     record = run.read_record() if dist.is_main else {}
+    weights = trainable_state(loop.model)  # every process: gathered under FSDP
     if dist.is_main:
         try:
-            adapter = _write_adapter(loop, base_path)
+            adapter = _write_adapter(loop, base_path, weights)
         except Exception as exc:
             raise _finishing_error(run, exc) from None
         seconds = state.train_seconds + state.pretrain_seconds
@@ -991,8 +1020,11 @@ def _finishing_error(run: RunFolder, exc: Exception) -> Exception:
     )
 
 
-def _write_adapter(loop: Loop, base_path: str, target: Path | None = None) -> Path:
-    """Save the adapter (to `adapter/` unless `target` says otherwise) as a
+def _write_adapter(
+    loop: Loop, base_path: str, weights: dict[str, Any], target: Path | None = None
+) -> Path:
+    """Save the adapter's whole `weights` (`trainable_state`, gathered by
+    every process) to `adapter/` unless `target` says otherwise, as a
     standard PEFT folder, atomically, and check it reads back to the same
     tensors."""
     import torch
@@ -1001,7 +1033,7 @@ def _write_adapter(loop: Loop, base_path: str, target: Path | None = None) -> Pa
     target = target or loop.run.adapter_dir
     model = loop.model
     with atomic_dir(target) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        model.save_pretrained(str(tmp), safe_serialization=True, state_dict=weights)
         config_file = tmp / "adapter_config.json"
         config = json.loads(config_file.read_text())
         config["base_model_name_or_path"] = base_path
@@ -1009,7 +1041,7 @@ def _write_adapter(loop: Loop, base_path: str, target: Path | None = None) -> Pa
         saved = load_file(str(tmp / "adapter_model.safetensors"))
         from peft import get_peft_model_state_dict
 
-        expected = get_peft_model_state_dict(model)
+        expected = get_peft_model_state_dict(model, state_dict=weights)
         if set(saved) != set(expected) or any(
             not torch.equal(saved[k].cpu(), expected[k].detach().cpu()) for k in expected
         ):

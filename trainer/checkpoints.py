@@ -29,6 +29,7 @@ from shoptalk.trainer.run_record import (
     LossRow,
     RunFolder,
 )
+from shoptalk.trainer.sharding import sharded_like, sharded_optimizer_state, whole
 
 if TYPE_CHECKING:
     import torch
@@ -95,8 +96,10 @@ def record_evaluation(state: TrainState, val_loss: float, val_em: float | None) 
 
 
 def trainable_state(model: Any) -> dict[str, torch.Tensor]:
+    """A CPU copy of the trainable (LoRA) weights, whole; under FSDP each is
+    gathered from the processes' shards, so every process must call this."""
     return {
-        name: p.detach().to("cpu", copy=True).contiguous()
+        name: whole(p.detach()).to("cpu", copy=True).contiguous()
         for name, p in model.named_parameters()
         if p.requires_grad
     }
@@ -114,20 +117,23 @@ def load_trainable(model: Any, state: dict[str, torch.Tensor]) -> None:
         )
     with torch.no_grad():
         for name, tensor in state.items():
-            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+            target = params[name]
+            target.copy_(sharded_like(target, tensor.to(target.device, target.dtype)))
 
 
 def save_checkpoint(
     run: RunFolder,
-    model: Any,
-    optimizer: Any,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
     scaler: Any,
     state: TrainState,
     best: dict[str, torch.Tensor] | None,
     losses: list[LossRow],
 ) -> Path:
-    """Write `checkpoints/step-N/` completely, then point `latest.json` at it.
-    A failure (disk full) leaves the previous checkpoint as latest."""
+    """Write `checkpoints/step-N/` completely, then point `latest.json` at it:
+    the trainable `weights` (`trainable_state`) and the optimizer's state
+    (whole, `sharding.whole_optimizer_state`), gathered beforehand by every
+    process. A failure (disk full) leaves the previous checkpoint as latest."""
     import torch
     from safetensors.torch import save_file
 
@@ -136,12 +142,12 @@ def save_checkpoint(
     )
     final = run.checkpoints_dir / name
     with atomic_dir(final) as tmp:
-        save_file(trainable_state(model), str(tmp / "adapter.safetensors"))
+        save_file(weights, str(tmp / "adapter.safetensors"))
         if best is not None:
             save_file(best, str(tmp / "best.safetensors"))
         torch.save(
             {
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "torch_rng": torch.get_rng_state(),
                 "python_rng": random.getstate(),
@@ -181,7 +187,7 @@ def load_checkpoint(
     best_file = folder / "best.safetensors"
     best = load_file(str(best_file)) if best_file.is_file() else None
     extra = torch.load(folder / "optimizer.pt", weights_only=False)
-    optimizer.load_state_dict(extra["optimizer"])
+    optimizer.load_state_dict(sharded_optimizer_state(optimizer, extra["optimizer"]))
     if scaler is not None and extra.get("scaler"):
         scaler.load_state_dict(extra["scaler"])
     torch.set_rng_state(extra["torch_rng"])

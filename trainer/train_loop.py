@@ -37,6 +37,7 @@ from shoptalk.trainer.checkpoints import (
     trainable_state,
 )
 from shoptalk.trainer.run_record import LossRow, RunFolder
+from shoptalk.trainer.sharding import ShardPlan, shard_module, shard_plan, whole_optimizer_state
 
 if TYPE_CHECKING:
     import torch
@@ -59,15 +60,48 @@ class Distributed:
     micro-batches; the decisions that end a phase (budgets, Ctrl-C) and the
     figures that are reported are agreed through collectives, so no process
     waits in a collective that another one skipped. Only the main process
-    writes (checkpoints, the record, the adapter) and reports."""
+    writes (checkpoints, the record, the adapter) and reports. Under FSDP
+    (`shard` set) the model is sharded instead of copied, and every forward
+    pass is a collective: all processes run the same ones."""
 
     accelerator: Any = None
     rank: int = 0
     world: int = 1
+    shard: ShardPlan | None = None
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.shard is not None
+
+    def shard_model(self, module: Any, plan: DevicePlan) -> Any:
+        """Under FSDP, the loss module sharded over the processes on the
+        plan's device (make the optimizer afterwards: the parameters are new
+        objects); otherwise `module` as it is (DDP wraps it later)."""
+        if self.shard is None:
+            return module
+        if plan.grad_scaler:
+            raise TrainError(
+                f"FSDP on {plan.description}: ShopTalk trains fp16 GPUs with its own loss "
+                "scaler, which does not work on sharded gradients; use GPUs with bf16 "
+                "(Ampere or newer) or DDP (docs/accelerate/ddp-gpus.yaml)"
+            )
+        return shard_module(module, self.shard, plan.device, self.world)
+
+    def eval_share(self, items: Sequence[T]) -> list[T]:
+        """What this process scores of `items`: its share, or all of them
+        under FSDP (the same forward passes in every process)."""
+        return list(items) if self.sharded else self.share(items)
+
+    def whole(self, module: Any) -> contextlib.AbstractContextManager[Any]:
+        """The root unit's weights gathered, for code that calls the loss
+        module's parts (decoder, output layer) rather than the module."""
+        if self.shard is None:
+            return contextlib.nullcontext()
+        return _unsharded(module)
 
     def wait(self) -> None:
         if self.accelerator is not None:
@@ -101,13 +135,28 @@ class Distributed:
     def sync_after(self, module: Any, last: bool) -> contextlib.AbstractContextManager[Any]:
         """Gradients are averaged over the processes after the last
         micro-batch of a step only (the others accumulate locally)."""
+        if self.shard is not None:
+            module.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
         if self.accelerator is None or last:
             return contextlib.nullcontext()
         return self.accelerator.no_sync(module)
 
     def unwrap(self, module: Any) -> Any:
-        """The module without its DDP wrapper (validation needs no collectives)."""
-        return module if self.accelerator is None else self.accelerator.unwrap_model(module)
+        """The module without its DDP wrapper (validation needs no
+        collectives); a sharded module as it is (it cannot run without them)."""
+        if self.accelerator is None or self.sharded:
+            return module
+        return self.accelerator.unwrap_model(module)
+
+
+@contextlib.contextmanager
+def _unsharded(module: Any) -> Any:
+    module.unshard()
+    try:
+        yield module
+    finally:
+        module.reshard()
 
 
 def is_main_process() -> bool:
@@ -118,19 +167,23 @@ def is_main_process() -> bool:
 
 def distributed() -> Distributed:
     """One process, or this process's place among those `accelerate launch`
-    started (gloo on CPU, NCCL on GPUs). Raises `TrainError` for launch
-    settings the trainer does not support."""
+    started (gloo on CPU, NCCL on GPUs), with the FSDP settings of an FSDP
+    launch. Raises `TrainError` (or `ShardingError`) for launch settings the
+    trainer does not support."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Distributed()
     import torch
     from accelerate import Accelerator
 
     follow_launcher()
+    shard = shard_plan(os.environ)
     # accelerate picks the CPU (gloo) only when asked; without a GPU its
-    # launcher's processes would each train alone.
+    # launcher's processes would each train alone. (On the CPU accelerate
+    # ignores FSDP; ShopTalk shards the model itself, `sharding`.)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    check_launch(accelerator.distributed_type.value, str(accelerator.mixed_precision))
-    return Distributed(accelerator, accelerator.process_index, accelerator.num_processes)
+    kind = "FSDP" if shard is not None else accelerator.distributed_type.value
+    check_launch(kind, str(accelerator.mixed_precision))
+    return Distributed(accelerator, accelerator.process_index, accelerator.num_processes, shard)
 
 
 # prctl(2): the signal a process gets when its parent dies (Linux).
@@ -160,17 +213,11 @@ def check_launch(distributed_type: str, mixed_precision: str) -> None:
             "where the GPU has it, else fp16 with its own loss scaler); launch with "
             "--mixed_precision no or bf16 (docs/accelerate/ has ready configs)"
         )
-    if distributed_type == "FSDP":
-        raise TrainError(
-            "accelerate launched an FSDP run: ShopTalk's checkpoints and adapter are written "
-            "from whole LoRA weights, which FSDP shards across the processes, and gathering "
-            "them is not implemented yet; train with DDP (docs/accelerate/ddp-gpus.yaml) on GPUs "
-            "that each hold the base (docs/team-scale.md)"
-        )
-    if distributed_type not in ("MULTI_CPU", "MULTI_GPU"):
+    if distributed_type not in ("MULTI_CPU", "MULTI_GPU", "FSDP"):
         raise TrainError(
             f"accelerate launched a {distributed_type} run: ShopTalk trains with DDP (one "
-            "process per GPU, or gloo on CPU); use one of the configs in docs/accelerate/"
+            "process per GPU, or gloo on CPU) or FSDP; use one of the configs in "
+            "docs/accelerate/"
         )
 
 
@@ -251,13 +298,16 @@ class Loop:
 
 def validation_loss(loop: Loop) -> float:
     """Mean answer-token loss of the validation examples; under `accelerate
-    launch` each process scores its share and the sums are combined."""
+    launch` each process scores its share and the sums are combined (under
+    FSDP every process scores all of them, in the same forward passes)."""
     from shoptalk.trainer.train_model import mean_loss
 
     dist = loop.dist
-    mine = dist.share(loop.val)
+    mine = dist.eval_share(loop.val)
     module = dist.unwrap(loop.loss_module)
     mean = mean_loss(module, mine, loop.pad_id, loop.plan, max(1, loop.batch_size)) if mine else 0.0
+    if dist.sharded:
+        return mean
     count = sum(e.answer_tokens for e in mine)
     total, count_all = dist.total(mean * count, count)
     return total / max(1, count_all)
@@ -483,12 +533,17 @@ def run_phase(
 
 
 def checkpoint_now(loop: Loop) -> None:
+    """A checkpoint of the run now, written by the main process; the weights
+    and the optimizer's state are gathered by every process first (under
+    FSDP each holds a shard of them)."""
+    weights = trainable_state(loop.model)
+    optimizer_state = whole_optimizer_state(loop.optimizer)
     if loop.dist.is_main:
         try:
             save_checkpoint(
                 loop.run,
-                loop.model,
-                loop.optimizer,
+                weights,
+                optimizer_state,
                 loop.scaler,
                 loop.state,
                 loop.best,

@@ -519,9 +519,21 @@ def _tokenize(
         chunk = records[start : start + PREPARE_CHUNK]
         examples += build_examples(chunk, builder, seed + start, AUGMENT_SHARE)
         done = start + len(chunk)
-        request.bar(done, total, "preparing data", f"{len(examples)} examples")
-    request.bar(done, total, "preparing data", f"{len(examples)} examples", final=True)
+        request.bar(*_prepared_share(done, total, len(examples), enough))
+    request.bar(*_prepared_share(done, total, len(examples), enough), final=True)
     return examples
+
+
+def _prepared_share(
+    done: int, total: int, examples: int, enough: int | None
+) -> tuple[float, float, str, str]:
+    """The preparation bar's arguments: records done of all of them, or, for
+    a step budget, examples made of those its steps need (so its ETA is the
+    preparation's, not the whole history's)."""
+    detail = f"{examples} examples"
+    if enough is None or enough >= total:
+        return done, total, "preparing data", detail
+    return min(examples, enough), enough, "preparing data", detail
 
 
 def _start_record(request: _Request, prepared: _Prepared) -> None:

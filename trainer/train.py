@@ -794,6 +794,8 @@ def _validate_start(loop: Loop, say: Report) -> float:
     returns the seconds it took (what each later evaluation costs)."""
     started = time.perf_counter()
     state = loop.state
+    scored = " and held-out exact match" if loop.held_out_em is not None else ""
+    say(f"measuring the start point: validation loss on {len(loop.val)} sequences{scored}")
     state.base_val_loss = validation_loss(loop)
     state.base_val_em = loop.held_out_em(loop) if loop.held_out_em is not None else None
     if state.best_val_loss is None:

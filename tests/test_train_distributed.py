@@ -120,6 +120,16 @@ def _env(hooks: Path, run: Path, writes: Path) -> dict[str, str]:
     }
 
 
+def _watched_run(tmp_path: Path, data: Path, repo: Path) -> tuple[Path, Path, dict[str, str], Path]:
+    """The launched run's folder, its latest-checkpoint file, the environment
+    that records which rank writes in the folder, and that record."""
+    hooks, writes = tmp_path / "hooks", tmp_path / "writes.log"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(WRITE_WATCH)
+    run = RepoStore.for_repo(data, repo).run_dir("ddp")
+    return run, run / "checkpoints" / "latest.json", _env(hooks, run, writes), writes
+
+
 def _step(latest: Path) -> int:
     try:
         return int(json.loads(latest.read_text())["step"])
@@ -213,12 +223,7 @@ def test_two_processes_train_resume_and_export_like_one(
     two = tmp_path / "two"
     _dataset(repo, two)
 
-    hooks, writes = tmp_path / "hooks", tmp_path / "writes.log"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(WRITE_WATCH)
-    run = RepoStore.for_repo(two, repo).run_dir("ddp")
-    latest = run / "checkpoints" / "latest.json"
-    env = _env(hooks, run, writes)
+    run, latest, env, writes = _watched_run(tmp_path, two, repo)
 
     # Stopped: every process gets SIGTERM, they agree to stop after the step.
     code, stderr = _launch_and_signal(_launch(two, repo, base), env, latest, signal.SIGTERM, 8)
@@ -337,12 +342,7 @@ def test_fsdp_two_processes_train_resume_and_save_like_one(
     data = tmp_path / "fsdp"
     _dataset(repo, data)
     config = _fsdp_cpu_config(tmp_path)
-    hooks, writes = tmp_path / "hooks", tmp_path / "writes.log"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(WRITE_WATCH)
-    run = RepoStore.for_repo(data, repo).run_dir("ddp")
-    latest = run / "checkpoints" / "latest.json"
-    env = _env(hooks, run, writes)
+    run, latest, env, writes = _watched_run(tmp_path, data, repo)
 
     code, stderr = _launch_and_signal(
         _launch(data, repo, base, config=config), env, latest, signal.SIGKILL, 8

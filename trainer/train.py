@@ -531,6 +531,8 @@ def _prepared_share(
     a step budget, examples made of those its steps need (so its ETA is the
     preparation's, not the whole history's)."""
     detail = f"{examples} examples"
+    # A record makes at least one example, so a need of `total` or more is
+    # not reached before the records run out: count records then.
     if enough is None or enough >= total:
         return done, total, "preparing data", detail
     return min(examples, enough), enough, "preparing data", detail

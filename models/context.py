@@ -367,7 +367,7 @@ class PromptConfig:
     prefix_chars: int = 6000
     suffix_chars: int = 400
     suffix_layout: str = "auto"
-    context_chars: int = 0
+    context_chars: int = 2000
     context_sources: tuple[str, ...] = CONTEXT_SOURCES
 
     @classmethod

@@ -136,7 +136,7 @@ def file_header(path: str) -> str:
 # the cursor), `none` (not shown); `auto` = fim for FIM models, else
 # AUTO_PLAIN_LAYOUT.
 SUFFIX_LAYOUTS = ("auto", "fim", "before", "none")
-AUTO_PLAIN_LAYOUT = "none"
+AUTO_PLAIN_LAYOUT = "before"
 
 
 def resolve_suffix_layout(setting: str, use_fim: bool) -> str:

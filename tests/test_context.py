@@ -311,7 +311,7 @@ def test_copy_candidates_from_the_index_and_the_document(workspace_root: Path) -
 
 def test_layouts_and_the_shared_prompt_builder() -> None:
     assert resolve_suffix_layout("auto", True) == "fim"
-    assert resolve_suffix_layout("auto", False) == "none"
+    assert resolve_suffix_layout("auto", False) == "before"
     assert resolve_suffix_layout("before", True) == "before"
     prefix = "import os\n\ndef main():\n    path = os."
     suffix = "getcwd()\n    print(path)\n"
@@ -344,8 +344,11 @@ def test_layouts_and_the_shared_prompt_builder() -> None:
     assert before.context.index("print(path)") < len(before.context)
     assert "getcwd" not in before.context  # the rest of the cursor's line is left out
     assert before.prefix == prefix and before.trail == ""
-    # No context and no block: exactly today's prompts.
-    plain = completion_prompt(GEMMA3_FIM, PromptParts(prefix, suffix), False)
+    # Without FIM the default shows the code after the cursor's line first.
+    auto = completion_prompt(GEMMA3_FIM, PromptParts(prefix, suffix, "", "a.py"), False)
+    assert auto == suffix_block(suffix, "a.py") + file_header("a.py") + prefix
+    # Layout `none`, no context: the code before the cursor alone.
+    plain = completion_prompt(GEMMA3_FIM, PromptParts(prefix, suffix), False, "none")
     assert plain == prefix
     fim = completion_prompt(QWEN_CODER_FIM, PromptParts(prefix, suffix), True)
     assert (

@@ -187,9 +187,11 @@ def test_predictions_are_reproducible_through_the_engine(evaluated) -> None:
     try:
         for answer in answers:
             record = mined[answer["id"]]
-            assert (
-                engine.complete(record["prefix"], record["suffix"]) == answer["predictions"]["org"]
+            # The instance's path and mined context, as the evaluation gave them.
+            text = engine.complete(
+                record["prefix"], record["suffix"], record.get("path"), record.get("context")
             )
+            assert text == answer["predictions"]["org"]
     finally:
         engine.close()
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from shoptalk.models.catalog import GEMMA3_FIM, QWEN_CODER_FIM, resolve_base
+from shoptalk.models.context import PromptConfig
 from shoptalk.models.prompt import served_with_fim, training_prompt_format
 
 PREFIX = "def area(width, height):\n    return wid"
@@ -46,9 +47,16 @@ def test_prefix_only_example_is_the_healed_prefix_then_target_and_line_break(
 
     builder = _builder(tiny_hf, arch, "prefix")
     tok = builder.tokenizer
-    example = builder.build(
-        completion_item(builder.template, PREFIX, TARGET, SUFFIX, use_fim=False), "completion"
+    # Layout `none`: the prefix alone (the default `before` also shows SUFFIX's lines).
+    item = completion_item(
+        builder.template,
+        PREFIX,
+        TARGET,
+        SUFFIX,
+        use_fim=False,
+        config=PromptConfig(suffix_layout="none"),
     )
+    example = builder.build(item, "completion")
     assert example is not None
     head = 1 if builder.bos is not None else 0
     prefix_ids = tok.encode(PREFIX, add_special_tokens=False)

@@ -11,6 +11,7 @@ it, so it stays light: no torch, no llama.cpp, no pygls.
 from __future__ import annotations
 
 import inspect
+import time
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -86,6 +87,9 @@ def print_warning(message: str) -> None:
 
 # ---- a stage's report on the console ----------------------------------------------
 
+# Seconds between two plain progress lines of one piece of work (no terminal).
+PLAIN_EVERY_S = 60.0
+
 
 class ConsoleReport:
     """A stage's `Report` (shoptalk.models.progress) drawn on stderr: a line
@@ -93,16 +97,25 @@ class ConsoleReport:
     counted work is a bar. Work with `detail` figures (a training phase) gets
     a bar that stays on screen when the work ends (`final`), with the figures,
     elapsed time and ETA; other counts (evaluation) get a bar with M/N and
-    the time left that goes once its count is full. Use as a context manager
-    around the stage call, so no bar outlives it:
+    the time left that goes once its count is full. On a console that is not
+    a terminal (output sent to a file or a pipe, where bars draw nothing) each
+    piece of work is a plain line instead: when it starts, every
+    `PLAIN_EVERY_S` seconds with the time elapsed and the ETA, and when it
+    ends. Use as a context manager around the stage call, so no bar outlives it:
 
         with ConsoleReport() as report:
             train_adapter(..., report=report)
     """
 
-    def __init__(self, console: Console | None = None, styles: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        console: Console | None = None,
+        styles: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.console = console or Console(stderr=True, markup=False)
         self.styles = dict(styles or {})
+        self._plain = PlainProgress(self.console, clock) if not self.console.is_terminal else None
         self._kept: Any = None  # the live bar of the current work with figures
         self._kept_label: str | None = None
         self._counts: Any = None  # the live bars of counted work
@@ -120,6 +133,8 @@ class ConsoleReport:
         elif event.heading:
             self.close()
             self.console.rule(str(event))
+        elif self._plain is not None:
+            self._plain(event)
         elif event.detail:
             self._kept_bar(event)
         else:
@@ -188,6 +203,57 @@ class ConsoleReport:
         if ended:  # the live display stays (empty) until close(), as one bar group
             self._counts.remove_task(task)
             del self._count_tasks[event.label]
+
+
+class PlainProgress:
+    """Counted work as plain lines, for a console that draws no bars: the
+    first event of a piece of work, one every `PLAIN_EVERY_S` seconds (with
+    the share done, the time elapsed and the ETA), and its end."""
+
+    def __init__(self, console: Console, clock: Callable[[], float]):
+        self.console = console
+        self.clock = clock
+        self._started: dict[str, float] = {}
+        self._printed: dict[str, float] = {}
+
+    def __call__(self, event: Progress) -> None:
+        now = self.clock()
+        label = event.label
+        # Work with figures (a training phase) ends with its final event; a
+        # count (evaluation) when it is full, and one that starts full is skipped.
+        full = event.total is not None and event.done >= event.total
+        ended = event.final or (full and not event.detail)
+        if label not in self._started:
+            if ended and not event.detail:
+                return
+            self._started[label] = self._printed[label] = now
+            self.console.print(Text(self.line(event, 0.0)))
+        elif ended or now - self._printed[label] >= PLAIN_EVERY_S:
+            self._printed[label] = now
+            self.console.print(Text(self.line(event, now - self._started[label])))
+        if ended:
+            del self._started[label], self._printed[label]
+
+    @staticmethod
+    def line(event: Progress, elapsed: float) -> str:
+        """`fine-tuning 20/60 (33%) loss 1.9 · 5:12 elapsed, ETA 10:24`."""
+        text = str(event)
+        if event.total:
+            share = min(1.0, event.done / event.total)
+            text = f"{text} ({share:.0%})"
+            if elapsed > 0:
+                text += f" · {_clock(elapsed)} elapsed"
+                if 0 < share < 1:
+                    text += f", ETA {_clock(elapsed * (1 - share) / share)}"
+        elif elapsed > 0:
+            text += f" · {_clock(elapsed)} elapsed"
+        return text
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 # ---- options from a settings section ----------------------------------------------

@@ -137,8 +137,17 @@ def _quiet_libraries(verbose: bool) -> None:
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
 
 
-# llama.cpp's ggml_log_level → logging levels (CONT continues the previous line).
-_LLAMA_LEVELS = {0: logging.CRITICAL, 1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR}
+# llama.cpp's ggml_log_level (ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4,
+# CONT 5) → logging levels (CONT continues the previous line). llama-cpp-python's
+# own table predates DEBUG and shows every warning as an error: "using
+# full-size SWA cache" reached the demo's screen as `ERROR llama_cpp`.
+_LLAMA_LEVELS = {
+    0: logging.INFO,
+    1: logging.DEBUG,
+    2: logging.INFO,
+    3: logging.WARNING,
+    4: logging.ERROR,
+}
 _LLAMA_CONT = 5
 _llama_state: dict[str, Any] = {}
 

@@ -126,14 +126,18 @@ def _log_path(data_dir: Callable[[], Path | None]) -> Path | None:
 
 def _quiet_libraries(verbose: bool) -> None:
     """What the libraries read from the environment when they are imported:
-    no progress bars of their own (ShopTalk draws its own), transformers'
-    logger at errors only, llama-cpp-python's printing callback at errors."""
+    no progress bars of their own (ShopTalk draws its own; tqdm's none when
+    stderr is not a terminal), transformers' logger at errors only, llama-cpp-python's printing callback at errors."""
     if verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info")
         return
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    if not sys.stderr.isatty():
+        # tqdm bars (the GGUF → HF conversion's) written to a file are one
+        # long line of carriage returns; ShopTalk prints its own lines there.
+        os.environ.setdefault("TQDM_DISABLE", "1")
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
 
 

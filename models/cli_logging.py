@@ -127,7 +127,8 @@ def _log_path(data_dir: Callable[[], Path | None]) -> Path | None:
 def _quiet_libraries(verbose: bool) -> None:
     """What the libraries read from the environment when they are imported:
     no progress bars of their own (ShopTalk draws its own; tqdm's none when
-    stderr is not a terminal), transformers' logger at errors only, llama-cpp-python's printing callback at errors."""
+    stderr is not a terminal), transformers' logger at errors only,
+    llama-cpp-python's printing callback at errors."""
     if verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info")
         return

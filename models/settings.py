@@ -157,7 +157,7 @@ class ServeSettings(_Section):
     prefix_chars: int = Field(6000, gt=0)
     suffix_chars: int = Field(400, ge=0)
     # Where the code after the cursor goes: auto (FIM for FIM models, else
-    # none), fim, before (plain text ahead of the prefix, for bases without
+    # before), fim, before (plain text ahead of the prefix, for bases without
     # FIM) or none.
     suffix_layout: Literal["auto", "fim", "before", "none"] = "auto"
     # The repository context block (0 = off) and the copy channel: on, with

@@ -196,6 +196,12 @@ class _Decoding:
 QUICK_SLOT_TOKENS = 512
 # Tokens dropped at a time from a prompt longer than its slot.
 OVERFLOW_STEP = 64
+# Tokens evaluated per batch when every token's logits are read (scoring a
+# copy candidate, checking a draft): each such token holds a full-vocabulary
+# row (1 MB on a 262k vocabulary) in llama.cpp's output buffer, which keeps
+# its largest size. Unchunked, three scored candidates added 34 MB to the
+# server's RSS (issue 19's 600 MB target).
+ROW_CHUNK = 8
 # Prompt reading shorter than this says little about the speed (overheads).
 SPEED_MIN_TOKENS = 16
 
@@ -442,9 +448,11 @@ class LlamaBackend:
 
     # -- the KV cache ------------------------------------------------------------
 
-    def _fill_batch(self, tokens: list[int], slot: _Slot, logits_all: bool) -> None:
+    def _fill_batch(
+        self, tokens: list[int], slot: _Slot, logits_all: bool, n_past: int | None = None
+    ) -> None:
         batch = self.llm._batch.batch
-        n_past = len(slot.tokens)
+        n_past = len(slot.tokens) if n_past is None else n_past
         batch.n_tokens = len(tokens)
         for i, token in enumerate(tokens):
             batch.token[i] = token
@@ -665,12 +673,13 @@ class LlamaBackend:
         state: _Decoding,
         end_ids: set[int],
     ) -> StopReason | None:
-        """Lookup decoding: evaluate the first draft's tokens in one batch and
-        keep the ones greedy decoding would have chosen anyway (the output is
-        the greedy one, up to floating-point differences between batched and
+        """Lookup decoding: evaluate the first draft's tokens in batches
+        (ROW_CHUNK at a time, the next only while all matched) and keep the
+        ones greedy decoding would have chosen anyway (the output is the
+        greedy one, up to floating-point differences between batched and
         single-token evaluation); the first token that differs is the greedy
         choice at that point, read from the same batch. Drafts pay off on
-        copied lines: their tokens come from one batch instead of one by one."""
+        copied lines: their tokens come from batches instead of one by one."""
         draft = self.llm.tokenize(
             state.healed + request.drafts[0].encode("utf-8", errors="replace"), False, False
         )
@@ -679,24 +688,37 @@ class LlamaBackend:
         if not draft:
             return None
         n_past = len(slot.tokens)
-        rows = [self._logits().copy(), *self._batch_logits(slot, draft, keep=True)]
-        accepted = 0
+        # The logits before each draft token: the current ones, then those
+        # after each token, read where llama.cpp holds them (a chunk is
+        # evaluated only once the rows before it matched).
+        rows = self._rows_after(slot, draft[:-1])
+        row = self._logits().copy()
+        accepted = fetched = 0
         reason: StopReason | None = None
         for index, token in enumerate(draft):
-            if self._choose(rows[index], state) != token:
+            if index:
+                row, fetched = next(rows), index
+            if self._choose(row, state) != token:
                 break
             accepted += 1
             reason = self._take(token, request, state, end_ids)
             if reason is not None:
                 break
+        rows.close()
+        # Taken tokens the KV cache does not hold yet (the last draft token,
+        # or those after the chunk that ended the answer): evaluate them.
+        evaluated = min(len(draft) - 1, -(-fetched // ROW_CHUNK) * ROW_CHUNK)
+        if accepted > evaluated:
+            self._fill_batch(draft[evaluated:accepted], slot, False, n_past + evaluated)
+            self.llm._ctx.decode(self.llm._batch)
         state.drafted = accepted
         slot.tokens.extend(draft[:accepted])
         if slot.seq == 0:
             self.llm.input_ids[n_past : n_past + accepted] = draft[:accepted]
         self._truncate(slot, n_past + accepted)
         if reason is not None or accepted == len(draft):
-            return reason  # all taken: the batch's last logits are the current ones
-        following = self._choose(rows[accepted], state)
+            return reason  # all taken: the last evaluation's logits are the current ones
+        following = self._choose(row, state)
         if following is None:
             return "end"
         reason = self._take(following, request, state, end_ids)
@@ -727,30 +749,28 @@ class LlamaBackend:
                 return ContinuationScore(float("-inf"), len(answer))
             self._sync(target, tokens)
             total = _log_softmax_at(self._logits(), answer[0])
-            for row, token in zip(self._batch_logits(target, answer[:-1]), answer[1:], strict=True):
+            for row, token in zip(self._rows_after(target, answer[:-1]), answer[1:], strict=True):
                 total += _log_softmax_at(row, token)
+            self.llm._ctx.kv_cache_seq_rm(target.seq, len(target.tokens), -1)
         return ContinuationScore(total, len(answer))
 
-    def _batch_logits(self, slot: _Slot, tokens: list[int], keep: bool = False) -> list[Any]:
-        """Logits after each of `tokens`, evaluated in one batch after the
-        prompt cached in `slot`; the tokens are dropped from the KV cache
-        again unless `keep` (the caller then records the ones it keeps)."""
+    def _rows_after(self, slot: _Slot, tokens: list[int]) -> Generator[Any, None, None]:
+        """The logits after each of `tokens`, evaluated after the prompt
+        cached in `slot`, ROW_CHUNK tokens at a time, each row a view of
+        llama.cpp's buffer that is good until the next evaluation (use it
+        before asking for the next). The tokens' KV cells are not recorded
+        in `slot`: the caller keeps what it keeps (`_truncate`) or drops them."""
         import numpy as np
 
-        if not tokens:
-            return []
         llm = self.llm
         n_past = len(slot.tokens)
         llm._ctx.kv_cache_seq_rm(slot.seq, n_past, -1)
-        self._fill_batch(tokens, slot, logits_all=True)
-        llm._ctx.decode(llm._batch)
-        rows = [
-            np.ctypeslib.as_array(llm._ctx.get_logits_ith(i), shape=(self.n_vocab,)).copy()
-            for i in range(len(tokens))
-        ]
-        if not keep:
-            llm._ctx.kv_cache_seq_rm(slot.seq, n_past, -1)
-        return rows
+        for start in range(0, len(tokens), ROW_CHUNK):
+            chunk = tokens[start : start + ROW_CHUNK]
+            self._fill_batch(chunk, slot, True, n_past + start)
+            llm._ctx.decode(llm._batch)
+            for i in range(len(chunk)):
+                yield np.ctypeslib.as_array(llm._ctx.get_logits_ith(i), shape=(self.n_vocab,))
 
     def generate_with_grammar(self, prompt: str, grammar: str, max_tokens: int) -> str:
         """Greedy text for `prompt` constrained by a GBNF grammar (module lookup).

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from tiny_models import llama_cpp_logits
 
-from shoptalk.models.backends import LlamaBackend, LlamaOptions
+from shoptalk.models.backends import ROW_CHUNK, LlamaBackend, LlamaOptions
 from shoptalk.models.catalog import GEMMA3_FIM
 from shoptalk.models.completion import (
     CompletionEngine,
@@ -156,16 +156,18 @@ def test_score_is_the_models_log_probability_and_keeps_the_cache(
     text = DOCUMENT[:500] + "def handler_q(req"
     plan = engine.plan(text, len(text))
     tokens, healed = backend.tokenize_plan(plan, heal=True)
-    continuation = "uest, extra):"
-    answer = backend.llm.tokenize(healed + continuation.encode(), add_bos=False, special=False)
-    reference = llama_cpp_logits(tiny_gguf("gemma3"), tokens + answer)
-    rows = reference[len(tokens) - 1 : len(tokens) - 1 + len(answer)]
-    shifted = rows - rows.max(axis=1, keepdims=True)
-    log_softmax = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    expected = float(sum(log_softmax[i, token] for i, token in enumerate(answer)))
-    score = backend.score(plan, continuation)
-    assert score is not None and score.tokens == len(answer)
-    assert score.logprob == pytest.approx(expected, rel=1e-3, abs=1e-3)
+    # A short continuation, and one longer than a batch of read rows (ROW_CHUNK).
+    for continuation in ("uest, extra):", "uest, extra):\n    return extra + request + 1  # ok"):
+        answer = backend.llm.tokenize(healed + continuation.encode(), add_bos=False, special=False)
+        reference = llama_cpp_logits(tiny_gguf("gemma3"), tokens + answer)
+        rows = reference[len(tokens) - 1 : len(tokens) - 1 + len(answer)]
+        shifted = rows - rows.max(axis=1, keepdims=True)
+        log_softmax = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        expected = float(sum(log_softmax[i, token] for i, token in enumerate(answer)))
+        score = backend.score(plan, continuation)
+        assert score is not None and score.tokens == len(answer)
+        assert score.logprob == pytest.approx(expected, rel=1e-3, abs=1e-3)
+    assert len(answer) > 2 * ROW_CHUNK
     # The scored tokens were dropped again: the prompt is still cached.
     generation = engine.complete(text, len(text), use_cache=False).generation
     assert generation is not None and generation.evaluated_tokens <= 1

@@ -693,11 +693,11 @@ class LlamaBackend:
         # evaluated only once the rows before it matched).
         rows = self._rows_after(slot, draft[:-1])
         row = self._logits().copy()
-        accepted = fetched = 0
+        accepted = evaluated = 0
         reason: StopReason | None = None
         for index, token in enumerate(draft):
             if index:
-                row, fetched = next(rows), index
+                row, evaluated = next(rows)
             if self._choose(row, state) != token:
                 break
             accepted += 1
@@ -705,17 +705,16 @@ class LlamaBackend:
             if reason is not None:
                 break
         rows.close()
-        # Taken tokens the KV cache does not hold yet (the last draft token,
-        # or those after the chunk that ended the answer): evaluate them.
-        evaluated = min(len(draft) - 1, -(-fetched // ROW_CHUNK) * ROW_CHUNK)
-        if accepted > evaluated:
-            self._fill_batch(draft[evaluated:accepted], slot, False, n_past + evaluated)
-            self.llm._ctx.decode(self.llm._batch)
         state.drafted = accepted
-        slot.tokens.extend(draft[:accepted])
+        # Keep the taken tokens the reader evaluated; evaluate the rest (the
+        # last draft token, or those past the chunk where the answer ended).
+        kept = min(accepted, evaluated)
+        slot.tokens.extend(draft[:kept])
         if slot.seq == 0:
-            self.llm.input_ids[n_past : n_past + accepted] = draft[:accepted]
-        self._truncate(slot, n_past + accepted)
+            self.llm.input_ids[n_past : n_past + kept] = draft[:kept]
+        self._truncate(slot, n_past + kept)
+        if accepted > kept:
+            self._eval(slot, draft[kept:accepted])
         if reason is not None or accepted == len(draft):
             return reason  # all taken: the last evaluation's logits are the current ones
         following = self._choose(row, state)
@@ -749,17 +748,20 @@ class LlamaBackend:
                 return ContinuationScore(float("-inf"), len(answer))
             self._sync(target, tokens)
             total = _log_softmax_at(self._logits(), answer[0])
-            for row, token in zip(self._rows_after(target, answer[:-1]), answer[1:], strict=True):
+            for (row, _), token in zip(
+                self._rows_after(target, answer[:-1]), answer[1:], strict=True
+            ):
                 total += _log_softmax_at(row, token)
             self.llm._ctx.kv_cache_seq_rm(target.seq, len(target.tokens), -1)
         return ContinuationScore(total, len(answer))
 
-    def _rows_after(self, slot: _Slot, tokens: list[int]) -> Generator[Any, None, None]:
-        """The logits after each of `tokens`, evaluated after the prompt
-        cached in `slot`, ROW_CHUNK tokens at a time, each row a view of
-        llama.cpp's buffer that is good until the next evaluation (use it
-        before asking for the next). The tokens' KV cells are not recorded
-        in `slot`: the caller keeps what it keeps (`_truncate`) or drops them."""
+    def _rows_after(self, slot: _Slot, tokens: list[int]) -> Generator[tuple[Any, int], None, None]:
+        """(logits after each of `tokens`, how many of them are evaluated so
+        far): evaluated after the prompt cached in `slot`, ROW_CHUNK tokens at
+        a time, each row a view of llama.cpp's buffer that is good until the
+        next evaluation (use it before asking for the next). The tokens' KV
+        cells are not recorded in `slot`: the caller keeps what it keeps or
+        drops them."""
         import numpy as np
 
         llm = self.llm
@@ -770,7 +772,8 @@ class LlamaBackend:
             self._fill_batch(chunk, slot, True, n_past + start)
             llm._ctx.decode(llm._batch)
             for i in range(len(chunk)):
-                yield np.ctypeslib.as_array(llm._ctx.get_logits_ith(i), shape=(self.n_vocab,))
+                row = np.ctypeslib.as_array(llm._ctx.get_logits_ith(i), shape=(self.n_vocab,))
+                yield row, start + len(chunk)
 
     def generate_with_grammar(self, prompt: str, grammar: str, max_tokens: int) -> str:
         """Greedy text for `prompt` constrained by a GBNF grammar (module lookup).

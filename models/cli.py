@@ -180,6 +180,17 @@ def _load(target: str) -> Any:
     return getattr(importlib.import_module(module_name), name)
 
 
+def _from_interrupt(exc: BaseException) -> bool:
+    """Whether a KeyboardInterrupt caused `exc`: typer turns Ctrl-C in a
+    command into a silent exit 130."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _register_commands() -> None:
     if app.registered_commands:
         return  # main() ran before in this process
@@ -195,6 +206,10 @@ def main(argv: list[str] | None = None) -> None:
     _register_commands()
     try:
         app(args=argv, standalone_mode=True)
+    except SystemExit as exc:
+        if exc.code == 130 and _from_interrupt(exc):
+            err.print("interrupted (Ctrl-C)")
+        raise
     except ShopTalkError as exc:
         print_error(str(exc))
         raise SystemExit(exc.exit_code) from None

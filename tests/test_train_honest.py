@@ -38,6 +38,16 @@ def test_the_kept_checkpoint_is_the_best_exact_match_not_the_lowest_loss() -> No
     assert record_evaluation(by_loss, 1.0, None)  # no exact match: the loss decides
 
 
+def test_a_kept_phase_1_end_point_is_a_gain_although_it_is_step_0() -> None:
+    state = TrainState()
+    assert record_evaluation(state, 2.0, 10.0, trained=False)  # the base
+    assert not state.best_trained
+    assert record_evaluation(state, 1.8, 12.5)  # after phase 1, still step 0
+    state.step = 20
+    assert not record_evaluation(state, 1.7, 9.4)  # fine-tuning lost exact matches
+    assert state.best_step == 0 and state.best_trained
+
+
 def test_training_records_both_figures_and_keeps_the_best_exact_match(
     tiny_hf: Any, tmp_path: Path
 ) -> None:

@@ -227,6 +227,12 @@ def test_trains_on_a_mined_fixture_repo_and_continues_from_its_adapter(
     assert set(record["dataset"]["train_examples"]) >= kinds | {"replay"}
     assert record["dataset"]["pretrain_windows"] > 0
     assert record["pretrain_steps"] > 0
+    # The base is measured before phase 1 and phase 1's end point after it:
+    # "before" in the summary is the base, not the continued pre-training.
+    assert record["pretrain_val_loss"] is not None
+    assert record["base_val_loss"] != pytest.approx(record["pretrain_val_loss"], rel=1e-6)
+    assert [e["step"] for e in record["evaluations"][:2]] == [0, 0]
+    assert record["evaluations"][0]["val_loss"] == record["base_val_loss"]
     assert record["dataset"]["manifest_sha256"]
     # The watcher's incremental path: continue from the adapter just made.
     second = train_adapter(

@@ -65,6 +65,12 @@ class TrainState:
     stop_reason: str = ""
     base_val_em: float | None = None  # held-out exact match (percent) before training
     best_val_em: float | None = None  # ... of the checkpoint kept
+    # Whether the kept weights were trained here (False: the start is kept,
+    # the base or the initial adapter, so the run gained nothing).
+    best_trained: bool = False
+    # Phase 1's end point, measured before fine-tuning starts (None: no phase 1).
+    pretrain_val_loss: float | None = None
+    pretrain_val_em: float | None = None
     # Every evaluation: {"step", "val_loss", "val_em"} (val_em None: by loss alone).
     evaluations: list[dict[str, Any]] = field(default_factory=list)
     final_steps: int = 0  # the final pass over the held-out windows
@@ -85,13 +91,17 @@ def better(state: TrainState, val_loss: float, val_em: float | None) -> bool:
     return val_loss < state.best_val_loss
 
 
-def record_evaluation(state: TrainState, val_loss: float, val_em: float | None) -> bool:
-    """Add an evaluation at the current step; returns whether its weights are
-    now the kept ones (the state's best figures then are theirs)."""
+def record_evaluation(
+    state: TrainState, val_loss: float, val_em: float | None, trained: bool = True
+) -> bool:
+    """Add an evaluation at the current step (`trained`: of weights this run
+    changed, not its start); returns whether its weights are now the kept
+    ones (the state's best figures then are theirs)."""
     state.evaluations.append({"step": state.step, "val_loss": val_loss, "val_em": val_em})
     if not better(state, val_loss, val_em):
         return False
     state.best_val_loss, state.best_val_em, state.best_step = val_loss, val_em, state.step
+    state.best_trained = trained
     return True
 
 
@@ -192,7 +202,10 @@ def load_checkpoint(
         scaler.load_state_dict(extra["scaler"])
     torch.set_rng_state(extra["torch_rng"])
     random.setstate(extra["python_rng"])
-    state = TrainState(**json.loads((folder / "state.json").read_text()))
+    saved = json.loads((folder / "state.json").read_text())
+    # Checkpoints from before `best_trained`: only a later step was trained.
+    saved.setdefault("best_trained", saved.get("best_step", 0) > 0)
+    state = TrainState(**saved)
     losses = [LossRow.from_dict(r) for r in json.loads((folder / "losses.json").read_text())]
     return state, best, losses
 
@@ -243,5 +256,8 @@ def progress_fields(state: TrainState) -> dict[str, Any]:
         "best_step": state.best_step,
         "base_val_em": state.base_val_em,
         "best_val_em": state.best_val_em,
+        "best_trained": state.best_trained,
+        "pretrain_val_loss": state.pretrain_val_loss,
+        "pretrain_val_em": state.pretrain_val_em,
         "evaluations": state.evaluations,
     }

@@ -693,11 +693,15 @@ def _fit(request: _Request, loop: Loop, prepared: _Prepared) -> float | None:
     run, state = request.run, loop.state
     with StopRequest(request.say) as stop:
         try:
+            eval_seconds = 0.0
             if state.phase == PHASE_PRETRAIN:
                 if prepared.pretrain:
+                    if state.base_val_loss is None and loop.val:
+                        eval_seconds = _validate_start(loop, request.say)
                     run_phase(loop, PHASE_PRETRAIN, prepared.pretrain, _pretraining(request), stop)
+                    if state.pretrain_val_loss is None and loop.val:
+                        eval_seconds = _validate_pretrained(loop, request.say)
                 state.phase = PHASE_SFT
-            eval_seconds = 0.0
             if state.base_val_loss is None and loop.val:
                 eval_seconds = _validate_start(loop, request.say)
             reason = _fine_tune(request, loop, prepared, stop, eval_seconds)
@@ -801,13 +805,31 @@ def _validate_start(loop: Loop, say: Report) -> float:
     state.base_val_loss = validation_loss(loop)
     state.base_val_em = loop.held_out_em(loop) if loop.held_out_em is not None else None
     if state.best_val_loss is None:
-        record_evaluation(state, state.base_val_loss, state.base_val_em)
+        record_evaluation(state, state.base_val_loss, state.base_val_em, trained=False)
         loop.best = trainable_state(loop.model)
     loop.losses.append(
         LossRow(PHASE_SFT, state.step, state.tokens, 0.0, 0.0, None, state.base_val_loss)
     )
     em = "" if state.base_val_em is None else f", held-out exact match {state.base_val_em:.1f}%"
-    say(f"validation loss before fine-tuning: {state.base_val_loss:.4f}{em}")
+    say(f"validation loss at the start (before any training): {state.base_val_loss:.4f}{em}")
+    return time.perf_counter() - started
+
+
+def _validate_pretrained(loop: Loop, say: Report) -> float:
+    """Phase 1's end point, measured like a fine-tuning step (kept when it
+    beats the base); returns the seconds it took."""
+    started = time.perf_counter()
+    state = loop.state
+    state.pretrain_val_loss = validation_loss(loop)
+    state.pretrain_val_em = loop.held_out_em(loop) if loop.held_out_em is not None else None
+    if record_evaluation(state, state.pretrain_val_loss, state.pretrain_val_em):
+        loop.best = trainable_state(loop.model)
+    em = (
+        ""
+        if state.pretrain_val_em is None
+        else f", held-out exact match {state.pretrain_val_em:.1f}%"
+    )
+    say(f"validation loss after phase 1: {state.pretrain_val_loss:.4f}{em}")
     return time.perf_counter() - started
 
 
@@ -856,7 +878,7 @@ def _measure_and_serve(request: _Request, loop: Loop, prepared: _Prepared) -> di
     served: dict[str, Any] = {"adapter": str(run.adapter_dir), "final_pass": None}
     if not prepared.final:
         return {"measured": measured, "served": served}
-    if state.best_step == 0:
+    if not state.best_trained:
         request.say("final pass skipped: the run kept its start (no gain); the start is served")
         return {"measured": measured, "served": served}
     weights = trainable_state(loop.model)  # every process: gathered under FSDP
@@ -966,7 +988,7 @@ def _finish(
     run, dist, state = loop.run, loop.dist, loop.state
     adapter: Path | None = None
     wall = time.perf_counter() - request.wall_started
-    outcome = OUTCOME_NO_GAIN if state.best_step == 0 else STATUS_COMPLETE
+    outcome = STATUS_COMPLETE if state.best_trained else OUTCOME_NO_GAIN
     record = run.read_record() if dist.is_main else {}
     weights = trainable_state(loop.model)  # every process: gathered under FSDP
     if dist.is_main:
@@ -1080,9 +1102,11 @@ def summary_table(result: TrainResult) -> Any:
     table.add_row("steps", str(result.steps))
     table.add_row("input tokens", f"{result.tokens:,}")
     table.add_row("throughput", f"{result.tokens_per_second:.0f} tokens/s")
+    pretrained = result.record.get("pretrain_val_loss")
+    phase1 = f" → {fmt_loss(pretrained)} after phase 1" if pretrained is not None else ""
     table.add_row(
         "validation loss",
-        f"{fmt_loss(result.base_val_loss)} before → {fmt_loss(result.best_val_loss)} best",
+        f"{fmt_loss(result.base_val_loss)} before{phase1} → {fmt_loss(result.best_val_loss)} best",
     )
     for name, value in _selection_rows(result.record):
         table.add_row(name, value)

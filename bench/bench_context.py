@@ -70,6 +70,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "context_sources": ["snippets", "imports", "recent"],
         "copy_channel": True,
     },
+    "ctx4k": {
+        "prefix_chars": 6000,
+        "suffix_layout": "before",
+        "context_chars": 4000,
+        "context_sources": ["snippets", "imports", "recent"],
+        "copy_channel": True,
+    },
     "defaults": {},
 }
 
@@ -97,7 +104,9 @@ def checkout_at(source: Path, cutoff: str, root: Path) -> tuple[Path, str]:
     repo = root / "repo"
     if not repo.exists():
         subprocess.run(["git", "clone", "-q", str(source), str(repo)], check=True)
-    base = git(repo, "rev-list", "-1", f"--before={git_date(cutoff)}", "HEAD").strip()
+    # From the default branch, not HEAD: HEAD is wherever the last run left it.
+    tip = git(repo, "rev-parse", "--verify", "-q", "origin/HEAD", check=False).strip() or "HEAD"
+    base = git(repo, "rev-list", "-1", f"--before={git_date(cutoff)}", tip).strip()
     if not base:
         raise SystemExit(f"no commit before {cutoff} in {source}")
     git(repo, "checkout", "-q", "--detach", base)

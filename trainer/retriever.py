@@ -433,19 +433,22 @@ class Rankings:
 def rank_metrics(
     ranked: Sequence[Sequence[str]], gold: Sequence[Sequence[str]]
 ) -> dict[str, float]:
-    """top-1, top-3 (%, any gold module) and MRR over queries."""
+    """top-1, top-3, top-10 (%, any gold module) and MRR over queries
+    (top-10: what a reranker of the first ten could reach at most)."""
     n = len(gold) or 1
-    top1 = top3 = rr = 0.0
+    top1 = top3 = top10 = rr = 0.0
     for answer, wanted in zip(ranked, gold, strict=True):
         positions = [i for i, mid in enumerate(answer[:10]) if mid in wanted]
         if positions:
             top1 += positions[0] == 0
             top3 += positions[0] < 3
+            top10 += 1
             rr += 1.0 / (positions[0] + 1)
     return {
         "queries": len(gold),
         "top1": round(100 * top1 / n, 1),
         "top3": round(100 * top3 / n, 1),
+        "top10": round(100 * top10 / n, 1),
         "mrr": round(rr / n, 4),
     }
 

@@ -149,6 +149,27 @@ def _held_out_dataset(repo: Path, data_dir: Path, train_copies: int, held_out: i
     write_dataset(RepoStore.for_repo(data_dir, repo).dataset_dir, repo, records)
 
 
+def test_a_run_that_kept_the_base_does_not_measure_it_against_itself(
+    tiny_hf: Any, tmp_path: Path
+) -> None:
+    from shoptalk.trainer.train import OUTCOME_NO_GAIN, train_adapter
+
+    repo, data_dir = tmp_path / "repo", tmp_path / "data"
+    repo.mkdir()
+    _held_out_dataset(repo, data_dir, train_copies=1, held_out=8)
+    said: list[str] = []
+    result = train_adapter(
+        repo,
+        tiny_settings(tiny_hf("qwen2"), max_steps=4, val_every=2, learning_rate=1e-12),
+        data_dir,
+        show_progress=False,
+        report=lambda m: said.append(str(m)),
+    )
+    assert result.outcome == OUTCOME_NO_GAIN
+    assert "test_window" not in result.record["measured"]
+    assert any("not measured on the test window" in m for m in said), said
+
+
 def test_the_served_adapter_knows_the_held_out_window_and_the_record_names_both(
     tiny_hf: Any, tmp_path: Path
 ) -> None:

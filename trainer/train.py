@@ -870,7 +870,10 @@ def _measure_and_serve(request: _Request, loop: Loop, prepared: _Prepared) -> di
         "val_em": state.best_val_em,
         "adapter": str(run.adapter_dir),
     }
-    if prepared.measure:
+    if prepared.measure and not state.best_trained and request.init_adapter is None:
+        # The kept weights are the base's: nothing to tell apart.
+        request.say("not measured on the test window: the run kept the base (no gain)")
+    elif prepared.measure:
         difference = _measure(request, loop, prepared.measure)
         if difference is not None:
             measured["test_window"] = difference.as_dict()

@@ -261,3 +261,15 @@ def test_max_minutes_bounds_the_whole_command(tiny_hf: Any, tmp_path: Path) -> N
     assert "data preparation reached its share of --max-minutes" in done.stderr
     for phase in ("preparing data", "loading the model", "fine-tuning"):
         assert phase in done.stderr, phase
+
+
+def test_the_bar_shows_the_latest_validation_loss_and_the_kept_step() -> None:
+    from shoptalk.trainer.train_loop import bar_detail
+
+    state = TrainState()
+    assert "kept" not in bar_detail(state, "step 0/120", 0.0, "-")  # nothing evaluated yet
+    record_evaluation(state, 2.792, 12.5, trained=False)
+    state.step = 40
+    record_evaluation(state, 2.394, 9.4)  # lower loss, fewer exact: the base stays kept
+    detail = bar_detail(state, "step 45/120", 290.0, "1.0")
+    assert "val 2.394" in detail and "kept step 0" in detail, detail

@@ -410,6 +410,21 @@ def validate_step(loop: Loop) -> float:
     return val_loss
 
 
+def bar_detail(state: TrainState, steps: str, speed: float, loss: str) -> str:
+    """A training bar's figures: the step, speed, loss, the latest validation
+    loss and the step whose weights are kept (chosen by held-out exact match,
+    so not always the lowest loss)."""
+    latest = state.evaluations[-1]["val_loss"] if state.evaluations else None
+    figures = (
+        steps,
+        f"{speed:.0f} tok/s",
+        f"loss {loss}",
+        f"val {fmt_loss(latest)}",
+        f"kept step {state.best_step}" if state.evaluations else "",
+    )
+    return " ".join(figure for figure in figures if figure)
+
+
 def run_phase(
     loop: Loop,
     phase: str,
@@ -444,22 +459,11 @@ def run_phase(
     total = float(max_steps) if max_steps is not None else float(max_seconds or 1)
 
     def show(steps: str, speed: float, loss: str, final: bool = False) -> None:
-        """The phase's bar: how far, and the step, speed, loss, the latest
-        validation loss and the step whose weights are kept (chosen by
-        held-out exact match, so not always the lowest loss)."""
+        """The phase's bar: how far, and `bar_detail`."""
         if not loop.show_progress:
             return
         done = step_of() if max_steps is not None else min(total, seconds_of())
-        latest = state.evaluations[-1]["val_loss"] if state.evaluations else None
-        figures = (
-            steps,
-            f"{speed:.0f} tok/s",
-            f"loss {loss}",
-            f"val {fmt_loss(latest)}",
-            f"kept step {state.best_step}" if state.evaluations else "",
-        )
-        detail = " ".join(figure for figure in figures if figure)
-        loop.report(Progress(done, total, label, detail, final))
+        loop.report(Progress(done, total, label, bar_detail(state, steps, speed, loss), final))
 
     last_loss: float | None = None
     reason = ""

@@ -135,7 +135,10 @@ async def test_serving_server_retrains_reports_progress_and_swaps(
     session = await start_session(repo, data_dir, gguf, extra_args=("--repo", str(repo)))
     try:
         before = await session.wait_loaded()
-        assert before["source"] == "--model" and before["training"] is None
+        assert before.get("source") == "--model" and before["training"] is None, (
+            before,
+            session.stderr.decode()[-3000:],
+        )
         source = repo / "src/billing/invoicing.py"
         uri = await session.open("src/billing/invoicing.py", source.read_text())
 

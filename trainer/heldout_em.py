@@ -65,10 +65,9 @@ def exact_matches(
                 chunk = examples[start : start + max(1, batch_size)]
                 batch = collate(chunk, pad_id, plan.device)
                 with autocast(plan):
+                    # No mask, as in training's loss (right-padded, causal).
                     hidden = module.decoder(
-                        input_ids=batch.input_ids,
-                        attention_mask=batch.attention_mask,
-                        use_cache=False,
+                        input_ids=batch.input_ids, use_cache=False
                     ).last_hidden_state
                     guesses = module.lm_head(hidden[batch.rows, batch.cols]).argmax(dim=-1)
                 right = (guesses == batch.labels).tolist()

@@ -802,8 +802,7 @@ def _validate_start(loop: Loop, say: Report) -> float:
     state = loop.state
     scored = " and held-out exact match" if loop.held_out_em is not None else ""
     say(f"measuring the start point: validation loss on {len(loop.val)} sequences{scored}")
-    state.base_val_loss = validation_loss(loop)
-    state.base_val_em = loop.held_out_em(loop) if loop.held_out_em is not None else None
+    state.base_val_loss, state.base_val_em = _evaluate_now(loop)
     if state.best_val_loss is None:
         record_evaluation(state, state.base_val_loss, state.base_val_em, trained=False)
         loop.best = trainable_state(loop.model)
@@ -815,13 +814,20 @@ def _validate_start(loop: Loop, say: Report) -> float:
     return time.perf_counter() - started
 
 
+def _evaluate_now(loop: Loop) -> tuple[float, float | None]:
+    """The current weights' validation loss and held-out exact match (in
+    that order: under FSDP the loss's forward initializes the sharded root
+    that the exact-match pass then reuses)."""
+    loss = validation_loss(loop)
+    return loss, loop.held_out_em(loop) if loop.held_out_em is not None else None
+
+
 def _validate_pretrained(loop: Loop, say: Report) -> float:
     """Phase 1's end point, measured like a fine-tuning step (kept when it
     beats the base); returns the seconds it took."""
     started = time.perf_counter()
     state = loop.state
-    state.pretrain_val_loss = validation_loss(loop)
-    state.pretrain_val_em = loop.held_out_em(loop) if loop.held_out_em is not None else None
+    state.pretrain_val_loss, state.pretrain_val_em = _evaluate_now(loop)
     if record_evaluation(state, state.pretrain_val_loss, state.pretrain_val_em):
         loop.best = trainable_state(loop.model)
     em = (

@@ -327,7 +327,6 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 @dataclass
 class Batch:
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
     rows: torch.Tensor
     cols: torch.Tensor
     labels: torch.Tensor
@@ -340,24 +339,22 @@ class Batch:
 
 def collate(examples: Sequence[Example], pad_id: int, device: torch.device) -> Batch:
     """Right-padded ids plus the (row, column, label) of every position whose
-    next token is an answer token."""
+    next token is an answer token (no attention mask: attention is causal, so
+    no real position sees the pads after it)."""
     width = max(len(e) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
     rows: list[int] = []
     cols: list[int] = []
     labels: list[int] = []
     for b, example in enumerate(examples):
         n = len(example)
         ids[b, :n] = torch.tensor(example.input_ids, dtype=torch.long)
-        mask[b, :n] = 1
         for t in range(example.answer_start - 1, n - 1):
             rows.append(b)
             cols.append(t)
             labels.append(example.input_ids[t + 1])
     return Batch(
         ids.to(device),
-        mask.to(device),
         torch.tensor(rows, dtype=torch.long, device=device),
         torch.tensor(cols, dtype=torch.long, device=device),
         torch.tensor(labels, dtype=torch.long, device=device),
